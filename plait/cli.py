@@ -1,0 +1,171 @@
+"""`plait train | eval | generate | inspect`: the command line over plait's library.
+
+Bad input (a config key, a file, a checkpoint) ends the command with `error: ...` and exit code 2,
+without a traceback and before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and fine-tune multimodal mixture-of-experts language models.")
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides, e.g. train.steps=50")]
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _checkpoint_run_config(ckpt: Path, overrides: list[str]):
+    """The run config saved beside a checkpoint, pointed at the checkpoint's own weights."""
+    from plait.checkpoint import check_model_dir
+    from plait.config import apply_overrides, load_config
+    from plait.train import RUN_CONFIG_FILE
+
+    check_model_dir(ckpt)
+    saved = ckpt / RUN_CONFIG_FILE
+    base = ["model.preset=null", f"model.pretrained={ckpt}", "model.config={}"]
+    return load_config(saved if saved.is_file() else None, base + overrides)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="run config YAML, e.g. configs/default.yaml")],
+    overrides: Overrides = None,
+    print_config: Annotated[bool, typer.Option("--print-config", help="show the resolved config and exit")] = False,
+) -> None:
+    """Train a model as the config says; evaluate it on held-out data and save it in HF format."""
+    from plait.config import load_config
+
+    try:
+        cfg = load_config(config, overrides or [])
+        if print_config:
+            console.print(cfg.to_yaml(), highlight=False, end="")
+            return
+        from plait.train import train as run_training
+
+        run_training(cfg, console=console)
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="a model dir saved by plait (config.json + safetensors)")],
+    overrides: Overrides = None,
+) -> None:
+    """Held-out loss and exact-match accuracy of a saved model on its run's data (or data.* overrides)."""
+    try:
+        cfg = _checkpoint_run_config(checkpoint, overrides or [])
+        from plait.data.tokenizer import load_tokenizer
+        from plait.evaluate import evaluate_captions
+        from plait.train import autocast_for, prepare_run, report_eval
+
+        run = prepare_run(cfg, tokenizer=load_tokenizer(checkpoint))
+        metrics = evaluate_captions(run.model, run.datasets[cfg.eval.split], run.vision_inputs, run.tokenizer,
+                                    num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
+                                    max_new_tokens=cfg.eval.max_new_tokens, device=run.device,
+                                    autocast=autocast_for(run.device, cfg.train.autocast))
+        report_eval(console, metrics, cfg.eval.split)
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Argument(help="a model dir saved by plait")],
+    image: Annotated[list[Path], typer.Option("--image", help="image file(s) to caption")],
+    prompt: Annotated[Optional[str], typer.Option(help="text after the image (default: the run's data.prompt)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 48,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 0.0,
+    top_k: Annotated[Optional[int], typer.Option(help="sample from the k most likely tokens")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None,
+    seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
+) -> None:
+    """Caption images with a saved model (greedy, or sampled with --temperature)."""
+    try:
+        import torch
+
+        import plait
+        from plait.data.dataset import CaptionDataset
+        from plait.data.images import load_image, resize_to_square
+        from plait.data.tokenizer import load_tokenizer
+        from plait.data.types import CaptionSplit
+        from plait.generate import generate as decode
+        from plait.data.images import normalize
+        from plait.models.vlm import vlm_spec
+
+        cfg = _checkpoint_run_config(checkpoint, [])
+        size = cfg.data.image_size
+        pixels = torch.stack([resize_to_square(load_image(p), size) for p in image])
+        tokenizer = load_tokenizer(checkpoint)
+        model = plait.from_pretrained(checkpoint).eval()
+        spec = vlm_spec(model.config.model_type)
+        # A one-sample dataset builds the prompt exactly as training did.
+        ds = CaptionDataset(CaptionSplit(pixels[:1], ["x"]), tokenizer, spec.image_token_count(model.config, size),
+                            cfg.data.prompt if prompt is None else prompt)
+        new = decode(model, ds.prompt_ids().expand(len(image), -1), max_new_tokens=max_new_tokens,
+                     eos_token_id=ds.eos_id, pad_token_id=ds.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                     generator=torch.Generator().manual_seed(seed),
+                     **spec.vision_inputs(model.config, normalize(pixels)))
+        for path, text in zip(image, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            console.print(f"{path}: {text.strip()}", highlight=False)
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command()
+def inspect(
+    target: Annotated[Path, typer.Argument(help="a run config YAML or a model dir")],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Parameter counts per module, total vs active parameters (MoE), and layer types."""
+    try:
+        from plait.summary import summarize
+
+        if target.is_dir():
+            import plait
+
+            model = plait.from_pretrained(target)
+        else:
+            from plait.config import load_config
+            from plait.train import prepare_run
+
+            model = prepare_run(load_config(target, overrides or [])).model
+        info = summarize(model)
+    except ValueError as e:
+        _fail(e)
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    table = Table(title=f"{info['class']} ({info['model_type']})")
+    table.add_column("module")
+    table.add_column("parameters", justify="right")
+    table.add_column("kind")
+    for name, n, note in info["modules"]:
+        table.add_row(name, f"{n:,}", note)
+    console.print(table)
+    console.print(f"total parameters: {info['total_parameters']:,}")
+    console.print(f"active parameters per token: {info['active_parameters']:,}")
+    console.print(f"layer types: {', '.join(info['layer_types']) or 'n/a'}")
+
+
+def main() -> None:
+    app(prog_name="plait")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""One schema for a run: model, data, parallel, train, eval, checkpoint.
+
+A run is a YAML file plus `key.sub=value` overrides from the command line. Everything is checked
+before any work starts: unknown keys, wrong types and impossible combinations raise `ConfigError`
+(a `ValueError`) naming the key, what was expected and what came. Options whose feature has not
+landed yet are rejected with "not supported yet", never silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelled key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MTPSettings(_Section):
+    num_layers: int = Field(0, ge=0, description="multi-token prediction depths; 0 disables MTP")
+    layer_pattern: str = Field("*", min_length=1, description="block symbols of one MTP depth")
+    loss_scaling_factor: float = Field(0.1, ge=0.0)
+    use_repeated_layer: bool = False
+    train_only: bool = False
+
+
+class ModelSettings(_Section):
+    preset: str | None = Field("tiny-mistral3", description="a built-in model config (see plait.models.presets)")
+    pretrained: Path | None = Field(None, description="a local HF-format model dir to fine-tune")
+    config: dict[str, Any] = Field(default_factory=dict, description="keys merged into the HF config")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    mtp: MTPSettings = Field(default_factory=MTPSettings)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSettings":
+        if (self.preset is None) == (self.pretrained is None):
+            raise ValueError(
+                f"exactly one of model.preset and model.pretrained must be set, got preset={self.preset!r} "
+                f"and pretrained={self.pretrained!r}"
+            )
+        if self.mtp.num_layers > 0:
+            raise ValueError(
+                f"model.mtp.num_layers={self.mtp.num_layers}: multi-token prediction is not supported yet "
+                "for the stock transformers models plait trains today; use 0"
+            )
+        return self
+
+
+class DataSettings(_Section):
+    dataset: Literal["shapes", "shapes-pair", "local"] = "shapes"
+    path: Path | None = Field(None, description="dataset.local: a jsonl/parquet file, a dir of split files, or an image folder")
+    image_column: str = "image"
+    caption_column: str = "caption"
+    image_size: int = Field(48, ge=8, description="images are resized to image_size x image_size")
+    num_train: int = Field(30000, ge=1)
+    num_val: int = Field(500, ge=1)
+    num_test: int = Field(500, ge=1)
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="local data without a val split")
+    test_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="local data without a test split")
+    seed: int = 0
+    cache_dir: Path = Path("data/cache")
+    prompt: str = Field("", description="text placed between the image and the caption")
+    tokenizer: Literal["wordlevel", "bpe"] = "wordlevel"
+    vocab_size: int = Field(1000, ge=16, description="bpe only")
+    packing: bool = False
+    pack_length: int | None = Field(None, ge=8, description="tokens per packed row (packing only)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSettings":
+        if self.dataset == "local" and self.path is None:
+            raise ValueError("data.path: required when data.dataset is 'local', got None")
+        if self.dataset != "local" and self.path is not None:
+            raise ValueError(f"data.path: only used with data.dataset=local, got dataset={self.dataset!r}")
+        if self.packing and self.pack_length is None:
+            raise ValueError("data.pack_length: required when data.packing is true, got None")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class TrainSettings(_Section):
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(64, gt=0, description="samples per optimizer step (the global batch)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(2e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0, description="clipped to the run's length")
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying")
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    seed: int = 0
+    resume: Literal["never", "auto"] = "never"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
+    num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None keeps torch's default")
+    log_every: int = Field(20, gt=0)
+    eval_every: int = Field(200, ge=0, description="0: evaluate at the end only; clipped to the run's length")
+    eval_samples: int = Field(200, gt=0, description="validation samples per periodic eval")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSettings":
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )
+        if self.resume != "never":
+            raise ValueError(
+                f"train.resume={self.resume!r}: resuming from a training checkpoint is not supported yet; use 'never'"
+            )
+        return self
+
+
+class EvalSettings(_Section):
+    split: Literal["val", "test"] = "test"
+    num_samples: int | None = Field(None, gt=0, description="None: the whole split")
+    batch_size: int = Field(128, gt=0)
+    max_new_tokens: int = Field(48, gt=0)
+
+
+class CheckpointSettings(_Section):
+    every_steps: int = Field(0, ge=0, description="export the model every N steps; 0: only at the end")
+    keep_last: int | None = Field(None, gt=0, description="keep the newest K step dirs; None keeps all")
+
+
+class ParallelSettings(_Section):
+    dp: int = Field(1, gt=0)
+    pp: int = Field(1, gt=0)
+    schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
+    microbatches: int = Field(1, gt=0)
+    layers_per_stage: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelSettings":
+        for key in ("dp", "pp"):
+            if getattr(self, key) != 1:
+                raise ValueError(f"parallel.{key}={getattr(self, key)}: not supported yet; use 1")
+        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None):
+            raise ValueError(
+                f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}: "
+                "only used with parallel.pp > 1"
+            )
+        return self
+
+
+class RunConfig(_Section):
+    output_dir: Path = Path("runs/default")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        given = e.get("input")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key (given {given!r})")
+        elif e["type"] == "value_error":
+            lines.append(f"{key or 'config'}: {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{key}: {e['msg']}, given {given!r}")
+    return "invalid run config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.steps=50` -> (['train', 'steps'], 50); the value is read as YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {text!r}: {where} is a value ({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run from YAML (or the defaults when `path` is None) and apply `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r}: not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r}: malformed YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None

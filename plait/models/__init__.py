@@ -1,0 +1,34 @@
+"""Model registry: `model_type` -> plait's native class; anything else is the stock transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from plait.checkpoint import check_model_dir
+from plait.models.hf import build_stock_model, load_stock_model, to_hf_config
+
+# Native models register here as they land: model_type -> class with `from_config` / `from_pretrained`.
+NATIVE_MODELS: dict[str, type] = {}
+
+
+def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """A randomly initialised model: plait's native class for its `model_type`, else the stock transformers one."""
+    hf_config = to_hf_config(config)
+    native = NATIVE_MODELS.get(hf_config.model_type)
+    if native is not None:
+        return native.from_config(hf_config)
+    return build_stock_model(hf_config, attn_implementation)
+
+
+def from_pretrained(path: str | Path, attn_implementation: str = "sdpa") -> torch.nn.Module:
+    """Load a local HF-format model dir (config.json + safetensors). Nothing is downloaded."""
+    path = check_model_dir(path)
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    native = NATIVE_MODELS.get(hf_config.model_type)
+    if native is not None:
+        return native.from_pretrained(path)
+    return load_stock_model(path, hf_config, attn_implementation)

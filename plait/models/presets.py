@@ -1,0 +1,63 @@
+"""Built-in model configs, chosen with `model.preset` and refined with `model.config` overrides.
+
+A preset is an HF config dict without the ids that depend on the run's tokenizer and images
+(vocabulary size, special token ids, image size); `plait.models.vlm.complete_config` fills those in.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~1M parameters: Pixtral vision tower (patch 8, 2x2 merge) + Ministral3 text decoder. A 48 px image
+    # becomes 6x6 patches, merged to 9 placeholder tokens. Learns the `shapes` captions on 2 CPU cores in minutes.
+    "tiny-mistral3": {
+        "model_type": "mistral3",
+        "spatial_merge_size": 2,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -1,
+        "multimodal_projector_bias": False,
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "ministral3",
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+            # Ministral3's own rope family (YaRN + llama-4 query scaling) at factor 1: plain RoPE at these lengths.
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+                                "original_max_position_embeddings": 1024, "llama_4_scaling_beta": 0.1},
+        },
+        "vision_config": {
+            "model_type": "pixtral",
+            "hidden_size": 128,
+            "intermediate_size": 384,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "head_dim": 32,
+            "patch_size": 8,
+        },
+    },
+}
+
+
+def merge_dicts(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: nested dicts merge key by key, anything else in `override` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_dict(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return merge_dicts(PRESETS[name], overrides or {})

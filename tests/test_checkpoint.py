@@ -1,0 +1,108 @@
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+import plait
+from plait.checkpoint import check_model_dir, write_dir_atomically
+from plait.data.tokenizer import load_tokenizer
+
+
+def logits_of(model, ckpt):
+    tok = load_tokenizer(ckpt)
+    ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_index] * 9 + [10, 11, 12]])
+    torch.manual_seed(1)
+    pixels = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[48, 48]])).logits
+
+
+def test_export_has_hf_layout(trained_checkpoint):
+    names = {p.name for p in trained_checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "plait_run.yaml"} <= names
+    assert not any(n.startswith(".tmp") for n in names)
+
+
+def test_exported_model_loads_back_with_identical_logits(trained_checkpoint):
+    ours = plait.from_pretrained(trained_checkpoint).eval()
+    again = plait.from_pretrained(trained_checkpoint).eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(trained_checkpoint, local_files_only=True).eval()
+    ref = logits_of(ours, trained_checkpoint)
+    assert torch.equal(ref, logits_of(again, trained_checkpoint))
+    torch.testing.assert_close(logits_of(theirs, trained_checkpoint), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_trained_weights_are_what_was_saved(trained_checkpoint, tmp_path):
+    model = plait.from_pretrained(trained_checkpoint)
+    model.save_pretrained(tmp_path)
+    reloaded = plait.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def ckpt_copy(trained_checkpoint, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, dst)
+    return dst
+
+
+def test_truncated_weights_are_rejected(ckpt_copy):
+    weights = ckpt_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated safetensors file"):
+        plait.from_pretrained(ckpt_copy)
+    weights.write_bytes(data[:4])
+    with pytest.raises(ValueError, match="corrupt safetensors file"):
+        check_model_dir(ckpt_copy)
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" + data[100:])
+    with pytest.raises(ValueError, match="corrupt safetensors header"):
+        check_model_dir(ckpt_copy)
+
+
+def test_incomplete_dirs_are_rejected(ckpt_copy, tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        plait.from_pretrained(tmp_path / "nope")
+    (ckpt_copy / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        plait.from_pretrained(ckpt_copy)
+    (ckpt_copy / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="malformed JSON"):
+        check_model_dir(ckpt_copy)
+    (ckpt_copy / "config.json").unlink()
+    with pytest.raises(ValueError, match="missing config.json"):
+        check_model_dir(ckpt_copy)
+
+
+def test_missing_shard_is_rejected(ckpt_copy):
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors"}}
+    (ckpt_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="model-00001-of-00002.safetensors' listed in the index is missing"):
+        check_model_dir(ckpt_copy)
+
+
+def test_broken_tokenizer_is_rejected(ckpt_copy):
+    (ckpt_copy / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_tokenizer(ckpt_copy)
+
+
+def test_atomic_write_leaves_nothing_on_a_crash(tmp_path):
+    target = tmp_path / "out"
+
+    def crash(d):
+        (d / "half.bin").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_dir_atomically(target, crash)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    write_dir_atomically(target, lambda d: (d / "a.txt").write_text("1"))
+    with pytest.raises(RuntimeError):
+        write_dir_atomically(target, crash)
+    assert (target / "a.txt").read_text() == "1"  # the previous complete dir survives a failed replace
+    write_dir_atomically(target, lambda d: (d / "b.txt").write_text("2"))
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
