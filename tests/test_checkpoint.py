@@ -8,15 +8,18 @@ from transformers import AutoModelForImageTextToText
 import plait
 from plait.checkpoint import check_model_dir, write_dir_atomically
 from plait.data.tokenizer import load_tokenizer
+from plait.models.vlm import vlm_spec
 
 
 def logits_of(model, ckpt):
     tok = load_tokenizer(ckpt)
-    ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_index] * 9 + [10, 11, 12]])
+    spec = vlm_spec(model.config.model_type)
+    n = spec.image_token_count(model.config, 48)
+    ids = torch.tensor([[tok.bos_token_id] + [model.config.image_token_index] * n + [10, 11, 12]])
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, 48, 48)
     with torch.no_grad():
-        return model(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[48, 48]])).logits
+        return model(input_ids=ids, **spec.vision_inputs(model.config, pixels)).logits
 
 
 def test_export_has_hf_layout(trained_checkpoint):

@@ -56,6 +56,9 @@ COLOUR_RGB = {
 SIZE_FRACTION = {"small": 0.4, "large": 0.8}
 MAX_JITTER = 0.12  # of a cell, in x and in y; also capped so a shape never leaves its cell
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: cheap, exact anti-aliasing
+BACKGROUND = (255, 255, 255)
+# Bump when rendering changes, so caches written by an older plait are not reused.
+DATA_VERSION = 2
 MIN_IMAGE_SIZE = 24
 
 
@@ -184,16 +187,16 @@ def render(objects: Sequence[ShapeObject], image_size: int, rng: np.random.Gener
     """Draw `objects` on a near-white background, each centred in its grid cell with a little jitter.
 
     Draws at `SUPERSAMPLE`x and box-filters down to `image_size`, so edges are anti-aliased. All
-    randomness (background tint, jitter) comes from `rng`.
+    randomness (jitter) comes from `rng`.
     """
     _check_image_size(image_size)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
     big = image_size * SUPERSAMPLE
     cell = big / 3
-    # The tint varies a little per image so that identical layouts still give distinct images.
-    background = tuple(int(v) for v in rng.integers(236, 256, size=3))
-    img = Image.new("RGB", (big, big), background)
+    # One plain background for every image: a per-image tint is a nuisance signal spread over every
+    # patch, and it swamps the few patches a small shape covers (a tiny model then learns far slower).
+    img = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for obj in objects:
         row, col = divmod(POSITIONS.index(obj.position), 3)
@@ -256,7 +259,7 @@ def _generate_split(name: str, n: int, image_size: int, rng: np.random.Generator
         for _attempt in range(1000):
             pixels = np.asarray(render(objects, image_size, rng))
             digest = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
-            if digest not in seen:  # redraw (new tint and jitter) any image produced before, in any split
+            if digest not in seen:  # redraw (new jitter) any image produced before, in any split
                 break
         else:  # only reachable if the image space were tiny; better to fail than to leak across splits
             raise RuntimeError(f"could not draw a new distinct image for {caption_for(objects)!r}")
@@ -344,7 +347,7 @@ def load_or_generate_shapes(
     seed: int,
     cache_dir: str | Path,
 ) -> dict[str, CaptionSplit]:
-    """`generate_shapes`, cached under `cache_dir/{name}-s{image_size}-seed{seed}-n{train}-{val}-{test}/`.
+    """`generate_shapes`, cached under `cache_dir/{name}-v{DATA_VERSION}-s{image_size}-seed{seed}-n{train}-{val}-{test}/`.
 
     The cache is written into a temporary directory and renamed into place, so a reader never sees a
     half-written cache; when two processes race, the first rename wins and the other uses its result.
@@ -356,7 +359,7 @@ def load_or_generate_shapes(
     _check_seed(seed)
     counts = {"train": num_train, "val": num_val, "test": num_test}
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"{name}-s{image_size}-seed{seed}-n{num_train}-{num_val}-{num_test}"
+    final = cache_dir / f"{name}-v{DATA_VERSION}-s{image_size}-seed{seed}-n{num_train}-{num_val}-{num_test}"
 
     if final.exists():
         try:

@@ -43,6 +43,40 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patch_size": 8,
         },
     },
+    # ~1M parameters: MiniMax-M3-VL (stock transformers classes until plait's native model lands):
+    # vision tower with 3D RoPE (patch 8, temporal patch 1, 2x2 merge: 9 tokens per 48 px image) and a
+    # 2-layer MoE decoder (4 experts, top-2, one shared expert, partial rotary 0.5).
+    "tiny-minimax-m3": {
+        "model_type": "minimax_m3_vl",
+        "projector_hidden_size": 128,
+        "tie_word_embeddings": False,
+        "text_config": {
+            "hidden_size": 128,
+            "intermediate_size": 128,
+            "dense_intermediate_size": 256,
+            "shared_intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "routed_scaling_factor": 1.0,
+            "max_position_embeddings": 1024,
+            "mlp_layer_types": ["sparse", "sparse"],
+            "layer_types": ["full_attention", "full_attention"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        },
+        "vision_config": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "patch_size": 8,
+            "temporal_patch_size": 1,
+            "spatial_merge_size": 2,
+        },
+    },
 }
 
 

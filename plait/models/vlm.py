@@ -52,8 +52,53 @@ def _mistral3_inputs(config: Any, pixel_values: torch.Tensor) -> dict[str, torch
     return {"pixel_values": pixel_values, "image_sizes": torch.tensor([[h, w]] * n, dtype=torch.long)}
 
 
+def _m3_grid(patch: int, merge: int, image_size: int) -> int:
+    """Patches per side; each side must split into whole merge blocks of patches."""
+    if image_size % (patch * merge):
+        raise ValueError(
+            f"data.image_size: must be a multiple of patch_size x spatial_merge_size = {patch} x {merge} = "
+            f"{patch * merge} for minimax_m3_vl, got {image_size}"
+        )
+    return image_size // patch
+
+
+def _m3_complete(cfg: dict[str, Any], vocab_size: int, ids: dict[str, int], image_size: int) -> dict[str, Any]:
+    cfg = dict(cfg)
+    text = dict(cfg.get("text_config", {}))
+    text.update(vocab_size=vocab_size, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
+    vision = dict(cfg.get("vision_config", {}))
+    vision["image_size"] = image_size
+    _m3_grid(vision.get("patch_size", 14), vision.get("spatial_merge_size", 2), image_size)
+    cfg.update(text_config=text, vision_config=vision, image_token_index=ids["image"], video_token_index=ids["video"])
+    return cfg
+
+
+def _m3_tokens(config: Any, image_size: int) -> int:
+    v = config.vision_config
+    return (_m3_grid(v.patch_size, v.spatial_merge_size, image_size) // v.spatial_merge_size) ** 2
+
+
+def _m3_inputs(config: Any, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(n, C, H, W) -> patches (n*gh*gw, C*T*P*P) in spatial-merge-block order, + image_grid_thw (n, 3).
+
+    Each m x m block of patches is contiguous (row-major inside the block, blocks row-major), which is
+    the order the projector merges them in. A still image is repeated over the temporal patch.
+    """
+    v = config.vision_config
+    p, m, t = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    n, c, h, w = pixel_values.shape
+    gh, gw = _m3_grid(p, m, h), _m3_grid(p, m, w)
+    x = pixel_values.reshape(n, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, P, P)
+    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (..., C, T, P, P)
+    patches = x.reshape(n * gh * gw, c * t * p * p)
+    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long)
+    return {"pixel_values": patches, "image_grid_thw": grid}
+
+
 VLM_SPECS: dict[str, VisionLanguageSpec] = {
     "mistral3": VisionLanguageSpec("mistral3", _mistral3_complete, _mistral3_tokens, _mistral3_inputs),
+    "minimax_m3_vl": VisionLanguageSpec("minimax_m3_vl", _m3_complete, _m3_tokens, _m3_inputs),
 }
 
 

@@ -1,0 +1,74 @@
+"""The command line, run as a user runs it (a subprocess through `python -m plait`)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import numpy as np
+
+from plait.data.shapes import ShapeObject, render
+
+
+def plait_cmd(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "plait", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_print_config_shows_the_resolved_run():
+    res = plait_cmd("train", "configs/default.yaml", "train.steps=12", "--print-config")
+    assert res.returncode == 0, res.stderr
+    assert "steps: 12" in res.stdout and "preset: tiny-mistral3" in res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "configs/default.yaml", "train.stepz=3"], "train.stepz: unknown key"),
+    (["train", "configs/missing.yaml"], "not found"),
+    (["train", "configs/default.yaml", "parallel.pp=2"], "not supported yet"),
+    (["eval", "/nonexistent/ckpt"], "not a directory"),
+    (["inspect", "configs/default.yaml", "model.preset=huge"], "unknown preset 'huge'"),
+])
+def test_bad_input_is_one_clear_error(args, message, tmp_path):
+    res = plait_cmd(*args)
+    assert res.returncode == 2
+    assert "error:" in res.stderr and message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_generate_captions_an_image_file(trained_checkpoint, tmp_path):
+    img = render([ShapeObject("circle", "red", "large", "center")], 48, np.random.default_rng(0))
+    path = tmp_path / "circle.png"
+    img.save(path)
+    res = plait_cmd("generate", trained_checkpoint, "--image", path, "--max-new-tokens", "5")
+    assert res.returncode == 0, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"{path}: ")
+    assert 1 <= len(line.split(": ", 1)[1].split()) <= 5
+
+
+def test_generate_rejects_a_missing_image(trained_checkpoint, tmp_path):
+    res = plait_cmd("generate", trained_checkpoint, "--image", tmp_path / "nope.png")
+    assert res.returncode == 2 and "nope.png" in res.stderr
+
+
+def test_eval_reports_one_accuracy_line(trained_checkpoint, data_cache):
+    res = plait_cmd("eval", trained_checkpoint, f"data.cache_dir={data_cache}", "eval.num_samples=8",
+                    "eval.max_new_tokens=12")
+    assert res.returncode == 0, res.stderr
+    lines = [l for l in res.stdout.splitlines() if l.startswith("held-out accuracy: ")]
+    assert len(lines) == 1
+    assert 0.0 <= float(lines[0].split(": ")[1]) <= 1.0
+    assert "held-out attribute accuracy: shape" in res.stdout
+
+
+def test_inspect_a_checkpoint(trained_checkpoint):
+    res = plait_cmd("inspect", trained_checkpoint, "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["model_type"] == "mistral3"
+    assert info["total_parameters"] == info["active_parameters"] > 900_000
+    names = [m[0] for m in info["modules"]]
+    assert "model.vision_tower" in names and "lm_head" in names
+    assert len(info["layer_types"]) == 2
