@@ -20,7 +20,7 @@ def plait_cmd(*args, cwd=None):
 def test_print_config_shows_the_resolved_run():
     res = plait_cmd("train", "configs/default.yaml", "train.steps=12", "--print-config")
     assert res.returncode == 0, res.stderr
-    assert "steps: 12" in res.stdout and "preset: tiny-mistral3" in res.stdout
+    assert "steps: 12" in res.stdout and "preset: tiny-minimax-m3" in res.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,8 +67,11 @@ def test_inspect_a_checkpoint(trained_checkpoint):
     res = plait_cmd("inspect", trained_checkpoint, "--json")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
-    assert info["model_type"] == "mistral3"
-    assert info["total_parameters"] == info["active_parameters"] > 900_000
+    assert info["model_type"] == "minimax_m3_vl"
+    assert info["total_parameters"] > 900_000
+    # 2 MoE layers x 4 experts (top-2) x 3 matrices of 128 x 128: half the routed weights are idle per token
+    routed = 2 * 4 * 3 * 128 * 128
+    assert info["total_parameters"] - info["active_parameters"] == routed // 2
     names = [m[0] for m in info["modules"]]
     assert "model.vision_tower" in names and "lm_head" in names
-    assert len(info["layer_types"]) == 2
+    assert info["layer_types"] == ["full_attention", "full_attention"]

@@ -9,7 +9,7 @@ def test_default_config_loads():
     cfg = load_config("configs/default.yaml")
     assert isinstance(cfg, RunConfig)
     assert cfg.output_dir == Path("runs/default")
-    assert cfg.model.preset == "tiny-mistral3"
+    assert cfg.model.preset == "tiny-minimax-m3"
     assert cfg.data.dataset == "shapes"
 
 
