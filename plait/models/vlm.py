@@ -31,14 +31,17 @@ def _mistral3_downsample(vision_patch: int, merge: int, image_size: int) -> int:
     return (image_size // step) ** 2
 
 
+def _with_run_ids(cfg: dict[str, Any], vocab_size: int, ids: dict[str, int], image_size: int) -> dict[str, Any]:
+    """The ids every family takes from the run: vocabulary, special tokens, image size, image placeholder."""
+    text = {**cfg.get("text_config", {}), "vocab_size": vocab_size, "pad_token_id": ids["pad"],
+            "bos_token_id": ids["bos"], "eos_token_id": ids["eos"]}
+    vision = {**cfg.get("vision_config", {}), "image_size": image_size}
+    return {**cfg, "text_config": text, "vision_config": vision, "image_token_index": ids["image"]}
+
+
 def _mistral3_complete(cfg: dict[str, Any], vocab_size: int, ids: dict[str, int], image_size: int) -> dict[str, Any]:
-    cfg = dict(cfg)
-    text = dict(cfg.get("text_config", {}))
-    text.update(vocab_size=vocab_size, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
-    vision = dict(cfg.get("vision_config", {}))
-    vision["image_size"] = image_size
-    _mistral3_downsample(vision.get("patch_size", 16), cfg.get("spatial_merge_size", 2), image_size)
-    cfg.update(text_config=text, vision_config=vision, image_token_index=ids["image"])
+    cfg = _with_run_ids(cfg, vocab_size, ids, image_size)
+    _mistral3_downsample(cfg["vision_config"].get("patch_size", 16), cfg.get("spatial_merge_size", 2), image_size)
     return cfg
 
 
@@ -63,14 +66,10 @@ def _m3_grid(patch: int, merge: int, image_size: int) -> int:
 
 
 def _m3_complete(cfg: dict[str, Any], vocab_size: int, ids: dict[str, int], image_size: int) -> dict[str, Any]:
-    cfg = dict(cfg)
-    text = dict(cfg.get("text_config", {}))
-    text.update(vocab_size=vocab_size, pad_token_id=ids["pad"], bos_token_id=ids["bos"], eos_token_id=ids["eos"])
-    vision = dict(cfg.get("vision_config", {}))
-    vision["image_size"] = image_size
+    cfg = _with_run_ids(cfg, vocab_size, ids, image_size)
+    vision = cfg["vision_config"]
     _m3_grid(vision.get("patch_size", 14), vision.get("spatial_merge_size", 2), image_size)
-    cfg.update(text_config=text, vision_config=vision, image_token_index=ids["image"], video_token_index=ids["video"])
-    return cfg
+    return {**cfg, "video_token_index": ids["video"]}
 
 
 def _m3_tokens(config: Any, image_size: int) -> int:
