@@ -100,11 +100,10 @@ def generate(
 
         import plait
         from plait.data.dataset import CaptionDataset
-        from plait.data.images import load_image, resize_to_square
+        from plait.data.images import load_image, normalize, resize_to_square
         from plait.data.tokenizer import load_tokenizer
         from plait.data.types import CaptionSplit
         from plait.generate import generate as decode
-        from plait.data.images import normalize
         from plait.models.vlm import vlm_spec
 
         cfg = _checkpoint_run_config(checkpoint, [])
