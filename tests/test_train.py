@@ -102,7 +102,7 @@ def test_a_short_run_learns_far_above_chance(small_config):
     plateaus near 0.73 nats per caption token, the entropy of the captions without the image).
     """
     cfg = small_config("data.num_train=30000", "data.num_val=500", "data.num_test=500", "train.steps=400",
-                       "train.batch_size=64", "train.warmup_steps=100", "train.lr=2e-3",
+                       "train.batch_size=64", "train.warmup_steps=100", "train.lr=1e-3",
                        "eval.num_samples=64", "eval.max_new_tokens=12")
     train(cfg, console=Console(quiet=True))
     final = [r for r in read_metrics(cfg.output_dir / "metrics.jsonl") if "eval_loss" in r][-1]
