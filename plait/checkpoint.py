@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -95,3 +96,85 @@ def write_dir_atomically(target: str | Path, write: Callable[[Path], None]) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# --- Resumable training state -------------------------------------------------------------------------
+# A training checkpoint is a model dir (above) plus the optimizer and model state via
+# torch.distributed.checkpoint (so sharded runs save the same way later) and a small JSON of the
+# trainer's own state: step, scheduler, data position, RNG. The whole dir appears in one rename.
+
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+def _dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
+# DCP warns that it runs in a single process when no process group exists; that is intended here.
+_SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled.*"
+
+
+def save_training_state(target: Path, model, optimizer, trainer_state: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(target / TRAINING_STATE_DIR))
+    (target / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state))
+
+
+def check_training_checkpoint(path: Path) -> dict:
+    """Check a training checkpoint dir is complete and return its trainer state; `ValueError` otherwise."""
+    check_model_dir(path)
+    state_file = path / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINER_STATE_FILE}")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_file}: malformed JSON: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{state_file}: expected a JSON object with an integer 'step'")
+    if not (path / TRAINING_STATE_DIR / ".metadata").is_file():
+        raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINING_STATE_DIR}/.metadata")
+    return state
+
+
+def load_training_state(path: Path, model, optimizer) -> dict:
+    """Restore model and optimizer in place from a training checkpoint; return the trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    trainer_state = check_training_checkpoint(path)
+    state = _dcp_state(model, optimizer)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+            dcp.load(state, checkpoint_id=str(path / TRAINING_STATE_DIR))
+    except (Exception, CheckpointException) as e:  # CheckpointException wraps the per-rank errors (EOF, ...)
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"training checkpoint {str(path)!r}: cannot read {TRAINING_STATE_DIR}: {first_line}") from None
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    return trainer_state
+
+
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """`step_N` dirs under `root`, oldest first; half-written `.tmp-*` dirs are not among them."""
+    if not root.is_dir():
+        return []
+    found = [(int(p.name[5:]), p) for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+             and p.name[5:].isdigit()]
+    return sorted(found)
+
+
+def latest_training_checkpoint(root: Path) -> Path | None:
+    """The newest `step_N` dir that holds a training state (exports without one are skipped)."""
+    for _, path in reversed(step_dirs(root)):
+        if (path / TRAINER_STATE_FILE).exists() or (path / TRAINING_STATE_DIR).exists():
+            return path
+    return None

@@ -126,6 +126,33 @@ def generate(
 
 
 @app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="a checkpoint dir (checkpoints/step_N) of a plait run")],
+    output: Annotated[Path, typer.Argument(help="where to write the HF model dir")],
+) -> None:
+    """Write the HF model of a training checkpoint (weights, config, tokenizer; no optimizer state)."""
+    try:
+        import plait
+        from plait.checkpoint import write_dir_atomically
+        from plait.data.tokenizer import load_tokenizer
+        from plait.train import RUN_CONFIG_FILE
+
+        model = plait.from_pretrained(checkpoint)
+        tokenizer = load_tokenizer(checkpoint)
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if (checkpoint / RUN_CONFIG_FILE).is_file():
+                (tmp / RUN_CONFIG_FILE).write_text((checkpoint / RUN_CONFIG_FILE).read_text())
+
+        write_dir_atomically(output, write)
+        console.print(f"wrote {output}")
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command()
 def inspect(
     target: Annotated[Path, typer.Argument(help="a run config YAML or a model dir")],
     overrides: Overrides = None,

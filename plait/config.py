@@ -103,7 +103,8 @@ class TrainSettings(_Section):
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
-    resume: Literal["never", "auto"] = "never"
+    resume: Literal["never", "auto"] = Field(
+        "never", description="auto: continue from the newest training checkpoint in output_dir, if any")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None keeps torch's default")
@@ -117,10 +118,6 @@ class TrainSettings(_Section):
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
-            )
-        if self.resume != "never":
-            raise ValueError(
-                f"train.resume={self.resume!r}: resuming from a training checkpoint is not supported yet; use 'never'"
             )
         return self
 

@@ -10,15 +10,24 @@ from pathlib import Path
 class MetricsLog:
     """Training rows carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, ...; eval rows `step` and `eval_*`."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True):
+    def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """A fresh log, or with `resume_step` the existing one cut after that step, so a resumed run
+        reads as one clean run."""
         self.path = output_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path, skip_partial=True) if r.get("step", 0) <= resume_step]
         self._file = open(self.path, "w")
+        for row in kept:
+            self._file.write(json.dumps(row) + "\n")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            # purge_step drops the events a killed run logged after its last checkpoint
+            purge = resume_step + 1 if resume_step is not None else None
+            self._tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict) -> None:
         self._file.write(json.dumps(row) + "\n")
@@ -34,8 +43,17 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, skip_partial: bool = False) -> list[dict]:
+    """Rows of a metrics.jsonl; `skip_partial` drops a last line cut short by a killed process."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not (skip_partial and i == len(lines) - 1):
+                raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
 
 
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path:

@@ -14,12 +14,21 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from plait.checkpoint import write_dir_atomically
+from plait.checkpoint import (
+    check_training_checkpoint,
+    latest_training_checkpoint,
+    load_training_state,
+    save_training_state,
+    step_dirs,
+    write_dir_atomically,
+)
 from plait.config import RunConfig, TrainSettings
 from plait.data.collate import collate_packed, collate_padded
 from plait.data.dataset import CaptionDataset
@@ -66,6 +75,13 @@ class SampleOrder:
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()
 
     def take(self, n: int) -> list[int]:
         out: list[int] = []
@@ -141,9 +157,8 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     return Run(cfg, tokenizer, datasets, model.to(device), device)
 
 
-def export_model(run: Run, target: Path) -> Path:
-    """The model in HF layout + tokenizer.json + the run config, written atomically."""
-
+def export_model(run: Run, target: Path, training_state: Callable[[Path], None] | None = None) -> Path:
+    """The model in HF layout + tokenizer.json + the run config (+ the training state), written atomically."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
@@ -152,6 +167,8 @@ def export_model(run: Run, target: Path) -> Path:
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG_FILE).write_text(run.cfg.to_yaml())
+        if training_state is not None:
+            training_state(tmp)
 
     return write_dir_atomically(target, write)
 
@@ -159,9 +176,45 @@ def export_model(run: Run, target: Path) -> Path:
 def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
     if keep_last is None:
         return
-    steps = sorted((int(p.name.split("_")[1]), p) for p in ckpt_root.glob("step_*") if p.name.split("_")[1].isdigit())
-    for _, path in steps[:-keep_last]:
+    for _, path in step_dirs(ckpt_root)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint `train.resume=auto` continues from, checked before anything is written.
+
+    It must hold a run of the same resolved config (`train.resume` aside): continuing a different run
+    would silently mix two experiments in one output_dir.
+    """
+    if cfg.train.resume != "auto":
+        return None, None
+    latest = latest_training_checkpoint(ckpt_root)
+    if latest is None:
+        return None, None
+    state = check_training_checkpoint(latest)
+    saved = yaml.safe_load((latest / RUN_CONFIG_FILE).read_text()) if (latest / RUN_CONFIG_FILE).is_file() else None
+    ours = cfg.model_dump(mode="json")
+    if saved is not None:
+        saved.get("train", {}).pop("resume", None)
+    ours["train"].pop("resume")
+    if saved != ours:
+        diffs = _config_diff(saved or {}, ours)
+        raise ValueError(
+            f"train.resume=auto: {ckpt_root} holds a run of a different config ({'; '.join(diffs[:5])}); "
+            "use another output_dir, or the same config to resume it"
+        )
+    return latest, state
+
+
+def _config_diff(saved: dict, ours: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(ours)):
+        a, b = saved.get(key), ours.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: saved {a!r}, now {b!r}")
+    return out
 
 
 @dataclass
@@ -183,11 +236,11 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(soft_wrap=True)
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    resume_from, resume_state = _resume_point(cfg, ckpt_root)
     run = prepare_run(cfg)
     model, device, tcfg = run.model, run.device, cfg.train
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
     train_set = run.datasets["train"]
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum
@@ -199,8 +252,22 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, settings=tcfg))
     order = SampleOrder(len(train_set), tcfg.seed)
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
-    ckpt_root = out_dir / "checkpoints"
-    log = MetricsLog(out_dir)
+    start = 0
+    if resume_from is not None:
+        load_training_state(resume_from, model, optimizer)
+        scheduler.load_state_dict(resume_state["scheduler"])
+        order.load_state_dict(resume_state["data"])
+        torch.set_rng_state(torch.tensor(resume_state["rng"], dtype=torch.uint8))
+        start = resume_state["step"]
+        console.print(f"resumed from step {start} ({resume_from})")
+    out_dir.mkdir(parents=True, exist_ok=True)  # first write of the run: everything above only reads
+    (out_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
+    log = MetricsLog(out_dir, resume_step=start if resume_from is not None else None)
+
+    def training_state(step: int) -> Callable[[Path], None]:
+        trainer = {"step": step, "scheduler": scheduler.state_dict(), "data": order.state_dict(),
+                   "rng": torch.get_rng_state().tolist()}
+        return lambda tmp: save_training_state(tmp, model, optimizer, trainer)
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"model {model.config.model_type}: {n_params:,} parameters on {device}; "
                   f"{len(train_set):,} training samples; {tcfg.steps} steps of {tcfg.batch_size}")
@@ -214,8 +281,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
 
     model.train()
     with _progress(console, tcfg.progress) as progress:
-        task = progress.add_task("train", total=tcfg.steps, loss=float("nan"), tps=0.0)
-        for step in range(1, tcfg.steps + 1):
+        task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)
+        for step in range(start + 1, tcfg.steps + 1):
             t0 = time.perf_counter()
             batches = [collate([train_set[i] for i in order.take(micro)]) for _ in range(tcfg.grad_accum)]
             step_targets = sum(count_targets(b["labels"]) for b in batches)
@@ -244,11 +311,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 m = run_eval(step, "val", tcfg.eval_samples)
                 console.print(f"step {step}: val loss {m['loss']:.4f}, val exact match {m['exact_match']:.4f}")
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != tcfg.steps:
-                export_model(run, ckpt_root / f"step_{step}")
+                export_model(run, ckpt_root / f"step_{step}", training_state(step))
                 _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
 
     final = run_eval(tcfg.steps, cfg.eval.split, cfg.eval.num_samples)
-    ckpt = export_model(run, ckpt_root / f"step_{tcfg.steps}")
+    ckpt = export_model(run, ckpt_root / f"step_{tcfg.steps}", training_state(tcfg.steps))
     _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
     log.close()
     curve = plot_loss_curve(log.path, out_dir / "loss_curve.png")

@@ -75,3 +75,20 @@ def test_inspect_a_checkpoint(trained_checkpoint):
     names = [m[0] for m in info["modules"]]
     assert "model.vision_tower" in names and "lm_head" in names
     assert info["layer_types"] == ["full_attention", "full_attention"]
+
+
+def test_convert_writes_a_model_dir_that_transformers_loads(trained_checkpoint, tmp_path):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    import plait
+
+    out = tmp_path / "hf"
+    res = plait_cmd("convert", trained_checkpoint, out)
+    assert res.returncode == 0, res.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "training_state").exists()
+    ours = plait.from_pretrained(trained_checkpoint).state_dict()
+    theirs = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

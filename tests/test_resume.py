@@ -1,0 +1,106 @@
+"""Runs that survive: a killed run resumes from its last checkpoint and logs the same losses, bit for bit."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from rich.console import Console
+
+from plait.config import load_config
+from plait.metrics import read_metrics
+from plait.train import train
+
+RESUMABLE = ["train.resume=auto", "checkpoint.every_steps=2", "train.steps=6"]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in read_metrics(out_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_resume_from_an_earlier_checkpoint_repeats_the_same_steps(small_config):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    uninterrupted = losses(cfg.output_dir)
+    for step in (4, 6):  # as if the run had died right after saving step 2
+        shutil.rmtree(cfg.output_dir / "checkpoints" / f"step_{step}")
+    console = Console(record=True, width=200)
+    train(cfg, console=console)
+    assert "resumed from step 2" in console.export_text()
+    assert losses(cfg.output_dir) == uninterrupted  # bitwise, and no duplicated rows
+
+
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(small_config, tmp_path, data_cache):
+    reference = small_config(*RESUMABLE, "train.steps=10", f"output_dir={tmp_path / 'reference'}")
+    train(reference, console=Console(quiet=True))
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "plait", "train", "configs/default.yaml", f"output_dir={out}",
+            f"data.cache_dir={data_cache}", "data.num_train=512", "data.num_val=64", "data.num_test=64",
+            "train.batch_size=16", "train.warmup_steps=1", "train.eval_every=0", "train.progress=false",
+            "eval.num_samples=16", "eval.max_new_tokens=16", *RESUMABLE, "train.steps=10"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:  # kill between checkpoints: after step 5 was logged
+        if metrics.exists() and any(r.get("step", 0) >= 5 for r in read_metrics(metrics, skip_partial=True)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step_10").exists(), "the run finished before it could be killed"
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from step" in done.stdout
+    assert losses(out) == losses(reference.output_dir)
+
+
+def test_resume_into_a_different_config_is_refused_before_anything_is_written(small_config):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    before = (cfg.output_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"different config \(train.lr: saved 0.001, now 0.0005\)"):
+        train(small_config(*RESUMABLE, "train.lr=5e-4"), console=Console(quiet=True))
+    assert (cfg.output_dir / "metrics.jsonl").read_text() == before
+
+
+def test_resuming_a_finished_run_re_evaluates_and_re_exports(small_config):
+    cfg = small_config(*RESUMABLE)
+    first = train(cfg, console=Console(quiet=True))
+    rows = losses(cfg.output_dir)
+    again = train(cfg, console=Console(quiet=True))
+    assert losses(cfg.output_dir) == rows
+    assert again.final_metrics == first.final_metrics
+    assert again.checkpoint_dir == first.checkpoint_dir and (again.checkpoint_dir / "model.safetensors").is_file()
+
+
+def test_resume_without_a_checkpoint_starts_fresh(small_config):
+    cfg = small_config(*RESUMABLE)
+    console = Console(record=True, width=200)
+    train(cfg, console=console)
+    assert "resumed" not in console.export_text()
+    assert len(losses(cfg.output_dir)) == 6
+
+
+@pytest.mark.parametrize("damage", ["trainer_state", "dcp_shard", "weights"])
+def test_a_damaged_training_checkpoint_is_a_clear_error(small_config, damage):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    ckpt = cfg.output_dir / "checkpoints" / "step_6"
+    if damage == "trainer_state":
+        (ckpt / "trainer_state.json").write_text("{")
+        message = "trainer_state.json: malformed JSON"
+    elif damage == "dcp_shard":
+        shard = next((ckpt / "training_state").glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:100])
+        message = "cannot read training_state"
+    else:
+        weights = ckpt / "model.safetensors"
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+        message = "truncated safetensors file"
+    before = (cfg.output_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=message):
+        train(cfg, console=Console(quiet=True))
+    assert (cfg.output_dir / "metrics.jsonl").read_text() == before
