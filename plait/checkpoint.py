@@ -43,20 +43,26 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
+def _read_json_object(dir_kind: str, path: Path, name: str, key: str, key_type: type = object) -> dict:
+    """A required JSON object file of a checkpoint dir, with `key` of `key_type`; `ValueError` otherwise."""
+    file = path / name
+    if not file.is_file():
+        raise ValueError(f"{dir_kind} {str(path)!r}: missing {name}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: malformed JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), key_type):
+        raise ValueError(f"{file}: expected a JSON object with a {key!r} key of type {key_type.__name__}")
+    return data
+
+
 def check_model_dir(path: str | Path) -> Path:
     """Raise `ValueError` naming the problem unless `path` is a complete HF model dir."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"model dir {str(path)!r}: not a directory")
-    config = path / CONFIG_FILE
-    if not config.is_file():
-        raise ValueError(f"model dir {str(path)!r}: missing {CONFIG_FILE}")
-    try:
-        cfg = json.loads(config.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config}: malformed JSON: {e}") from None
-    if not isinstance(cfg, dict) or "model_type" not in cfg:
-        raise ValueError(f"{config}: expected a JSON object with a 'model_type' key")
+    _read_json_object("model dir", path, CONFIG_FILE, "model_type", str)
     index = path / WEIGHTS_INDEX_FILE
     if index.is_file():
         try:
@@ -129,15 +135,7 @@ def save_training_state(target: Path, model, optimizer, trainer_state: dict) -> 
 def check_training_checkpoint(path: Path) -> dict:
     """Check a training checkpoint dir is complete and return its trainer state; `ValueError` otherwise."""
     check_model_dir(path)
-    state_file = path / TRAINER_STATE_FILE
-    if not state_file.is_file():
-        raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINER_STATE_FILE}")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{state_file}: malformed JSON: {e}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError(f"{state_file}: expected a JSON object with an integer 'step'")
+    state = _read_json_object("training checkpoint", path, TRAINER_STATE_FILE, "step", int)
     if not (path / TRAINING_STATE_DIR / ".metadata").is_file():
         raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINING_STATE_DIR}/.metadata")
     return state
