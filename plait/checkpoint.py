@@ -80,28 +80,38 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def make_temp_dir(target: str | Path) -> Path:
+    """A fresh `.tmp-*` dir beside `target`, to be filled and then committed with `commit_dir`."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+
+
+def commit_dir(tmp: Path, target: str | Path) -> Path:
+    """Move a finished temp dir to `target` in one rename; an existing `target` is replaced."""
+    target = Path(target)
+    old = None
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 def write_dir_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then move the finished dir to `target` in one rename.
 
     A crash mid-write leaves only a `.tmp-*` dir beside the target, never a partial `target`.
-    An existing `target` is replaced (moved aside first, removed after the rename).
     """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".old-{target.name}-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        return commit_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 # --- Resumable training state -------------------------------------------------------------------------
@@ -123,13 +133,15 @@ def _dcp_state(model, optimizer) -> dict:
 _SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled.*"
 
 
-def save_training_state(target: Path, model, optimizer, trainer_state: dict) -> None:
+def save_training_state(target: Path, model, optimizer, trainer_state: dict, write_trainer_state: bool = True) -> None:
+    """Collective under a process group: every rank calls it; one rank (`write_trainer_state`) writes the JSON."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(target / TRAINING_STATE_DIR))
-    (target / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state))
+    if write_trainer_state:
+        (target / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state))
 
 
 def check_training_checkpoint(path: Path) -> dict:

@@ -113,14 +113,6 @@ class TrainSettings(_Section):
     eval_samples: int = Field(200, gt=0, description="validation samples per periodic eval")
     progress: bool = True
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainSettings":
-        if self.batch_size % self.grad_accum:
-            raise ValueError(
-                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
-            )
-        return self
-
 
 class EvalSettings(_Section):
     split: Literal["val", "test"] = "test"
@@ -143,9 +135,8 @@ class ParallelSettings(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelSettings":
-        for key in ("dp", "pp"):
-            if getattr(self, key) != 1:
-                raise ValueError(f"parallel.{key}={getattr(self, key)}: not supported yet; use 1")
+        if self.pp != 1:
+            raise ValueError(f"parallel.pp={self.pp}: not supported yet; use 1")
         if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None):
             raise ValueError(
                 f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}: "
@@ -162,6 +153,16 @@ class RunConfig(_Section):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "RunConfig":
+        per_step = self.train.grad_accum * self.parallel.dp
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum x parallel.dp "
+                f"({self.train.grad_accum} x {self.parallel.dp})"
+            )
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -23,6 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from plait.checkpoint import (
     check_training_checkpoint,
+    commit_dir,
+    make_temp_dir,
     latest_training_checkpoint,
     load_training_state,
     save_training_state,
@@ -40,6 +42,7 @@ from plait.metrics import MetricsLog, plot_loss_curve
 from plait.models.build import build_model
 from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.parallel.data_parallel import DistContext, init_data_parallel, wrap_data_parallel
 
 RUN_CONFIG_FILE = "plait_run.yaml"
 
@@ -157,20 +160,39 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     return Run(cfg, tokenizer, datasets, model.to(device), device)
 
 
-def export_model(run: Run, target: Path, training_state: Callable[[Path], None] | None = None) -> Path:
-    """The model in HF layout + tokenizer.json + the run config (+ the training state), written atomically."""
+def export_model(run: Run, target: Path, training_state: Callable[[Path], None] | None = None,
+                 ctx: DistContext = DistContext()) -> Path:
+    """The model in HF layout + tokenizer.json + the run config (+ the training state), written atomically.
+
+    Under data parallelism every rank takes part in the training-state save (a DCP collective) into the
+    temp dir rank 0 made; rank 0 alone writes the HF files and renames the dir once all ranks are done.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
 
-    def write(tmp: Path) -> None:
+    def write_hf(tmp: Path) -> None:
         run.model.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
         (tmp / RUN_CONFIG_FILE).write_text(run.cfg.to_yaml())
-        if training_state is not None:
-            training_state(tmp)
 
-    return write_dir_atomically(target, write)
+    if not ctx.enabled:
+        def write(tmp: Path) -> None:
+            write_hf(tmp)
+            if training_state is not None:
+                training_state(tmp)
+
+        return write_dir_atomically(target, write)
+    tmp = ctx.broadcast(make_temp_dir(target) if ctx.is_main else None)
+    if training_state is not None:
+        training_state(tmp)
+    if ctx.is_main:
+        write_hf(tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        commit_dir(tmp, target)
+    ctx.barrier()
+    return Path(target)
 
 
 def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
@@ -239,8 +261,12 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)
+    ctx = init_data_parallel(cfg.parallel, pick_device(cfg.train.device))
+    if not ctx.is_main:
+        console = Console(quiet=True)  # one rank speaks, and writes logs and the HF export
     run = prepare_run(cfg)
     model, device, tcfg = run.model, run.device, cfg.train
+    replica = wrap_data_parallel(model, ctx, device)
     train_set = run.datasets["train"]
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum
@@ -260,23 +286,30 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         torch.set_rng_state(torch.tensor(resume_state["rng"], dtype=torch.uint8))
         start = resume_state["step"]
         console.print(f"resumed from step {start} ({resume_from})")
-    out_dir.mkdir(parents=True, exist_ok=True)  # first write of the run: everything above only reads
-    (out_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
-    log = MetricsLog(out_dir, resume_step=start if resume_from is not None else None)
+    log = None
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # first write of the run: everything above only reads
+        (out_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
+        log = MetricsLog(out_dir, resume_step=start if resume_from is not None else None)
 
     def training_state(step: int) -> Callable[[Path], None]:
         trainer = {"step": step, "scheduler": scheduler.state_dict(), "data": order.state_dict(),
-                   "rng": torch.get_rng_state().tolist()}
-        return lambda tmp: save_training_state(tmp, model, optimizer, trainer)
+                   "rng": torch.get_rng_state().tolist(), "world_size": ctx.world_size}
+        return lambda tmp: save_training_state(tmp, model, optimizer, trainer, write_trainer_state=ctx.is_main)
+
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"model {model.config.model_type}: {n_params:,} parameters on {device}; "
                   f"{len(train_set):,} training samples; {tcfg.steps} steps of {tcfg.batch_size}")
 
     def run_eval(step: int, split: str, num_samples: int | None) -> dict[str, float]:
-        metrics = evaluate_captions(model, run.datasets[split], run.vision_inputs, run.tokenizer,
-                                    num_samples=num_samples, batch_size=cfg.eval.batch_size,
-                                    max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
-        log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
+        """On rank 0 (the others wait): held-out figures do not need every replica."""
+        metrics = {}
+        if ctx.is_main:
+            metrics = evaluate_captions(model, run.datasets[split], run.vision_inputs, run.tokenizer,
+                                        num_samples=num_samples, batch_size=cfg.eval.batch_size,
+                                        max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
+            log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
+        ctx.barrier()
         return metrics
 
     model.train()
@@ -284,42 +317,52 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, tcfg.steps + 1):
             t0 = time.perf_counter()
-            batches = [collate([train_set[i] for i in order.take(micro)]) for _ in range(tcfg.grad_accum)]
-            step_targets = sum(count_targets(b["labels"]) for b in batches)
+            # every rank draws the same global micro-batches and keeps its own slice of each
+            batches = [collate([train_set[i] for i in ctx.shard(order.take(micro))]) for _ in range(tcfg.grad_accum)]
+            step_targets = ctx.sum(sum(count_targets(b["labels"]) for b in batches))
             loss_sum, tokens = 0.0, 0
             for b in batches:
                 inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
                 with autocast():
-                    out = model(**inputs, use_cache=False,
-                                **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
+                    out = replica(**inputs, use_cache=False,
+                                  **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
                     loss = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
-                loss.backward()
+                # DDP averages gradients over ranks; scaling by the world size makes that average a sum
+                (loss * ctx.world_size).backward()
                 loss_sum += float(loss.detach())
                 tokens += int((b["input_ids"] != pad_id).sum())
+            loss_sum, tokens = ctx.sum(loss_sum), int(ctx.sum(tokens))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             tps = tokens / (time.perf_counter() - t0)
-            log.log({"step": step, "loss": loss_sum, "lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-                     "tokens_per_s": tps, "epoch": order.epoch})
+            if log is not None:
+                log.log({"step": step, "loss": loss_sum, "lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size})
             progress.update(task, advance=1, loss=loss_sum, tps=tps)
             if step % tcfg.log_every == 0 and not console.is_terminal:
                 console.print(f"step {step}/{tcfg.steps} loss {loss_sum:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
             if eval_every and step % eval_every == 0 and step != tcfg.steps:
                 m = run_eval(step, "val", tcfg.eval_samples)
-                console.print(f"step {step}: val loss {m['loss']:.4f}, val exact match {m['exact_match']:.4f}")
+                if ctx.is_main:
+                    console.print(f"step {step}: val loss {m['loss']:.4f}, val exact match {m['exact_match']:.4f}")
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != tcfg.steps:
-                export_model(run, ckpt_root / f"step_{step}", training_state(step))
-                _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+                export_model(run, ckpt_root / f"step_{step}", training_state(step), ctx)
+                if ctx.is_main:
+                    _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
 
     final = run_eval(tcfg.steps, cfg.eval.split, cfg.eval.num_samples)
-    ckpt = export_model(run, ckpt_root / f"step_{tcfg.steps}", training_state(tcfg.steps))
-    _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
-    log.close()
-    curve = plot_loss_curve(log.path, out_dir / "loss_curve.png")
-    report_eval(console, final, cfg.eval.split)
+    ckpt = export_model(run, ckpt_root / f"step_{tcfg.steps}", training_state(tcfg.steps), ctx)
+    curve = out_dir / "loss_curve.png"
+    if ctx.is_main:
+        _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
+        log.close()
+        plot_loss_curve(log.path, curve)
+        report_eval(console, final, cfg.eval.split)
+    if ctx.enabled:
+        torch.distributed.destroy_process_group()
     console.print(f"model saved to {ckpt}")
     console.print(f"loss curve: {curve}")
     return TrainResult(out_dir, ckpt, final, curve)

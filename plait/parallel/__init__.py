@@ -1,0 +1,1 @@
+"""Parallelism applied from outside the models: data parallel today; pipeline stages next."""
