@@ -104,3 +104,25 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(small_config, damage):
     with pytest.raises(ValueError, match=message):
         train(cfg, console=Console(quiet=True))
     assert (cfg.output_dir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("crash", ["before_rename", "after_rename"])
+def test_a_crash_at_any_point_of_a_save_resumes_from_a_complete_checkpoint(small_config, crash):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    uninterrupted = losses(cfg.output_dir)
+    root = cfg.output_dir / "checkpoints"
+    if crash == "before_rename":
+        # killed while writing step_6: only a half-written temp dir exists beside step_4
+        partial = root / ".tmp-step_6-killed"
+        shutil.copytree(root / "step_6", partial)
+        shutil.rmtree(partial / "training_state")
+        (partial / "model.safetensors").write_bytes(b"\0" * 10)
+        shutil.rmtree(root / "step_6")
+        expected = "resumed from step 4"
+    else:
+        expected = "resumed from step 6"  # the rename happened: step_6 is complete and is used
+    console = Console(record=True, width=200)
+    train(cfg, console=console)
+    assert expected in console.export_text()
+    assert losses(cfg.output_dir) == uninterrupted
