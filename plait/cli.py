@@ -135,18 +135,13 @@ def convert(
         import plait
         from plait.checkpoint import write_dir_atomically
         from plait.data.tokenizer import load_tokenizer
-        from plait.train import RUN_CONFIG_FILE
+        from plait.train import RUN_CONFIG_FILE, write_model_dir
 
         model = plait.from_pretrained(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if (checkpoint / RUN_CONFIG_FILE).is_file():
-                (tmp / RUN_CONFIG_FILE).write_text((checkpoint / RUN_CONFIG_FILE).read_text())
-
-        write_dir_atomically(output, write)
+        run_config = checkpoint / RUN_CONFIG_FILE
+        run_config_yaml = run_config.read_text() if run_config.is_file() else None
+        write_dir_atomically(output, lambda tmp: write_model_dir(tmp, model, tokenizer, run_config_yaml))
         console.print(f"wrote {output}")
     except ValueError as e:
         _fail(e)

@@ -29,7 +29,6 @@ from plait.checkpoint import (
     load_training_state,
     save_training_state,
     step_dirs,
-    write_dir_atomically,
 )
 from plait.config import RunConfig, TrainSettings
 from plait.data.collate import collate_packed, collate_padded
@@ -160,37 +159,38 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     return Run(cfg, tokenizer, datasets, model.to(device), device)
 
 
+def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None) -> None:
+    """The HF files of a plait model dir: config + safetensors, tokenizer.json, and the run config."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if run_config_yaml is not None:
+        (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
+
+
 def export_model(run: Run, target: Path, training_state: Callable[[Path], None] | None = None,
                  ctx: DistContext = DistContext()) -> Path:
     """The model in HF layout + tokenizer.json + the run config (+ the training state), written atomically.
 
-    Under data parallelism every rank takes part in the training-state save (a DCP collective) into the
-    temp dir rank 0 made; rank 0 alone writes the HF files and renames the dir once all ranks are done.
+    Every rank takes part in the training-state save (a DCP collective) into the temp dir rank 0 made;
+    rank 0 alone writes the HF files and renames the dir once all ranks are done. In a single process
+    the broadcast and barriers are no-ops.
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
-
-    def write_hf(tmp: Path) -> None:
-        run.model.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-        (tmp / RUN_CONFIG_FILE).write_text(run.cfg.to_yaml())
-
-    if not ctx.enabled:
-        def write(tmp: Path) -> None:
-            write_hf(tmp)
-            if training_state is not None:
-                training_state(tmp)
-
-        return write_dir_atomically(target, write)
     tmp = ctx.broadcast(make_temp_dir(target) if ctx.is_main else None)
-    if training_state is not None:
-        training_state(tmp)
-    if ctx.is_main:
-        write_hf(tmp)
-    ctx.barrier()
-    if ctx.is_main:
-        commit_dir(tmp, target)
+    try:
+        if training_state is not None:
+            training_state(tmp)
+        if ctx.is_main:
+            write_model_dir(tmp, run.model, run.tokenizer, run.cfg.to_yaml())
+        ctx.barrier()
+        if ctx.is_main:
+            commit_dir(tmp, target)
+    except BaseException:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ctx.barrier()
     return Path(target)
 
