@@ -25,3 +25,90 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def count_targets(labels: torch.Tensor) -> int:
     return int((shift_labels(labels) != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-lean loss: the LM head and the cross-entropy fused and run in sequence chunks
+# ---------------------------------------------------------------------------------------------
+
+# Logits of one chunk stay under this many bytes (float32): 256 MiB is ~330 tokens at a 200k vocabulary.
+CHUNK_BYTES = 1 << 28
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(16, CHUNK_BYTES // (4 * vocab_size))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum over targets of CE(hidden @ weight.T, target), chunk by chunk.
+
+    The forward computes each chunk's float32 logits, its loss, and at once its gradients
+    (d loss / d logits = softmax - onehot), then drops the logits: the (N, V) logits never exist
+    whole, in the forward or the backward, and nothing is recomputed. The backward only scales the
+    stored gradients by the incoming one."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]
+            t = targets[start : start + chunk_size]
+            keep = t != ignore_index
+            safe_t = t.masked_fill(~keep, 0)
+            logits = F.linear(h, weight).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            total += ((lse - target_logit) * keep).sum()
+            if need_grad:
+                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                grad.scatter_add_(1, safe_t.unsqueeze(1), -keep.unsqueeze(1).to(grad.dtype))
+                grad.mul_(keep.unsqueeze(1))
+                grad = grad.to(h.dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start : start + chunk_size] = grad @ weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad.t().float(), h.float())
+            del logits
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Summed float32 cross-entropy of `hidden @ weight.T` against `targets`, without materialising the
+    logits. hidden (..., H), weight (V, H), targets (...) with `ignore_index` skipped."""
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"targets: expected shape {list(hidden.shape[:-1])} to match hidden states, got {list(targets.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm head weight: expected shape [vocab, {hidden.shape[-1]}], got {list(weight.shape)}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size: expected a positive token count, got {chunk_size}")
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    loss = _LinearCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk,
+                                        ignore_index)
+    return loss
+
+
+def causal_lm_chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               chunk_size: int | None = None) -> torch.Tensor:
+    """`causal_lm_loss_sum` from final hidden states (B, S, H) and the LM head weight (V, H)."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"labels: expected shape {list(hidden.shape[:2])} to match hidden states, got {list(labels.shape)}")
+    return linear_cross_entropy_sum(hidden, weight, shift_labels(labels), chunk_size=chunk_size)

@@ -1,0 +1,510 @@
+"""One attention module for every plait model, configured per layer.
+
+It covers grouped-query attention with a per-layer KV-head count, a V head dim that differs from the
+Q/K head dim, a value scale, per-head QK norm, partial RoPE, a sliding window, learnable attention
+sinks, logit softcapping, and causal + padding + packed-document masking.
+
+Who may attend to whom is one rule, applied by every backend:
+
+    key j is visible to query i  iff  pos_j <= pos_i                (causal)
+                                 and pos_i - pos_j < window        (sliding window; counts i itself)
+                                 and doc_j == doc_i                (packed documents)
+                                 and key j is not padding
+
+`AttentionMask` carries the positions, padding and documents of one forward; it is built once per
+forward and shared by all layers, each of which adds its own window.
+
+Backends (`attend`):
+- "eager": the reference. Materialises the (B, H, Sq, Sk) float32 scores; tests compare against it.
+- "sdpa": PyTorch scaled_dot_product_attention, CPU and GPU. Plain causal layers use `is_causal`
+  (no mask is built). Sliding-window layers run block-local: queries in blocks of `window - 1`
+  tokens attend to their own block and the previous one, so the cost is O(S * window), not O(S^2).
+  Sinks become one extra key: queries get a constant-1 extra dim, the sink key carries
+  `sink / scale` there and a zero value, so its score is exactly the sink logit.
+- "flex": FlexAttention (compiled) on GPU; the sink enters as out * sigmoid(lse - sink), which is
+  the softmax with the sink in its denominator. Without a GPU it falls back to SDPA when gradients
+  are needed (FlexAttention has no CPU backward).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.nn.norm import RMSNorm
+from plait.nn.rope import apply_rotary
+
+BACKENDS = ("sdpa", "flex", "eager")
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionMask:
+    """Positions, padding and documents of the tokens a forward feeds in (the queries, and the keys
+    they add). A KV cache supplies the earlier keys' positions and padding itself.
+
+    positions: (S,) int64 index of each new token in its row's stream (0.. without a cache).
+    valid: (B, S) bool, False on padding; None when nothing is padded.
+    documents: (B, S) int document id per token for packed rows; None for one document per row.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+    _flex_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device | str,
+        *,
+        position_ids: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        past_length: int = 0,
+    ) -> AttentionMask:
+        """From the usual model inputs.
+
+        padding_mask: (B, past_length + S), 1 on real tokens (the transformers `attention_mask`).
+        Packed documents come from `cu_seqlens` (offsets into the flattened B * S stream) or, without
+        it, from `position_ids` restarting at 0 inside a row. Packing needs past_length == 0."""
+        positions = torch.arange(past_length, past_length + seq_len, device=device)
+        valid = None
+        if padding_mask is not None:
+            if padding_mask.shape != (batch_size, past_length + seq_len):
+                raise ValueError(
+                    f"attention_mask: expected shape {[batch_size, past_length + seq_len]} (batch, past + new tokens), "
+                    f"got {list(padding_mask.shape)}"
+                )
+            valid = padding_mask[:, past_length:].to(device=device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+        documents = None
+        if cu_seqlens is not None:
+            documents = documents_from_cu_seqlens(cu_seqlens, batch_size, seq_len).to(device)
+        elif position_ids is not None and past_length == 0 and valid is None:
+            if position_ids.shape[-1] != seq_len:
+                raise ValueError(f"position_ids: expected {seq_len} positions per row, got shape {list(position_ids.shape)}")
+            pos = position_ids.expand(batch_size, seq_len) if position_ids.ndim == 2 else position_ids.view(1, -1).expand(batch_size, -1)
+            if bool((pos[:, 1:] == 0).any()):  # a restart inside a row: packed documents
+                documents = torch.cumsum(pos == 0, dim=1).to(device)
+        if documents is not None and past_length:
+            raise ValueError("packed documents (cu_seqlens or restarting position_ids) cannot be combined with a KV cache")
+        return cls(positions, valid, documents)
+
+    @property
+    def is_plain_causal(self) -> bool:
+        return self.valid is None and self.documents is None
+
+    def dense(
+        self,
+        window: int | None,
+        k_positions: torch.Tensor | None = None,
+        k_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B or 1, 1, Sq, Sk) bool, True where the key is visible."""
+        q_pos = self.positions
+        k_pos = self.positions if k_positions is None else k_positions
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+        allowed = allowed[None, None]  # (1, 1, Sq, Sk)
+        if k_positions is None:
+            k_valid = self.valid
+        if k_valid is not None:
+            allowed = allowed & k_valid[:, None, None, :]
+        if self.documents is not None:
+            allowed = allowed & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
+        return allowed
+
+
+def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """cu_seqlens (D + 1,) offsets into the flattened (B * S) stream -> (B, S) document ids."""
+    cu = cu_seqlens.to(torch.long).cpu()
+    total = batch_size * seq_len
+    if cu.ndim != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(
+            f"cu_seqlens: expected increasing offsets from 0 to batch * seq_len = {total}, got {cu.tolist()}"
+        )
+    lengths = cu[1:] - cu[:-1]
+    ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    return ids.view(batch_size, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv)
+# --------------------------------------------------------------------------------------------
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    scale: float,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
+    backend: str = "sdpa",
+    k_positions: torch.Tensor | None = None,
+    k_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention under the rule in the module docstring. `k_positions` / `k_valid` describe the keys
+    when they are not just the new tokens (a KV cache)."""
+    _check_shapes(q, k, v, mask, sinks, k_positions)
+    if backend == "eager":
+        return eager_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
+                               k_positions=k_positions, k_valid=k_valid)
+    if backend == "flex":
+        if q.device.type != "cpu":
+            return flex_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
+                                  k_positions=k_positions, k_valid=k_valid)
+        if not torch.is_grad_enabled():  # CPU FlexAttention refuses inputs that require grad
+            detached_sinks = sinks.detach() if sinks is not None else None
+            return flex_attention(q.detach(), k.detach(), v.detach(), mask, scale=scale, window=window,
+                                  sinks=detached_sinks, softcap=softcap, k_positions=k_positions, k_valid=k_valid)
+        backend = "sdpa"  # FlexAttention has no CPU backward
+    if backend != "sdpa":
+        raise ValueError(f"attention backend: expected one of {BACKENDS}, got {backend!r}")
+    if softcap is not None:
+        # SDPA cannot cap logits; the eager path is exact (use "flex" on GPU for speed).
+        return eager_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
+                               k_positions=k_positions, k_valid=k_valid)
+    return sdpa_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks,
+                          k_positions=k_positions, k_valid=k_valid)
+
+
+def _check_shapes(q, k, v, mask, sinks, k_positions) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention: expected 4-D q, k, v (B, H, S, D), got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"attention: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not fit together")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if mask.positions.shape[0] != q.shape[2]:
+        raise ValueError(f"attention mask: {mask.positions.shape[0]} positions for {q.shape[2]} queries")
+    n_keys = mask.positions.shape[0] if k_positions is None else k_positions.shape[0]
+    if n_keys != k.shape[2]:
+        raise ValueError(f"attention mask: {n_keys} key positions for {k.shape[2]} keys")
+    if sinks is not None and sinks.shape != (q.shape[1],):
+        raise ValueError(f"attention sinks: expected shape [{q.shape[1]}] (one per query head), got {list(sinks.shape)}")
+
+
+def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None):
+    """Reference: full float32 scores, masked, optional softcap and sink column."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(dt), k.to(dt).transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = mask.dense(window, k_positions, k_valid)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:
+        sink_col = sinks.to(dt).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        scores = torch.cat([scores, sink_col], dim=-1)
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows with nothing visible
+    probs = torch.exp(scores - top)
+    probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def _append_sink_key(q, k, v, sinks, scale):
+    """Sinks as one extra key per head: q gets a constant-1 dim, the sink key carries sink / scale
+    there (score = sink exactly) and a zero value. K and V are expanded to one head per query head,
+    because each query head has its own sink. Returns q, k, v with the sink key last."""
+    B, H, _, _ = q.shape
+    groups = H // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    q = F.pad(q, (0, 1), value=1.0)
+    k = F.pad(k, (0, 1), value=0.0)
+    sink_logit = (sinks.to(k.dtype) / scale).view(1, H, 1, 1).expand(B, H, 1, 1)
+    sink_k = torch.cat([k.new_zeros(B, H, 1, k.shape[-1] - 1), sink_logit], dim=-1)  # (B, H, 1, D + 1)
+    k = torch.cat([k, sink_k], dim=2)
+    v = torch.cat([v, v.new_zeros(B, H, 1, v.shape[-1])], dim=2)
+    return q, k, v
+
+
+def _pad_head_dims(q, k, v):
+    """SDPA's fast CPU kernel needs one head dim for q, k and v: zero-pad the smaller side (extra zero
+    dims change neither the scores nor the output). Returns q, k, v and the true V head dim."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    return q, k, v, dv
+
+
+def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None):
+    Sq, Sk = q.shape[2], k.shape[2]
+    no_cache = k_positions is None
+    if sinks is not None:
+        q, k, v = _append_sink_key(q, k, v, sinks, scale)
+    q, k, v, dv = _pad_head_dims(q, k, v)
+    gqa = q.shape[1] != k.shape[1]
+
+    if no_cache and window is not None and Sq > 2 * window:
+        out = _block_local_attention(q, k, v, mask, window=window, scale=scale, has_sink=sinks is not None)
+    elif no_cache and sinks is None and mask.is_plain_causal and (window is None or window >= Sq):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        allowed = mask.dense(window, k_positions, k_valid)  # (B|1, 1, Sq, Sk) bool
+        if sinks is not None:
+            allowed = F.pad(allowed, (0, 1), value=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return out[..., :dv]
+
+
+def _block_local_attention(q, k, v, mask, *, window, scale, has_sink):
+    """Sliding-window attention in O(S * window): query block n (b = window - 1 tokens) sees key
+    blocks n - 1 and n, which hold every key within its window. k, v may end with one sink key."""
+    B, H, S, D = q.shape
+    Hk = k.shape[1]
+    if has_sink:
+        k, sink_k = k[:, :, :-1], k[:, :, -1:]
+        v, sink_v = v[:, :, :-1], v[:, :, -1:]
+    b = max(window - 1, 1)
+    n = -(-S // b)
+    pad = n * b - S
+    # (B, H, S, D) -> (B * n, H, b, D)
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, b, D).transpose(1, 2).reshape(B * n, H, b, D)
+
+    def key_blocks(t):  # (B, Hk, S, d) -> (B * n, Hk, 2b, d): one zero block in front, then unfold
+        t = F.pad(t, (0, 0, b, pad))
+        return t.unfold(2, 2 * b, b).permute(0, 2, 1, 4, 3).reshape(B * n, Hk, 2 * b, t.shape[-1])
+
+    kb, vb = key_blocks(k), key_blocks(v)
+
+    # Visibility per block, from stream positions: query (n, r) sits at n*b + r, key (n, c) at (n-1)*b + c.
+    blk = torch.arange(n, device=q.device).view(n, 1, 1)
+    q_pos = blk * b + torch.arange(b, device=q.device).view(1, b, 1)
+    k_pos = (blk - 1) * b + torch.arange(2 * b, device=q.device).view(1, 1, 2 * b)
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window) & (k_pos >= 0) & (k_pos < S)  # (n, b, 2b)
+    allowed = allowed.unsqueeze(0)  # (1, n, b, 2b)
+    k_index = k_pos.clamp(0, S - 1).expand(n, 1, 2 * b).reshape(-1)
+    if mask.valid is not None:
+        kv_ok = mask.valid[:, k_index].view(B, n, 1, 2 * b)
+        allowed = allowed & kv_ok
+    if mask.documents is not None:
+        q_doc = F.pad(mask.documents, (0, pad), value=-1).view(B, n, b, 1)
+        k_doc = mask.documents[:, k_index].view(B, n, 1, 2 * b)
+        allowed = allowed & (q_doc == k_doc)
+    allowed = allowed.expand(B, n, b, 2 * b).reshape(B * n, 1, b, 2 * b)
+    if has_sink:
+        kb = torch.cat([kb, sink_k.repeat_interleave(n, dim=0)], dim=2)
+        vb = torch.cat([vb, sink_v.repeat_interleave(n, dim=0)], dim=2)
+        allowed = F.pad(allowed, (0, 1), value=True)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale, enable_gqa=H != Hk)
+    # (B * n, H, b, Dv) -> (B, H, S, Dv)
+    out = out.view(B, n, H, b, -1).transpose(1, 2).reshape(B, H, n * b, -1)
+    return out[:, :, :S]
+
+
+_compiled_flex = None
+
+
+def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None):
+    """FlexAttention: the mask rule as a mask_mod, softcap as a score_mod, sinks from the logsumexp.
+    Compiled on GPU; run uncompiled (inference only) elsewhere."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as _flex
+
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    q_pos = mask.positions
+    k_pos = mask.positions if k_positions is None else k_positions
+    valid = mask.valid if k_positions is None else k_valid
+    docs = mask.documents
+
+    def mask_mod(b, h, qi, ki):
+        ok = k_pos[ki] <= q_pos[qi]
+        if window is not None:
+            ok = ok & (q_pos[qi] - k_pos[ki] < window)
+        if valid is not None:
+            ok = ok & valid[b, ki]
+        if docs is not None:
+            ok = ok & (docs[b, qi] == docs[b, ki])
+        return ok
+
+    key = (window, Sq, Sk, k_positions is None)
+    block_mask = mask._flex_cache.get(key) if k_positions is None else None
+    if block_mask is None:
+        batch = B if (valid is not None or docs is not None) else None
+        block_mask = create_block_mask(mask_mod, batch, None, Sq, Sk, device=q.device)
+        if k_positions is None:
+            mask._flex_cache[key] = block_mask
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, qi, ki):
+            return softcap * torch.tanh(score / softcap)
+
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+                  return_aux=AuxRequest(lse=True))
+    if q.device.type == "cuda":
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(_flex, dynamic=False)
+        out, aux = _compiled_flex(q, k, v, **kwargs)
+    else:
+        with warnings.catch_warnings():  # uncompiled on CPU (inference, tests): slow by design
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out, aux = _flex(q, k, v, **kwargs)
+    if sinks is not None:
+        # softmax with the sink in the denominator = plain softmax * sigmoid(lse - sink)
+        out = out * torch.sigmoid(aux.lse - sinks.float().view(1, H, 1)).unsqueeze(-1).to(out.dtype)
+    # queries with no visible key: flex leaves lse = -inf and output 0, as the other backends do
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """x (B, S, hidden) -> (B, S, hidden).
+
+    Weights: q_proj, k_proj, v_proj, o_proj (nn.Linear, HF layout), q_norm / k_norm (per head, when
+    `qk_norm` is set), sinks (n_heads,) when `sinks=True`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int | None = None,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        value_scale: float = 1.0,
+        sliding_window: int | None = None,
+        sinks: bool = False,
+        softcap: float | None = None,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+        scale: float | None = None,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"attention heads: num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})"
+            )
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window: expected a positive token count or None, got {sliding_window}")
+        if qk_norm not in (None, "rms", "rms_unit_offset"):
+            raise ValueError(f"qk_norm: expected None, 'rms' or 'rms_unit_offset', got {qk_norm!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend: expected one of {BACKENDS}, got {backend!r}")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.value_scale = value_scale
+        self.sliding_window = sliding_window
+        self.softcap = softcap
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.v_head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * self.v_head_dim, hidden_size, bias=o_bias)
+        if qk_norm is not None:
+            self.q_norm = RMSNorm(head_dim, norm_eps, unit_offset=qk_norm == "rms_unit_offset")
+            self.k_norm = RMSNorm(head_dim, norm_eps, unit_offset=qk_norm == "rms_unit_offset")
+        else:
+            self.q_norm = self.k_norm = None
+        self.sinks = nn.Parameter(torch.zeros(num_heads)) if sinks else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: AttentionMask,
+        kv_cache=None,
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, H*D) -> (B, S, H, D)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.v_head_dim)
+        if self.value_scale != 1.0:
+            v = v * self.value_scale
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # -> (B, H, S, D)
+        k_positions = k_valid = None
+        if kv_cache is not None:
+            k, v, k_positions, k_valid = kv_cache.update(k, v, mask)
+        out = attend(q, k, v, mask, scale=self.scale, window=self.sliding_window, sinks=self.sinks,
+                     softcap=self.softcap, backend=self.backend, k_positions=k_positions, k_valid=k_valid)
+        out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
+        return self.o_proj(out)
+
+    def extra_repr(self) -> str:
+        parts = [f"heads={self.num_heads}", f"kv_heads={self.num_kv_heads}", f"head_dim={self.head_dim}"]
+        if self.v_head_dim != self.head_dim:
+            parts.append(f"v_head_dim={self.v_head_dim}")
+        if self.sliding_window is not None:
+            parts.append(f"window={self.sliding_window}")
+        if self.sinks is not None:
+            parts.append("sinks")
+        parts.append(f"backend={self.backend}")
+        return ", ".join(parts)
+
+
+class LayerKVCache:
+    """One layer's keys and values during generation. A sliding-window layer keeps only the last
+    `window - 1` tokens after each step: the next query can see nothing older."""
+
+    def __init__(self, window: int | None = None):
+        self.window = window
+        self.k = self.v = self.positions = self.valid = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask):
+        B, S = k.shape[0], k.shape[2]
+        new_valid = mask.valid if mask.valid is not None else torch.ones(B, S, dtype=torch.bool, device=k.device)
+        if self.k is None:
+            keys, values, positions, valid = k, v, mask.positions, new_valid
+        else:
+            keys = torch.cat([self.k, k], dim=2)
+            values = torch.cat([self.v, v], dim=2)
+            positions = torch.cat([self.positions, mask.positions])
+            valid = torch.cat([self.valid, new_valid], dim=1)
+        start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1), 0)
+        keep = slice(start, None)
+        self.k, self.v = keys[:, :, keep], values[:, :, keep]
+        self.positions, self.valid = positions[keep], valid[:, keep]
+        return keys, values, positions, valid
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+def num_flops_attention(batch: int, heads: int, seq: int, head_dim: int, v_head_dim: int, window: int | None) -> float:
+    """Useful forward FLOPs of causal (optionally windowed) attention: QK^T and PV over visible pairs."""
+    if window is None or window >= seq:
+        pairs = seq * (seq + 1) / 2
+    else:
+        pairs = window * (window + 1) / 2 + (seq - window) * window
+    return 2.0 * batch * heads * pairs * (head_dim + v_head_dim)

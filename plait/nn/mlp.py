@@ -1,0 +1,87 @@
+"""Feed-forward blocks: activations and the (gated) MLP.
+
+Gated activations take the concatenated [gate | up] projection (gate half first, the layout of HF's
+fused `gate_up_proj`) and return the hidden activation:
+- "silu" (SwiGLU):  silu(gate) * up
+- "swigluoai":      gate = min(gate, limit); up = clamp(up, -limit, limit);
+                    gate * sigmoid(alpha * gate) * (up + 1)        (MiniMax-M3, gpt-oss style)
+- "gelu", "gelu_tanh": GeGLU variants.
+Plain (non-gated) MLPs, as in vision towers, use "gelu", "gelu_tanh", "quick_gelu" or "silu".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATED_ACTIVATIONS = ("silu", "swigluoai", "gelu", "gelu_tanh")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Which activation, with the swigluoai constants (`alpha`, `limit`) when it is that one."""
+
+    name: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.name not in set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS):
+            raise ValueError(f"activation: expected one of {sorted(set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS))}, got {self.name!r}")
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name == "gelu":
+            return F.gelu(x)
+        if self.name == "gelu_tanh":
+            return F.gelu(x, approximate="tanh")
+        if self.name == "quick_gelu":
+            return x * torch.sigmoid(1.702 * x)
+        if self.name == "silu":
+            return F.silu(x)
+        raise ValueError(f"activation {self.name!r} is gated-only")
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.name == "swigluoai":
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+            return gate * torch.sigmoid(gate * self.alpha) * (up + 1.0)
+        if self.name not in GATED_ACTIVATIONS:
+            raise ValueError(f"activation {self.name!r} cannot gate; expected one of {GATED_ACTIVATIONS}")
+        return self.plain(gate) * up
+
+    def gated_fused(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.gated(gate, up)
+
+
+class MLP(nn.Module):
+    """Gated: down(act(gate(x), up(x))) with gate_proj / up_proj / down_proj.
+    Plain: fc2(act(fc1(x))) with fc1 / fc2 (vision towers)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation | str = "silu",
+                 gated: bool = True, bias: bool = False):
+        super().__init__()
+        if hidden_size <= 0 or intermediate_size <= 0:
+            raise ValueError(f"MLP sizes: expected positive hidden and intermediate sizes, got {hidden_size}, {intermediate_size}")
+        self.act = Activation(activation) if isinstance(activation, str) else activation
+        self.gated = gated
+        if gated:
+            if self.act.name not in GATED_ACTIVATIONS:
+                raise ValueError(f"gated MLP activation: expected one of {GATED_ACTIVATIONS}, got {self.act.name!r}")
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        else:
+            if self.act.name not in PLAIN_ACTIVATIONS:
+                raise ValueError(f"plain MLP activation: expected one of {PLAIN_ACTIVATIONS}, got {self.act.name!r}")
+            self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act.gated(self.gate_proj(x), self.up_proj(x)))
+        return self.fc2(self.act.plain(self.fc1(x)))

@@ -1,0 +1,249 @@
+"""Mixture of experts: router, dropless grouped experts, shared experts, load balancing.
+
+    x (T, H) -> Router -> top-k experts and weights per token
+             -> GroupedExperts: tokens sorted by expert, one grouped matmul per projection
+             -> + shared experts (always on)
+
+Router: softmax or sigmoid scores in float32; optional group-limited top-k (experts split into
+`n_group` groups, a group scores as the sum of its top-2 experts, only the best `topk_group` groups
+compete); optional score-correction bias that changes *which* experts are picked but not their
+weights (auxiliary-loss-free balancing, DeepSeek-V3); optional normalisation of the top-k weights;
+`routed_scaling_factor` on the routed output.
+
+Balancing: every MoE counts the tokens each expert received (`tokens_per_expert`, outside autograd).
+After each optimizer step the trainer calls `update_expert_bias`, which all-reduces the counts over
+data-parallel ranks, nudges each bias by `bias_update_rate * sign(mean_load - load)` (centred), and
+returns the per-layer load for logging. An optional Switch-style auxiliary loss
+(`aux_loss_coef * E * sum_e f_e * P_e`) is left on the module as `aux_loss` for the model to add.
+
+Experts are stacked 3-D weights, `gate_up_proj` (E, 2I, H) with the gate half first and
+`down_proj` (E, H, I), the in-memory layout of transformers. "grouped" runs them with
+`torch.nn.functional.grouped_mm`; "loop" runs one matmul per expert on the same sorted tokens. Both
+are deterministic at a fixed thread count: the sort is stable and every scatter writes each row once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from plait.nn.mlp import MLP, Activation
+
+EXPERT_IMPLS = ("grouped", "loop")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    activation: Activation = field(default_factory=Activation)
+    score_func: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    score_correction_bias: bool = False
+    bias_update_rate: float = 0.0
+    aux_loss_coef: float = 0.0
+    shared_intermediate_size: int = 0
+    experts_impl: str = "grouped"
+
+    def __post_init__(self):
+        def bad(key, expected, got):
+            raise ValueError(f"MoE {key}: expected {expected}, got {got!r}")
+
+        if self.num_experts < 1:
+            bad("num_experts", "a positive count", self.num_experts)
+        if not 1 <= self.top_k <= self.num_experts:
+            bad("top_k", f"1..num_experts ({self.num_experts})", self.top_k)
+        if self.score_func not in ("softmax", "sigmoid"):
+            bad("score_func", "'softmax' or 'sigmoid'", self.score_func)
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            bad("n_group", f"a divisor of num_experts ({self.num_experts})", self.n_group)
+        if not 1 <= self.topk_group <= self.n_group:
+            bad("topk_group", f"1..n_group ({self.n_group})", self.topk_group)
+        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            bad("top_k", f"at most topk_group * experts per group ({self.topk_group * self.num_experts // self.n_group})", self.top_k)
+        if self.experts_impl not in EXPERT_IMPLS:
+            bad("experts_impl", f"one of {EXPERT_IMPLS}", self.experts_impl)
+        if self.bias_update_rate < 0 or (self.bias_update_rate > 0 and not self.score_correction_bias):
+            bad("bias_update_rate", "0, or > 0 together with score_correction_bias", self.bias_update_rate)
+        if self.aux_loss_coef < 0:
+            bad("aux_loss_coef", ">= 0", self.aux_loss_coef)
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor  # (T, K) float32, routed_scaling_factor included
+    indices: torch.Tensor  # (T, K) int64
+    logits: torch.Tensor  # (T, E) float32
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+        if cfg.score_correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.weight.float())  # (T, E), float32 whatever the model dtype
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            T, per_group = choice.shape[0], cfg.num_experts // cfg.n_group
+            grouped = choice.view(T, cfg.n_group, per_group)
+            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # (T, n_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
+        indices = choice.topk(cfg.top_k, dim=-1).indices  # (T, K)
+        weights = scores.gather(1, indices)  # the bias picks experts; weights come from unbiased scores
+        if cfg.norm_topk_prob and cfg.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * cfg.routed_scaling_factor, indices, logits)
+
+
+def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if weight.device.type == "cuda":
+        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+    return weight.device.type == "cpu"
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation,
+                 impl: str = "grouped"):
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"experts impl: expected one of {EXPERT_IMPLS}, got {impl!r}")
+        self.num_experts, self.impl, self.act = num_experts, impl, activation
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=0.02)
+        nn.init.normal_(self.down_proj, std=0.02)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (T, H), indices / weights (T, K) -> (T, H)."""
+        T, K = indices.shape
+        H = x.shape[-1]
+        flat = indices.reshape(-1)  # (T*K,) slot t*K + k
+        order = torch.argsort(flat, stable=True)  # slots sorted by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        # Each token once per chosen expert; expand's backward sums the K copies in a fixed order.
+        xs = x.unsqueeze(1).expand(T, K, H).reshape(T * K, H)[order]  # (T*K, H), grouped by expert
+        if self.impl == "grouped" and grouped_mm_available(xs, self.gate_up_proj):
+            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+            h = F.grouped_mm(xs.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
+            h = self.act.gated_fused(h)  # (T*K, I)
+            ys = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)  # (T*K, H)
+        else:
+            ys = self._loop(xs, counts)
+        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.empty_like(ys).index_copy(0, order, ys)  # back to slot order; each row written once
+        return out.view(T, K, H).sum(dim=1).to(x.dtype)
+
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                h = self.act.gated_fused(F.linear(xs[start : start + n], self.gate_up_proj[e]))
+                outs.append(F.linear(h, self.down_proj[e]))
+            start += n
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+
+    def extra_repr(self) -> str:
+        E, H, I = self.down_proj.shape
+        return f"experts={E}, hidden={H}, intermediate={I}, act={self.act.name}, impl={self.impl}"
+
+
+class MoE(nn.Module):
+    """x (..., H) -> (..., H). Submodules: gate (Router), experts (GroupedExperts), shared_experts (MLP)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, cfg.activation,
+                                      cfg.experts_impl)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, cfg.activation)
+                               if cfg.shared_intermediate_size else None)
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"MoE input: expected last dim {self.cfg.hidden_size}, got shape {list(shape)}")
+        x = x.reshape(-1, shape[-1])  # (B, S, H) -> (T, H)
+        routing = self.gate(x)
+        out = self.experts(x, routing.indices, routing.weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        with torch.no_grad():
+            self.tokens_per_expert += torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.num_experts)
+        self.aux_loss = None
+        if self.training and self.cfg.aux_loss_coef > 0:
+            self.aux_loss = self.cfg.aux_loss_coef * load_balancing_loss(routing.logits, routing.indices)
+        return out.view(shape)
+
+
+def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance loss E * sum_e f_e * P_e, as transformers computes it: f_e the share of
+    top-k slots given to expert e (summing to K), P_e the mean softmax probability of e."""
+    T, E = logits.shape
+    f = torch.bincount(indices.reshape(-1), minlength=E).float() / T
+    P = logits.float().softmax(dim=-1).mean(dim=0)
+    return E * torch.sum(f * P)
+
+
+def moe_layers(model: nn.Module) -> dict[str, MoE]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    losses = [m.aux_loss for m in moe_layers(model).values() if m.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
+    """After an optimizer step: sum each MoE's expert counts over ranks, move its correction bias toward
+    balance (bias += rate * sign(mean - load), centred), reset the counts. Returns {layer: load (E,)}
+    for logging. `all_reduce` sums a tensor in place across data-parallel ranks (None: one process)."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    loads = torch.cat([m.tokens_per_expert for m in layers.values()])
+    if all_reduce is not None:
+        all_reduce(loads)
+    out, start = {}, 0
+    for name, m in layers.items():
+        E = m.cfg.num_experts
+        load = loads[start : start + E]
+        start += E
+        bias = m.gate.e_score_correction_bias
+        if bias is not None and m.cfg.bias_update_rate > 0 and load.sum() > 0:
+            delta = m.cfg.bias_update_rate * torch.sign(load.mean() - load)
+            bias += delta - delta.mean()
+        m.tokens_per_expert.zero_()
+        out[name] = load.clone()
+    return out
+
+
+def load_imbalance(loads: dict[str, torch.Tensor]) -> float:
+    """Largest max-load / mean-load over layers (1.0 = perfectly balanced)."""
+    ratios = [float(load.max() / load.mean()) for load in loads.values() if load.sum() > 0]
+    return max(ratios) if ratios else 1.0

@@ -1,0 +1,52 @@
+import pytest
+import torch
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashMLP
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLDenseMLP
+
+from plait.nn.mlp import MLP, Activation
+from tests.nn.reference import assert_close, m3_text_config, mimo_config, randomize_
+
+
+def _grads(module, x, out):
+    return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [x, *module.parameters()])
+
+
+def test_swiglu_matches_mimo_mlp():
+    cfg = mimo_config()
+    ref = randomize_(MiMoV2FlashMLP(cfg), seed=2)
+    ours = MLP(cfg.hidden_size, cfg.intermediate_size, "silu")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, cfg.hidden_size, requires_grad=True)
+    out, out_ref = ours(x), ref(x)
+    assert_close(out, out_ref)
+    for a, b in zip(_grads(ours, x, out), _grads(ref, x, out_ref)):
+        assert_close(a, b, tol=1e-5 * b.abs().max().item())
+
+
+def test_swigluoai_matches_minimax_m3_dense_mlp_including_the_clamps():
+    cfg = m3_text_config(swiglu_limit=1.5)  # a low limit so the clamps are exercised
+    ref = randomize_(MiniMaxM3VLDenseMLP(cfg), seed=3, std=0.5)
+    ours = MLP(cfg.hidden_size, cfg.dense_intermediate_size, Activation("swigluoai", cfg.swiglu_alpha, cfg.swiglu_limit))
+    gate, up = ref.gate_up_proj.weight.chunk(2, dim=0)  # fused [gate | up] in memory
+    ours.load_state_dict({"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": ref.down_proj.weight})
+    x = torch.randn(4, 9, cfg.hidden_size, requires_grad=True)
+    gate_out = ours.gate_proj(x)
+    assert (gate_out > 1.5).any() and (ours.up_proj(x).abs() > 1.5).any()
+    out, out_ref = ours(x), ref(x)
+    assert_close(out, out_ref)
+    g = _grads(ours, x, out)
+    g_ref = _grads(ref, x, out_ref)
+    assert_close(g[0], g_ref[0], tol=1e-5 * g_ref[0].abs().max().item())
+    assert_close(torch.cat([g[1], g[2]]), g_ref[1], tol=1e-5 * g_ref[1].abs().max().item())
+
+
+def test_plain_gelu_mlp_and_activation_errors():
+    mlp = MLP(8, 16, "gelu", gated=False, bias=True)
+    x = torch.randn(2, 8)
+    assert_close(mlp(x), mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))))
+    with pytest.raises(ValueError, match="activation"):
+        Activation("relu6")
+    with pytest.raises(ValueError, match="gated MLP activation"):
+        MLP(8, 16, "quick_gelu")
+    with pytest.raises(ValueError, match="plain MLP activation"):
+        MLP(8, 16, "swigluoai", gated=False)

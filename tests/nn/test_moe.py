@@ -1,0 +1,198 @@
+import pytest
+import torch
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashMoE, MiMoV2FlashTopkRouter
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+    MiniMaxM3VLSparseMoeBlock,
+    MiniMaxM3VLTopKRouter,
+    load_balancing_loss_func,
+)
+
+from plait.nn.mlp import Activation
+from plait.nn.moe import MoE, MoEConfig, Router, collect_aux_loss, load_imbalance, update_expert_bias
+from tests.nn.reference import assert_close, assert_grads_close, m3_text_config, mimo_config, randomize_
+
+
+def m3_moe_config(cfg, impl="grouped", **kw) -> MoEConfig:
+    return MoEConfig(
+        hidden_size=cfg.hidden_size, num_experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok,
+        intermediate_size=cfg.intermediate_size, activation=Activation("swigluoai", cfg.swiglu_alpha, cfg.swiglu_limit),
+        score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=cfg.routed_scaling_factor,
+        score_correction_bias=True, shared_intermediate_size=cfg.shared_intermediate_size, experts_impl=impl, **kw,
+    )
+
+
+def mimo_moe_config(cfg, impl="grouped") -> MoEConfig:
+    return MoEConfig(
+        hidden_size=cfg.hidden_size, num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
+        intermediate_size=cfg.moe_intermediate_size, activation=Activation("silu"), score_func="sigmoid",
+        n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+        routed_scaling_factor=cfg.routed_scaling_factor, score_correction_bias=True, experts_impl=impl,
+    )
+
+
+def _m3_state_for_ours(ref_state):
+    state = dict(ref_state)
+    gate, up = state.pop("shared_experts.gate_up_proj.weight").chunk(2, dim=0)
+    state["shared_experts.gate_proj.weight"], state["shared_experts.up_proj.weight"] = gate, up
+    return state
+
+
+def _assert_clear_routing(scores_for_choice, top_k):
+    """Parity needs the same experts picked: every top-k boundary well above float32 noise."""
+    top = scores_for_choice.topk(top_k + 1, dim=-1).values
+    gap = (top[:, top_k - 1] - top[:, top_k]).min().item()
+    assert gap > 1e-5, f"routing tie (gap {gap:.1e}): re-draw the test router"
+
+
+def _fwd_bwd(module, x):
+    out = module(x)
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    names = ["x"] + [n for n, _ in module.named_parameters()]
+    grads = torch.autograd.grad((out * w).sum(), [x, *module.parameters()])
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+@pytest.mark.parametrize("ref_impl", ["grouped_mm", "eager"])
+def test_minimax_m3_moe_block_matches_transformers(impl, ref_impl):
+    cfg = m3_text_config()
+    cfg._experts_implementation = ref_impl
+    ref = randomize_(MiniMaxM3VLSparseMoeBlock(cfg), seed=5)
+    ours = MoE(m3_moe_config(cfg, impl))
+    ours.load_state_dict(_m3_state_for_ours(ref.state_dict()))
+    x = torch.randn(3, 11, cfg.hidden_size, requires_grad=True)
+    with torch.no_grad():
+        _assert_clear_routing(torch.sigmoid(x.view(-1, cfg.hidden_size) @ ref.gate.weight.T) + ref.gate.e_score_correction_bias, 2)
+    out, g = _fwd_bwd(ours, x)
+    out_ref, g_ref = _fwd_bwd(ref, x)
+    assert_close(out, out_ref)
+    g_ref = _m3_state_for_ours(g_ref | {"shared_experts.gate_up_proj.weight": g_ref.pop("shared_experts.gate_up_proj.weight")})
+    assert_grads_close(g, g_ref)
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_mimo_v2_flash_moe_with_group_limited_routing_matches_transformers(impl):
+    cfg = mimo_config()
+    cfg._experts_implementation = "eager"
+    ref = randomize_(MiMoV2FlashMoE(cfg), seed=6)
+    ours = MoE(mimo_moe_config(cfg, impl))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 13, cfg.hidden_size, requires_grad=True)
+    out, g = _fwd_bwd(ours, x)
+    out_ref, g_ref = _fwd_bwd(ref, x)
+    assert_close(out, out_ref)
+    assert_grads_close(g, g_ref)
+
+
+@pytest.mark.parametrize("ref_cls, make_cfg, our_cfg", [
+    (MiMoV2FlashTopkRouter, mimo_config, mimo_moe_config),
+    (MiniMaxM3VLTopKRouter, m3_text_config, m3_moe_config),
+])
+def test_routers_pick_the_same_experts_with_the_same_weights(ref_cls, make_cfg, our_cfg):
+    cfg = make_cfg()
+    ref = randomize_(ref_cls(cfg), seed=7)
+    ours = Router(our_cfg(cfg))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(40, cfg.hidden_size)
+    _, w_ref, idx_ref = ref(x)
+    routing = ours(x)
+    order, order_ref = routing.indices.sort(dim=-1), idx_ref.sort(dim=-1)
+    assert torch.equal(order.values, order_ref.values)
+    scale = getattr(ref, "routed_scaling_factor", None) or cfg.routed_scaling_factor
+    w_ref = w_ref if ref_cls is MiMoV2FlashTopkRouter else w_ref * scale  # M3 scales after the experts
+    assert_close(routing.weights.gather(1, order.indices), w_ref.gather(1, order_ref.indices))
+
+
+def test_score_correction_bias_changes_choice_not_weights():
+    cfg = MoEConfig(hidden_size=8, num_experts=4, top_k=1, intermediate_size=4, score_func="sigmoid",
+                    score_correction_bias=True, norm_topk_prob=False)
+    router = Router(cfg)
+    x = torch.randn(16, 8)
+    router.e_score_correction_bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    routing = router(x)
+    assert torch.all(routing.indices == 0)
+    assert_close(routing.weights.squeeze(1), torch.sigmoid(x @ router.weight.T)[:, 0])
+
+
+def test_grouped_and_loop_experts_agree_and_are_bitwise_deterministic():
+    torch.manual_seed(0)
+    cfg = m3_moe_config(m3_text_config(hidden_size=64, intermediate_size=48), "grouped")
+    grouped = randomize_(MoE(cfg), seed=8, std=0.1)
+    loop = MoE(m3_moe_config(m3_text_config(hidden_size=64, intermediate_size=48), "loop"))
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(4, 64, 64, requires_grad=True)
+    out_g, g_g = _fwd_bwd(grouped, x)
+    out_l, g_l = _fwd_bwd(loop, x)
+    assert_close(out_g, out_l)
+    assert_grads_close(g_g, g_l)
+    for module in (grouped, loop):
+        first = _fwd_bwd(module, x)
+        second = _fwd_bwd(module, x)
+        assert torch.equal(first[0], second[0])
+        for name in first[1]:
+            assert torch.equal(first[1][name], second[1][name]), name
+
+
+def test_expert_bias_update_moves_routing_toward_balance():
+    torch.manual_seed(0)
+    cfg = MoEConfig(hidden_size=16, num_experts=8, top_k=2, intermediate_size=8, score_func="sigmoid",
+                    score_correction_bias=True, bias_update_rate=0.01)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        moe.gate.weight[0] += 0.15  # experts 0 and 1 attract most tokens
+        moe.gate.weight[1] += 0.1
+    x = torch.randn(512, 16).abs()
+    imbalance = []
+    for _ in range(100):
+        with torch.no_grad():
+            moe(x)
+        loads = update_expert_bias(moe)
+        imbalance.append(load_imbalance(loads))
+        assert float(moe.tokens_per_expert.sum()) == 0.0  # counts reset after each update
+    assert imbalance[0] > 3.0  # max load / mean load before any update
+    assert max(imbalance[-10:]) < 2.0  # sign updates settle near balance (they oscillate a little)
+    assert moe.gate.e_score_correction_bias[0] < 0 < moe.gate.e_score_correction_bias[5]
+    assert abs(float(moe.gate.e_score_correction_bias.sum())) < 1e-5  # centred
+
+
+def test_bias_update_sums_loads_over_ranks():
+    cfg = MoEConfig(hidden_size=8, num_experts=4, top_k=1, intermediate_size=4, score_func="sigmoid",
+                    score_correction_bias=True, bias_update_rate=0.1)
+    moe = MoE(cfg)
+    moe.tokens_per_expert.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    other_rank = torch.tensor([0.0, 0.0, 1.0, 3.0])
+    loads = update_expert_bias(moe, all_reduce=lambda t: t.add_(other_rank))
+    assert torch.equal(loads[""], torch.tensor([3.0, 1.0, 1.0, 3.0]))
+    assert torch.allclose(moe.gate.e_score_correction_bias, torch.tensor([-0.1, 0.1, 0.1, -0.1]))
+
+
+def test_aux_loss_matches_transformers_and_reaches_the_gradients():
+    cfg = m3_text_config()
+    moe = MoE(m3_moe_config(cfg, aux_loss_coef=0.01))
+    randomize_(moe, seed=9)
+    moe.gate.e_score_correction_bias.zero_()
+    moe.train()
+    x = torch.randn(2, 10, cfg.hidden_size)
+    moe(x)
+    logits = x.view(-1, cfg.hidden_size) @ moe.gate.weight.T
+    expected = load_balancing_loss_func((logits,), cfg.num_local_experts, cfg.num_experts_per_tok)
+    assert_close(collect_aux_loss(moe), 0.01 * expected)
+    collect_aux_loss(moe).backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
+    moe.eval()
+    moe(x)
+    assert collect_aux_loss(moe) is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(top_k=9), "top_k"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=4, topk_group=5), "topk_group"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(experts_impl="megablocks"), "experts_impl"),
+    (dict(bias_update_rate=0.1), "bias_update_rate"),
+])
+def test_bad_moe_configs_are_clear_errors(kw, match):
+    base = dict(hidden_size=8, num_experts=8, top_k=2, intermediate_size=4)
+    with pytest.raises(ValueError, match=match):
+        MoEConfig(**(base | kw))

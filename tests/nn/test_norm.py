@@ -1,0 +1,51 @@
+import pytest
+import torch
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLRMSNorm
+
+from plait.nn.norm import RMSNorm
+from tests.nn.reference import assert_close, randomize_
+
+
+@pytest.mark.parametrize("unit_offset, reference_cls", [(False, MiMoV2FlashRMSNorm), (True, MiniMaxM3VLRMSNorm)])
+def test_rmsnorm_matches_transformers(unit_offset, reference_cls):
+    ours = randomize_(RMSNorm(24, eps=1e-5, unit_offset=unit_offset), seed=1)
+    ref = reference_cls(24, eps=1e-5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    out = ours(x)
+    out_ref = ref(x)
+    assert_close(out, out_ref, name="rmsnorm")
+    g_ours = torch.autograd.grad(out.pow(2).sum(), [x, ours.weight])
+    g_ref = torch.autograd.grad(out_ref.pow(2).sum(), [x, ref.weight])
+    for a, b in zip(g_ours, g_ref):
+        assert_close(a, b, tol=1e-5 * b.abs().max().item())
+
+
+def test_unit_offset_norm_starts_as_plain_normalisation():
+    x = torch.randn(4, 16)
+    plain = RMSNorm(16)
+    offset = RMSNorm(16, unit_offset=True)
+    assert torch.all(offset.weight == 0)
+    assert_close(offset(x), plain(x))
+
+
+def test_per_head_qk_norm_shares_one_weight_across_heads():
+    norm = randomize_(RMSNorm(8))
+    x = torch.randn(2, 3, 4, 8)  # (B, S, heads, head_dim)
+    per_head = torch.stack([norm(x[:, :, h]) for h in range(4)], dim=2)
+    assert_close(norm(x), per_head)
+
+
+def test_bf16_input_keeps_dtype_and_float32_statistics():
+    norm = RMSNorm(16, unit_offset=True)
+    x = (torch.randn(2, 16) * 300).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    expected = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert_close(out, expected.bfloat16(), tol=1e-2)
+
+
+def test_wrong_width_is_a_clear_error():
+    with pytest.raises(ValueError, match="expected last dim 16"):
+        RMSNorm(16)(torch.randn(2, 8))

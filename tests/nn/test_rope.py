@@ -1,0 +1,102 @@
+import pytest
+import torch
+from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
+    MiMoV2FlashRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLVisionConfig
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+    MiniMaxM3VLRotaryEmbedding,
+    MiniMaxM3VLVisionRotaryEmbedding,
+    apply_rotary_pos_emb_vision,
+)
+from transformers.vision_utils import get_vision_position_ids
+
+from plait.nn.rope import (
+    AxialRotaryEmbedding,
+    RotaryEmbedding,
+    apply_rotary,
+    rotary_per_layer_type,
+    vision_patch_positions,
+)
+from tests.nn.reference import assert_close, m3_text_config, mimo_config
+
+
+def test_dual_base_partial_rotary_matches_mimo_per_layer_type():
+    cfg = mimo_config(head_dim=24)
+    ref = MiMoV2FlashRotaryEmbedding(cfg)
+    ours = rotary_per_layer_type(cfg.head_dim, cfg.rope_parameters, default_partial_rotary_factor=0.334)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 5000, 70000]])  # packed documents restart at 0
+    x = torch.zeros(1, 8, 4)
+    for layer_type in ("full_attention", "sliding_attention"):
+        cos_ref, sin_ref = ref(x, position_ids, layer_type)
+        cos, sin = ours[layer_type](position_ids)
+        assert ours[layer_type].dim == int(24 * 0.334)
+        assert_close(cos, cos_ref, name=f"{layer_type} cos")
+        assert_close(sin, sin_ref, name=f"{layer_type} sin")
+    # different bases give different angles
+    assert not torch.allclose(ours["full_attention"](position_ids)[0], ours["sliding_attention"](position_ids)[0])
+
+
+def test_partial_rotary_application_matches_transformers():
+    cfg = m3_text_config()
+    ref = MiniMaxM3VLRotaryEmbedding(cfg)
+    ours = RotaryEmbedding(cfg.head_dim, cfg.rope_parameters["rope_theta"], cfg.rope_parameters["partial_rotary_factor"])
+    position_ids = torch.arange(10).view(1, 10).expand(2, 10)
+    q = torch.randn(2, 10, 4, cfg.head_dim)  # (B, S, heads, head_dim)
+    k = torch.randn(2, 10, 2, cfg.head_dim)
+    cos_ref, sin_ref = ref(q, position_ids)
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos_ref, sin_ref)
+    cos, sin = ours(position_ids)
+    assert_close(apply_rotary(q, cos, sin), q_ref.transpose(1, 2))
+    assert_close(apply_rotary(k, cos, sin), k_ref.transpose(1, 2))
+    # the pass-through half is untouched
+    assert torch.equal(apply_rotary(q, cos, sin)[..., ours.dim :], q[..., ours.dim :])
+
+
+def test_inv_freq_stays_float32_after_casting_the_model():
+    rope = RotaryEmbedding(64, 1e6)
+    exact = rope.inv_freq.clone()
+    rope.to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32
+    assert torch.equal(rope.inv_freq, exact)
+    cos, _ = rope(torch.tensor([[300001]]))
+    assert cos.dtype == torch.float32
+
+
+def test_rotation_of_bf16_heads_is_computed_in_float32():
+    rope = RotaryEmbedding(32, 10000.0)
+    x = torch.randn(1, 4, 2, 32)
+    cos, sin = rope(torch.tensor([[1000, 2000, 3000, 4000]]))
+    assert_close(apply_rotary(x.bfloat16(), cos, sin), apply_rotary(x, cos, sin), tol=5e-2)
+    assert apply_rotary(x.bfloat16(), cos, sin).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grid", [[[1, 4, 6]], [[2, 4, 4], [1, 2, 6]]])
+def test_axial_vision_rotary_matches_minimax_m3(grid):
+    cfg = MiniMaxM3VLVisionConfig(hidden_size=96, num_attention_heads=2, spatial_merge_size=2)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    grid_thw = torch.tensor(grid)
+    ref_pos = get_vision_position_ids(grid_thw, cfg.spatial_merge_size, include_temporal=True)
+    pos = vision_patch_positions(grid_thw, cfg.spatial_merge_size)
+    assert torch.equal(pos, ref_pos)
+    ref = MiniMaxM3VLVisionRotaryEmbedding(cfg)
+    ours = AxialRotaryEmbedding(head_dim, cfg.rope_parameters["rope_theta"])
+    cos_ref, sin_ref = ref(torch.zeros(1), ref_pos)
+    cos, sin = ours(pos)
+    assert_close(cos, cos_ref)
+    assert_close(sin, sin_ref)
+    q = torch.randn(pos.shape[0], 2, head_dim)  # (N, heads, head_dim)
+    q_ref, _ = apply_rotary_pos_emb_vision(q, q, cos_ref, sin_ref)
+    assert_close(apply_rotary(q, cos, sin), q_ref)
+
+
+def test_bad_rotary_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        RotaryEmbedding(64, 1e4, partial_rotary_factor=1.5)
+    with pytest.raises(ValueError, match="even"):
+        RotaryEmbedding(10, 1e4, partial_rotary_factor=0.3)
+    with pytest.raises(ValueError, match="rope_type"):
+        rotary_per_layer_type(64, {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="spatial_merge_size"):
+        vision_patch_positions(torch.tensor([[1, 3, 4]]), 2)
