@@ -41,6 +41,7 @@ from plait.metrics import MetricsLog, plot_loss_curve
 from plait.models.build import build_model
 from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.nn.moe import load_imbalance, update_expert_bias
 from plait.parallel.data_parallel import DistContext, init_data_parallel, wrap_data_parallel
 
 RUN_CONFIG_FILE = "plait_run.yaml"
@@ -337,10 +338,15 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            # MoE: this step's expert loads, summed over ranks, move the correction biases toward balance
+            expert_loads = update_expert_bias(model, all_reduce=ctx.all_reduce_)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
-                log.log({"step": step, "loss": loss_sum, "lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
-                         "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size})
+                row = {"step": step, "loss": loss_sum, "lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                       "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size}
+                if expert_loads:
+                    row["moe_load_imbalance"] = load_imbalance(expert_loads)
+                log.log(row)
             progress.update(task, advance=1, loss=loss_sum, tps=tps)
             if step % tcfg.log_every == 0 and not console.is_terminal:
                 console.print(f"step {step}/{tcfg.steps} loss {loss_sum:.4f} lr {lr:.2e} {tps:,.0f} tok/s")

@@ -472,6 +472,21 @@ class Attention(nn.Module):
         return ", ".join(parts)
 
 
+class KVCache:
+    """A model's generation cache: one `LayerKVCache` per attention layer, plus how many tokens the
+    model has consumed (sliding-window layers hold fewer)."""
+
+    def __init__(self):
+        self.layers: dict[str, LayerKVCache] = {}
+        self.seen = 0
+
+    def layer(self, key: str, window: int | None) -> LayerKVCache:
+        return self.layers.setdefault(key, LayerKVCache(window))
+
+    def get_seq_length(self) -> int:  # the transformers name, for callers that ask
+        return self.seen
+
+
 class LayerKVCache:
     """One layer's keys and values during generation. A sliding-window layer keeps only the last
     `window - 1` tokens after each step: the next query can see nothing older."""

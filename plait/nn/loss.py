@@ -59,12 +59,15 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             t = targets[start : start + chunk_size]
             keep = t != ignore_index
             safe_t = t.masked_fill(~keep, 0)
-            logits = F.linear(h, weight).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            logits = F.linear(h, weight).float()  # (c, V): the only chunk-sized buffer
             target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: logsumexp would allocate a second (c, V) buffer
+            norm = probs.sum(dim=-1, keepdim=True)
+            lse = (top + norm.log()).squeeze(1)
             total += ((lse - target_logit) * keep).sum()
             if need_grad:
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                grad = probs.div_(norm)  # softmax
                 grad.scatter_add_(1, safe_t.unsqueeze(1), -keep.unsqueeze(1).to(grad.dtype))
                 grad.mul_(keep.unsqueeze(1))
                 grad = grad.to(h.dtype)
@@ -72,16 +75,20 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_hidden[start : start + chunk_size] = grad @ weight
                 if grad_weight is not None:
                     grad_weight.addmm_(grad.t().float(), h.float())
-            del logits
+            del logits, probs
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None
+        # Scaled in place: these buffers exist only for this backward, and a copy of the (V, H)
+        # weight gradient would be the largest allocation of the whole loss.
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
 
 
 def linear_cross_entropy_sum(

@@ -18,8 +18,9 @@ returns the per-layer load for logging. An optional Switch-style auxiliary loss
 
 Experts are stacked 3-D weights, `gate_up_proj` (E, 2I, H) with the gate half first and
 `down_proj` (E, H, I), the in-memory layout of transformers. "grouped" runs them with
-`torch.nn.functional.grouped_mm`; "loop" runs one matmul per expert on the same sorted tokens. Both
-are deterministic at a fixed thread count: the sort is stable and every scatter writes each row once.
+`torch.nn.functional.grouped_mm`; "loop" runs one matmul per expert on the same sorted tokens; "auto"
+(default) takes grouped_mm on CUDA and the loop on CPU, where it measured faster (benchmarks/blocks.py).
+Both are deterministic at a fixed thread count: the sort is stable and every scatter writes each row once.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 
 from plait.nn.mlp import MLP, Activation
 
-EXPERT_IMPLS = ("grouped", "loop")
+EXPERT_IMPLS = ("auto", "grouped", "loop")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class MoEConfig:
     bias_update_rate: float = 0.0
     aux_loss_coef: float = 0.0
     shared_intermediate_size: int = 0
-    experts_impl: str = "grouped"
+    experts_impl: str = "auto"
 
     def __post_init__(self):
         def bad(key, expected, got):
@@ -125,7 +126,7 @@ def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation,
-                 impl: str = "grouped"):
+                 impl: str = "auto"):
         super().__init__()
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"experts impl: expected one of {EXPERT_IMPLS}, got {impl!r}")
@@ -144,7 +145,8 @@ class GroupedExperts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         # Each token once per chosen expert; expand's backward sums the K copies in a fixed order.
         xs = x.unsqueeze(1).expand(T, K, H).reshape(T * K, H)[order]  # (T*K, H), grouped by expert
-        if self.impl == "grouped" and grouped_mm_available(xs, self.gate_up_proj):
+        use_grouped = self.impl == "grouped" or (self.impl == "auto" and xs.device.type == "cuda")
+        if use_grouped and grouped_mm_available(xs, self.gate_up_proj):
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             h = F.grouped_mm(xs.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
             h = self.act.gated_fused(h)  # (T*K, I)
@@ -156,13 +158,15 @@ class GroupedExperts(nn.Module):
         return out.view(T, K, H).sum(dim=1).to(x.dtype)
 
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                h = self.act.gated_fused(F.linear(xs[start : start + n], self.gate_up_proj[e]))
-                outs.append(F.linear(h, self.down_proj[e]))
-            start += n
-        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+        # split (not slicing) so the backward concatenates the pieces instead of summing E full-size grads
+        # (and unbind, not indexing, so the weight gradient is one stack, not E full-size sums)
+        outs = []
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+            if chunk.shape[0]:
+                chunk = F.linear(self.act.gated_fused(F.linear(chunk, gate_up[e])), down[e])
+            outs.append(chunk)
+        return torch.cat(outs)
 
     def extra_repr(self) -> str:
         E, H, I = self.down_proj.shape
@@ -192,8 +196,9 @@ class MoE(nn.Module):
         out = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        with torch.no_grad():
-            self.tokens_per_expert += torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.num_experts)
+        if self.training:  # evaluation forwards must not move the balancing biases
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.num_experts)
         self.aux_loss = None
         if self.training and self.cfg.aux_loss_coef > 0:
             self.aux_loss = self.cfg.aux_loss_coef * load_balancing_loss(routing.logits, routing.indices)

@@ -41,6 +41,11 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item())
 
+    def all_reduce_(self, tensor: torch.Tensor) -> None:
+        """Sum a tensor over ranks, in place."""
+        if self.enabled:
+            dist.all_reduce(tensor)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -83,4 +88,6 @@ def wrap_data_parallel(model: torch.nn.Module, ctx: DistContext, device: torch.d
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # No buffer broadcast: every rank applies the same all-reduced updates to its buffers (MoE
+    # correction biases), and per-rank expert counts must not be overwritten by rank 0's.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
