@@ -80,6 +80,57 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checked model dir, in index order."""
+    index = path / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / WEIGHTS_FILE]
+
+
+def read_model_weights(path: str | Path) -> dict:
+    """Every tensor of a local HF model dir (one file or index + shards), checked first; names as on disk."""
+    from safetensors.torch import load_file
+
+    path = check_model_dir(path)
+    state = {}
+    for file in weight_files(path):
+        tensors = load_file(file)
+        clash = state.keys() & tensors.keys()
+        if clash:
+            raise ValueError(f"model dir {str(path)!r}: tensor {sorted(clash)[0]!r} appears in more than one shard")
+        state.update(tensors)
+    return state
+
+
+def write_model_weights(path: str | Path, state: dict, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `state` (names as on disk) as `model.safetensors`, or as shards plus an index past
+    `max_shard_bytes`, the layout transformers writes and reads."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (path / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
 def make_temp_dir(target: str | Path) -> Path:
     """A fresh `.tmp-*` dir beside `target`, to be filled and then committed with `commit_dir`."""
     target = Path(target)
