@@ -11,8 +11,10 @@ from transformers import AutoConfig, PretrainedConfig
 from plait.checkpoint import check_model_dir
 from plait.models.hf import build_stock_model, load_stock_model, to_hf_config
 
-# Native models register here as they land: model_type -> class with `from_config` / `from_pretrained`.
-NATIVE_MODELS: dict[str, type] = {}
+from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
+
+# model_type -> plait's native class (with `from_config` / `from_pretrained`)
+NATIVE_MODELS: dict[str, type] = {"mimo_v2_flash": MiMoV2FlashForCausalLM}
 
 
 def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa") -> torch.nn.Module:

@@ -22,9 +22,14 @@ def to_hf_config(config: PretrainedConfig | dict[str, Any]) -> PretrainedConfig:
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     try:
-        return AutoConfig.for_model(model_type, **cfg)
+        config_class = AutoConfig.for_model(model_type).__class__
     except ValueError as e:
         raise ValueError(f"config: model_type {model_type!r} is unknown to transformers {transformers.__version__}: {e}") from None
+    try:
+        return config_class(**cfg)
+    except Exception as e:  # transformers' own validators raise their own error types
+        cause = e.__cause__ or e
+        raise ValueError(f"config ({model_type}): {cause}") from None
 
 
 def stock_model_class(model_type: str) -> type:

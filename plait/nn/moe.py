@@ -111,7 +111,7 @@ class Router(nn.Module):
             choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
         indices = choice.topk(cfg.top_k, dim=-1).indices  # (T, K)
         weights = scores.gather(1, indices)  # the bias picks experts; weights come from unbiased scores
-        if cfg.norm_topk_prob and cfg.top_k > 1:
+        if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return Routing(weights * cfg.routed_scaling_factor, indices, logits)
 

@@ -20,13 +20,15 @@ from torch import nn
 
 
 def rotary_dim(head_dim: int, partial_rotary_factor: float = 1.0) -> int:
+    """int(head_dim * partial_rotary_factor): the `dim` of the frequency formula. An odd value rotates
+    dim + 1 dims (one frequency per pair, as transformers computes it)."""
     if not 0.0 < partial_rotary_factor <= 1.0:
         raise ValueError(f"partial_rotary_factor: expected a value in (0, 1], got {partial_rotary_factor}")
     dim = int(head_dim * partial_rotary_factor)
-    if dim < 2 or dim % 2:
+    if dim < 1 or dim + dim % 2 > head_dim:
         raise ValueError(
             f"rotary dims: int(head_dim {head_dim} * partial_rotary_factor {partial_rotary_factor}) = {dim}, "
-            "expected an even number >= 2"
+            f"expected 1..{head_dim - head_dim % 2}"
         )
     return dim
 
@@ -40,15 +42,16 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0):
         super().__init__()
-        self.dim = rotary_dim(head_dim, partial_rotary_factor)
+        self.freq_dim = rotary_dim(head_dim, partial_rotary_factor)
+        self.dim = self.freq_dim + self.freq_dim % 2  # rotated width: one pair per frequency
         self.base = float(base)
         self.scaling = scaling
-        self.register_buffer("inv_freq", inverse_frequencies(self.dim, self.base), persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(self.freq_dim, self.base), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # model.to(bfloat16) would cast the buffer; recompute it exactly, in float32, on the new device.
         super()._apply(fn, recurse)
-        self.inv_freq = inverse_frequencies(self.dim, self.base).to(self.inv_freq.device)
+        self.inv_freq = inverse_frequencies(self.freq_dim, self.base).to(self.inv_freq.device)
         return self
 
     @torch.no_grad()

@@ -54,6 +54,16 @@ def test_partial_rotary_application_matches_transformers():
     assert torch.equal(apply_rotary(q, cos, sin)[..., ours.dim :], q[..., ours.dim :])
 
 
+def test_odd_rotary_width_rotates_one_pair_per_frequency_like_transformers():
+    cfg = mimo_config(head_dim=16)  # int(16 * 0.334) = 5
+    ref = MiMoV2FlashRotaryEmbedding(cfg)
+    ours = rotary_per_layer_type(16, cfg.rope_parameters, 0.334)["full_attention"]
+    pos = torch.arange(7).view(1, 7)
+    cos_ref, _ = ref(torch.zeros(1), pos, "full_attention")
+    assert ours.dim == 6
+    assert_close(ours(pos)[0], cos_ref)
+
+
 def test_inv_freq_stays_float32_after_casting_the_model():
     rope = RotaryEmbedding(64, 1e6)
     exact = rope.inv_freq.clone()
@@ -94,8 +104,8 @@ def test_axial_vision_rotary_matches_minimax_m3(grid):
 def test_bad_rotary_settings_are_clear_errors():
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         RotaryEmbedding(64, 1e4, partial_rotary_factor=1.5)
-    with pytest.raises(ValueError, match="even"):
-        RotaryEmbedding(10, 1e4, partial_rotary_factor=0.3)
+    with pytest.raises(ValueError, match="rotary dims"):
+        RotaryEmbedding(2, 1e4, partial_rotary_factor=0.3)
     with pytest.raises(ValueError, match="rope_type"):
         rotary_per_layer_type(64, {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(ValueError, match="spatial_merge_size"):

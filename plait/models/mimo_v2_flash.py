@@ -1,0 +1,429 @@
+"""MiMo-V2-Flash (Xiaomi), plait's native implementation, built from plait.nn.
+
+Reads the Hugging Face config (`model_type: mimo_v2_flash`) and checkpoints with their on-disk key names.
+
+    embed_tokens -> layers[i] (attention by layer_types[i], MLP by mlp_layer_types[i]) -> norm -> lm_head
+                                                                     \\-> mtp depths (SWA blocks) -> lm_head
+
+- Hybrid attention: "sliding_attention" layers have twice `num_key_value_heads`, a window of
+  `sliding_window` tokens (the query included) and a learnable sink logit per head; "full_attention"
+  layers have neither.
+- Q/K head dim `head_dim` (192 released), V head dim `v_head_dim` (128), V scaled by
+  `attention_value_scale`.
+- Dual-base partial RoPE: one rotary embedding per layer type from `rope_parameters`.
+- MoE layers: sigmoid router with the score-correction bias, group-limited top-k, normalised top-k
+  weights times `routed_scaling_factor`, no shared expert. Dense layers: SwiGLU MLP.
+- MTP: the released checkpoint carries `model.mtp.layers.{d}.*` (transformers drops them). They are
+  kept here as `MTPModule` depths, each one SWA attention + dense MLP block.
+
+The forward is pipeline-ready: `embed_tokens`, `norm` and `lm_head` may be None on a pipeline stage,
+and `layers` is a ModuleDict keyed by the original layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from plait.checkpoint import check_model_dir, read_model_weights, write_model_weights
+from plait.mtp import MTPConfig, MTPModule
+from plait.nn.attention import Attention, AttentionMask, KVCache
+from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
+from plait.nn.mlp import MLP, Activation
+from plait.nn.moe import MoE, MoEConfig, Router
+from plait.nn.norm import RMSNorm
+from plait.nn.rope import rotary_per_layer_type
+
+MODEL_TYPE = "mimo_v2_flash"
+SLIDING, FULL = "sliding_attention", "full_attention"
+# transformers' default when a layer type's rope parameters omit it
+DEFAULT_PARTIAL_ROTARY_FACTOR = 0.334
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    mtp_per_depth_logits: list[torch.Tensor] | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None
+
+    @property
+    def mtp_logits(self) -> list[torch.Tensor] | None:
+        return self.mtp_per_depth_logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention(config: PretrainedConfig, layer_type: str, backend: str) -> Attention:
+    if layer_type not in (SLIDING, FULL):
+        raise ValueError(f"layer_types: expected {SLIDING!r} or {FULL!r}, got {layer_type!r}")
+    sliding = layer_type == SLIDING
+    return Attention(
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads * (2 if sliding else 1),
+        config.head_dim,
+        config.v_head_dim,
+        qkv_bias=config.attention_bias,
+        value_scale=config.attention_value_scale if config.attention_value_scale is not None else 1.0,
+        sliding_window=config.sliding_window if sliding else None,
+        sinks=sliding,
+        backend=backend,
+    )
+
+
+def moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfig:
+    return MoEConfig(
+        hidden_size=config.hidden_size,
+        num_experts=config.n_routed_experts,
+        top_k=config.num_experts_per_tok,
+        intermediate_size=config.moe_intermediate_size,
+        activation=Activation(config.hidden_act),
+        score_func="sigmoid",
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        norm_topk_prob=config.norm_topk_prob,
+        routed_scaling_factor=config.routed_scaling_factor or 1.0,
+        score_correction_bias=True,
+        experts_impl=experts_impl,
+    )
+
+
+class DecoderLayer(nn.Module):
+    """h + attn(norm(h)), then + mlp(norm(h)); the MLP is the MoE on "sparse" layers."""
+
+    def __init__(self, config: PretrainedConfig, layer_type: str, mlp_type: str, backend: str, experts_impl: str):
+        super().__init__()
+        if mlp_type not in ("dense", "sparse"):
+            raise ValueError(f"mlp_layer_types: expected 'dense' or 'sparse', got {mlp_type!r}")
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = _attention(config, layer_type, backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = (MoE(moe_config(config, experts_impl)) if mlp_type == "sparse"
+                    else MLP(config.hidden_size, config.intermediate_size, config.hidden_act))
+
+    def forward(self, h, rope, mask: AttentionMask, kv_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class MTPLayer(nn.Module):
+    """One MTP depth of the released checkpoint: the fusion (enorm, hnorm, eh_proj; applied by
+    MTPModule), an SWA attention + dense MLP block, and final_layernorm."""
+
+    layer_type = SLIDING
+
+    def __init__(self, config: PretrainedConfig, backend: str, has_fusion: bool, has_final_norm: bool):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        if has_fusion:
+            self.enorm, self.hnorm = RMSNorm(H, eps), RMSNorm(H, eps)
+            self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.self_attn = _attention(config, SLIDING, backend)
+        self.pre_mlp_layernorm = RMSNorm(H, eps)
+        self.mlp = MLP(H, config.intermediate_size, config.hidden_act)
+        if has_final_norm:
+            self.final_layernorm = RMSNorm(H, eps)
+
+    def forward(self, h, rope, mask: AttentionMask, position_ids=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask)
+        return h + self.mlp(self.pre_mlp_layernorm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone and LM
+# ---------------------------------------------------------------------------------------------
+
+
+class MiMoV2FlashModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, num_mtp_layers: int = 0, backend: str = "sdpa",
+                 experts_impl: str = "auto"):
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i], backend, experts_impl)
+            for i in range(config.num_hidden_layers)
+        })
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = rotary_per_layer_type(config.head_dim, config.rope_parameters, DEFAULT_PARTIAL_ROTARY_FACTOR)
+        self.mtp = None
+        if num_mtp_layers:
+            self.mtp = MTPModule(MTPConfig(num_layers=num_mtp_layers), "*",
+                                 lambda gi, d, j, kind, fusion, final: MTPLayer(config, backend, fusion, final))
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seqlens=None,
+                past_key_values: KVCache | None = None) -> tuple[torch.Tensor, AttentionMask, torch.Tensor]:
+        """-> final hidden states (B, S, H) (normed when this stage has the norm), the attention mask
+        and the position ids, which the MTP depths reuse."""
+        if self.embed_tokens is not None:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("MiMoV2FlashModel: pass exactly one of input_ids and inputs_embeds")
+            h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        else:  # a later pipeline stage: the input is the previous stage's hidden states
+            h = inputs_embeds if inputs_embeds is not None else input_ids
+        B, S = h.shape[:2]
+        past = past_key_values.seen if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=h.device).expand(B, S)
+        elif position_ids.shape[-1] != S:
+            raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
+        mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
+                                   cu_seqlens=cu_seqlens, past_length=past)
+        ropes = {kind: rotary(position_ids) for kind, rotary in self.rotary.items()}
+        for key, layer in self.layers.items():
+            cache = None
+            if past_key_values is not None:
+                cache = past_key_values.layer(key, layer.self_attn.sliding_window)
+            h = layer(h, ropes[layer.layer_type], mask, cache)
+        if past_key_values is not None:
+            past_key_values.seen += S
+        if self.norm is not None:
+            h = self.norm(h)
+        return h, mask, position_ids
+
+
+class MiMoV2FlashForCausalLM(nn.Module):
+    model_type = MODEL_TYPE
+
+    def __init__(self, config: PretrainedConfig, num_mtp_layers: int | None = None, backend: str = "sdpa",
+                 experts_impl: str = "auto"):
+        super().__init__()
+        n_mtp = mtp_layers_in_config(config) if num_mtp_layers is None else num_mtp_layers
+        self.config = config
+        self.mtp_config = MTPConfig(num_layers=n_mtp)
+        self.model = MiMoV2FlashModel(config, n_mtp, backend, experts_impl)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
+                cu_seqlens=None, past_key_values: KVCache | None = None, use_cache: bool = False,
+                return_logits: bool = True, **unused) -> CausalLMOutput:
+        """Logits (B, S, V), and with `labels` (unshifted, -100 ignored) the mean cross-entropy over
+        target tokens, computed in chunks from the hidden states. `return_logits=False` skips the
+        (B, S, V) logits when only the loss is wanted. MTP depths run in the MTP forward (plait.mtp)."""
+        _reject_unknown(unused)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        h, _, _ = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
+        if self.lm_head is None:  # a non-last pipeline stage
+            return CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
+        logits = self.lm_head(h) if return_logits or labels is None else None
+        loss = None
+        if labels is not None:
+            if labels.shape != h.shape[:2]:
+                raise ValueError(f"labels: expected shape {list(h.shape[:2])}, got {list(labels.shape)}")
+            n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
+            loss = causal_lm_chunked_loss_sum(h, self.lm_head.weight, labels) / n_targets.clamp(min=1)
+        return CausalLMOutput(logits=logits, loss=loss, hidden_states=h,
+                              past_key_values=past_key_values if use_cache else None)
+
+    # --- construction, weights, checkpoints -------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, num_mtp_layers: int | None = None, **kwargs) -> MiMoV2FlashForCausalLM:
+        model = cls(config, num_mtp_layers, **kwargs)
+        model.init_weights()
+        return model
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference's scheme: normal(0, initializer_range) for linear, embedding, router, expert and
+        sink weights; zero biases and padding embedding; ones for norms; zero correction biases."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, std=std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.experts.gate_up_proj, std=std)
+                nn.init.normal_(module.experts.down_proj, std=std)
+                module.tokens_per_expert.zero_()
+            elif isinstance(module, Attention) and module.sinks is not None:
+                nn.init.normal_(module.sinks, std=std)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "sdpa", experts_impl: str = "auto") -> MiMoV2FlashForCausalLM:
+        path = check_model_dir(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type != MODEL_TYPE:
+            raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {MODEL_TYPE!r}")
+        hf_state = read_model_weights(path)
+        n_mtp = mtp_layers_in_checkpoint(hf_state)
+        with torch.device("meta"):
+            model = cls(config, n_mtp, backend, experts_impl)
+        state = StateDictAdapter(config).from_hf(hf_state)
+        check_state_dict(model, state, str(path))
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model.to_empty(device="cpu")  # rotary inv_freq is recomputed exactly on the move
+        model.load_state_dict(state, strict=True, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = ["MiMoV2FlashForCausalLM"]
+        self.config.save_pretrained(path)
+        state = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        write_model_weights(path, StateDictAdapter(self.config).to_hf(state))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+# ---------------------------------------------------------------------------------------------
+# Config checks and the checkpoint adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_config(config: PretrainedConfig) -> None:
+    n = config.num_hidden_layers
+    for key in ("layer_types", "mlp_layer_types"):
+        value = getattr(config, key, None)
+        if value is None or len(value) != n:
+            raise ValueError(f"config.{key}: expected {n} entries (num_hidden_layers), got {value!r}")
+    missing = {t for t in config.layer_types} - set(config.rope_parameters or {})
+    if missing:
+        raise ValueError(f"config.rope_parameters: no entry for layer type(s) {sorted(missing)}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"config: num_attention_heads {config.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {config.num_key_value_heads}")
+
+
+def _reject_unknown(kwargs: dict) -> None:
+    # output_* flags and return_dict come from transformers-style callers and change nothing here
+    unknown = set(kwargs) - {"output_attentions", "output_hidden_states", "return_dict", "pixel_values",
+                             "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
+    if unknown:
+        raise ValueError(f"MiMoV2FlashForCausalLM.forward: unexpected argument(s) {sorted(unknown)}")
+    for key in ("pixel_values", "pixel_values_videos"):
+        if kwargs.get(key) is not None:
+            raise ValueError(f"MiMoV2FlashForCausalLM is text-only: got {key}")
+
+
+_MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
+_EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def mtp_layers_in_config(config: PretrainedConfig) -> int:
+    return int(getattr(config, "num_nextn_predict_layers", 0) or getattr(config, "num_mtp_layers", 0) or 0)
+
+
+def mtp_layers_in_checkpoint(hf_state: dict) -> int:
+    depths = {int(m.group(1)) for k in hf_state if (m := _MTP_KEY.match(k))}
+    if depths and depths != set(range(len(depths))):
+        raise ValueError(f"checkpoint MTP layers: expected model.mtp.layers.0..{len(depths) - 1}, got {sorted(depths)}")
+    return len(depths)
+
+
+class StateDictAdapter:
+    """plait names <-> on-disk HF names.
+
+    plait (as transformers in memory)                     on disk (hub and transformers' save)
+    model.layers.{i}.mlp.experts.gate_up_proj [E,2I,H]    model.layers.{i}.mlp.experts.{e}.{gate,up}_proj.weight [I,H]
+    model.layers.{i}.mlp.experts.down_proj [E,H,I]        model.layers.{i}.mlp.experts.{e}.down_proj.weight [H,I]
+    *.self_attn.sinks [heads]                             *.self_attn.attention_sink_bias
+    everything else, model.mtp.* included                 the same name
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        self.num_experts = config.n_routed_experts
+
+    def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in state.items():
+            if name.endswith(".mlp.experts.gate_up_proj"):
+                prefix = name[: -len("gate_up_proj")]
+                gate, up = t.chunk(2, dim=1)
+                for e in range(t.shape[0]):
+                    out[f"{prefix}{e}.gate_proj.weight"] = gate[e]
+                    out[f"{prefix}{e}.up_proj.weight"] = up[e]
+            elif name.endswith(".mlp.experts.down_proj"):
+                prefix = name[: -len("down_proj")]
+                for e in range(t.shape[0]):
+                    out[f"{prefix}{e}.down_proj.weight"] = t[e]
+            elif name.endswith(".self_attn.sinks"):
+                out[name[: -len("sinks")] + "attention_sink_bias"] = t
+            else:
+                out[name] = t
+        return out
+
+    def from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, experts = {}, {}
+        for name, t in hf_state.items():
+            if m := _EXPERT_KEY.match(name):
+                experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+            elif name.endswith(".self_attn.attention_sink_bias"):
+                out[name[: -len("attention_sink_bias")] + "sinks"] = t
+            else:
+                out[name] = t
+        for prefix, parts in experts.items():
+            missing = [f"{prefix}.{e}.{p}.weight" for e in range(self.num_experts)
+                       for p in ("gate_proj", "up_proj", "down_proj") if (e, p) not in parts]
+            extra = [f"{prefix}.{e}.{p}.weight" for e, p in parts if e >= self.num_experts]
+            if missing or extra:
+                raise ValueError(f"checkpoint experts under {prefix}: missing {missing[:4]}, unexpected {extra[:4]} "
+                                 f"(config n_routed_experts = {self.num_experts})")
+            gate = torch.stack([parts[(e, "gate_proj")] for e in range(self.num_experts)])
+            up = torch.stack([parts[(e, "up_proj")] for e in range(self.num_experts)])
+            out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+            out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(self.num_experts)])
+        return out
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight the model needs, of the right shape, and nothing else; `ValueError` naming them."""
+    expected = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} (expected {list(expected[k].shape)}, got {list(state[k].shape)})"
+             for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {unexpected[:5]}")
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
