@@ -182,6 +182,8 @@ def inspect(
     console.print(f"total parameters: {info['total_parameters']:,}")
     console.print(f"active parameters per token: {info['active_parameters']:,}")
     console.print(f"layer types: {', '.join(info['layer_types']) or 'n/a'}")
+    if info["mlp_layer_types"]:
+        console.print(f"mlp layer types: {', '.join(info['mlp_layer_types'])}")
 
 
 def main() -> None:

@@ -61,6 +61,14 @@ def layer_types(model: nn.Module) -> list[str]:
     return []
 
 
+def mlp_layer_types(model: nn.Module) -> list[str]:
+    for cfg in _sub_configs(model.config):
+        types = getattr(cfg, "mlp_layer_types", None)
+        if types:
+            return list(types)
+    return []
+
+
 def summarize(model: nn.Module) -> dict:
     total, active = active_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -71,5 +79,6 @@ def summarize(model: nn.Module) -> dict:
         "active_parameters": active,
         "trainable_parameters": trainable,
         "layer_types": layer_types(model),
+        "mlp_layer_types": mlp_layer_types(model),
         "modules": module_rows(model),
     }

@@ -17,8 +17,8 @@ class CaptionDataset(Dataset):
     """
 
     def __init__(self, split: CaptionSplit, tokenizer, image_tokens: int, prompt: str = ""):
-        if image_tokens <= 0:
-            raise ValueError(f"image_tokens: expected a positive count, got {image_tokens}")
+        if image_tokens < 0:
+            raise ValueError(f"image_tokens: expected a count >= 0 (0 for a text-only model), got {image_tokens}")
         if len(split) == 0:
             raise ValueError("split: the data set is empty")
         ids = special_token_ids(tokenizer)

@@ -94,6 +94,8 @@ def moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfi
         norm_topk_prob=config.norm_topk_prob,
         routed_scaling_factor=config.routed_scaling_factor or 1.0,
         score_correction_bias=True,
+        # plait's own key (transformers keeps unknown config keys): the aux-loss-free balancing rate
+        bias_update_rate=float(getattr(config, "router_bias_update_rate", 0.0) or 0.0),
         experts_impl=experts_impl,
     )
 

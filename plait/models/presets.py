@@ -77,6 +77,36 @@ PRESETS: dict[str, dict[str, Any]] = {
             "spatial_merge_size": 2,
         },
     },
+    # ~0.9M parameters: plait's native MiMo-V2-Flash, text only. Hybrid attention (full, then 8-token sliding
+    # windows with sinks), Q/K head dim 48 vs V 32, dual-base partial RoPE, a dense first layer, then MoE layers
+    # with 8 experts in 4 groups (top-2 from the best 2 groups) and aux-loss-free router balancing.
+    "tiny-mimo-v2-flash": {
+        "model_type": "mimo_v2_flash",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 48,
+        "v_head_dim": 32,
+        "sliding_window": 8,
+        "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "n_group": 4,
+        "topk_group": 2,
+        "routed_scaling_factor": 1.0,
+        "attention_value_scale": 0.707,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": False,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.334},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.334},
+        },
+        "router_bias_update_rate": 0.001,
+    },
 }
 
 

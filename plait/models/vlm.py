@@ -2,7 +2,8 @@
 
 A captioning sample is `<bos> <image>*n prompt caption <eos>`: the trainer needs the number `n` of
 placeholder tokens an image becomes, the extra keyword inputs carrying pixels, and the config ids
-(vocabulary, special tokens, image size) that come from the run's tokenizer and data.
+(vocabulary, special tokens, image size) that come from the run's tokenizer and data. Text-only
+language models (MiMo-V2-Flash) train on the captions alone: n = 0 and no pixel inputs.
 """
 
 from __future__ import annotations
@@ -95,16 +96,27 @@ def _m3_inputs(config: Any, pixel_values: torch.Tensor) -> dict[str, torch.Tenso
     return {"pixel_values": patches, "image_grid_thw": grid}
 
 
+def _text_only_complete(cfg: dict[str, Any], vocab_size: int, ids: dict[str, int], image_size: int) -> dict[str, Any]:
+    return {**cfg, "vocab_size": vocab_size, "pad_token_id": ids["pad"], "bos_token_id": ids["bos"],
+            "eos_token_id": ids["eos"]}
+
+
+def _text_only(model_type: str) -> VisionLanguageSpec:
+    """A language model trained on the captions alone: no placeholder tokens, no pixel inputs."""
+    return VisionLanguageSpec(model_type, _text_only_complete, lambda config, image_size: 0, lambda config, pixels: {})
+
+
 VLM_SPECS: dict[str, VisionLanguageSpec] = {
     "mistral3": VisionLanguageSpec("mistral3", _mistral3_complete, _mistral3_tokens, _mistral3_inputs),
     "minimax_m3_vl": VisionLanguageSpec("minimax_m3_vl", _m3_complete, _m3_tokens, _m3_inputs),
+    "mimo_v2_flash": _text_only("mimo_v2_flash"),
 }
 
 
 def vlm_spec(model_type: str) -> VisionLanguageSpec:
     if model_type not in VLM_SPECS:
         raise ValueError(
-            f"model_type {model_type!r}: plait does not know how to feed images to it yet; "
-            f"supported vision-language models: {sorted(VLM_SPECS)}"
+            f"model_type {model_type!r}: plait does not know how to feed it captioning data yet; "
+            f"supported: {sorted(VLM_SPECS)}"
         )
     return VLM_SPECS[model_type]

@@ -1,0 +1,229 @@
+"""A MiMo-V2-Flash training step, plait's native model against transformers', same config and weights.
+
+    python benchmarks/mimo_v2_flash.py            # ~15M parameters, 1 x 2048 and 2 x 256 (a few minutes on 2 cores)
+    python benchmarks/mimo_v2_flash.py --quick    # a tiny config, to check the script runs
+
+A step is forward + backward + AdamW on a random token batch. transformers runs its only CPU attention
+(eager) and its default experts implementation (grouped_mm); plait runs its defaults (SDPA, block-local
+sliding windows, the CPU expert loop, chunked cross-entropy). Both are timed in this process, steps
+interleaved, median of --steps after a warm-up.
+
+Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
+model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)
+            + 3 x sum over layers of 2 x heads x (qk_dim + v_dim) x visible (query, key) pairs,
+where a full layer sees S(S+1)/2 pairs per row and a window-w layer w(w+1)/2 + (S - w) w.
+
+Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
+resident set after imports; model construction, optimizer state and the steps are all inside.
+
+Writes benchmarks/results/mimo_v2_flash-cpu.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPLS = ("plait", "transformers")
+
+
+def bench_config(quick: bool):
+    from transformers import MiMoV2FlashConfig
+
+    if quick:
+        sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                     num_hidden_layers=3, num_attention_heads=2, head_dim=32, v_head_dim=16, sliding_window=16,
+                     layer_types=["full_attention", "sliding_attention", "full_attention"],
+                     mlp_layer_types=["dense", "sparse", "sparse"], n_routed_experts=8, num_experts_per_tok=2)
+    else:
+        # MiMo-like expert shape: many small experts (the release has 256, top-8), here 32, top-4
+        sizes = dict(vocab_size=4096, hidden_size=256, intermediate_size=1024, moe_intermediate_size=96,
+                     num_hidden_layers=6, num_attention_heads=4, head_dim=96, v_head_dim=64, sliding_window=128,
+                     layer_types=["full_attention"] + ["sliding_attention"] * 4 + ["full_attention"],
+                     mlp_layer_types=["dense"] + ["sparse"] * 5, n_routed_experts=32, num_experts_per_tok=4)
+    cfg = MiMoV2FlashConfig(num_key_value_heads=1, n_group=4, topk_group=2,
+                            max_position_embeddings=4096, tie_word_embeddings=False, **sizes)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build(impl: str, quick: bool, workdir: Path):
+    """Both models from one saved checkpoint, so the weights are the same."""
+    from transformers import MiMoV2FlashForCausalLM as Reference
+
+    import plait
+
+    ckpt = workdir / "checkpoint"
+    if not (ckpt / "config.json").exists():
+        torch.manual_seed(0)
+        Reference(bench_config(quick)).save_pretrained(ckpt)
+    if impl == "plait":
+        return plait.from_pretrained(ckpt)
+    model = Reference.from_pretrained(ckpt, attn_implementation="eager")
+    return model
+
+
+def make_step(model, batch: int, seq: int, vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> float:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return step
+
+
+def model_flops(cfg, batch: int, seq: int) -> float:
+    from plait.nn.attention import num_flops_attention
+
+    H, I, Im = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
+    active = 0
+    for layer_type, mlp in zip(cfg.layer_types, cfg.mlp_layer_types):
+        kv = cfg.num_key_value_heads * (2 if layer_type == "sliding_attention" else 1)
+        active += H * cfg.num_attention_heads * cfg.head_dim + H * kv * (cfg.head_dim + cfg.v_head_dim)
+        active += cfg.num_attention_heads * cfg.v_head_dim * H
+        active += 3 * H * I if mlp == "dense" else 3 * H * Im * cfg.num_experts_per_tok + H * cfg.n_routed_experts
+    active += H * cfg.vocab_size  # LM head
+    attention = sum(num_flops_attention(batch, cfg.num_attention_heads, seq, cfg.head_dim, cfg.v_head_dim,
+                                        cfg.sliding_window if t == "sliding_attention" else None)
+                    for t in cfg.layer_types)
+    return 6 * active * batch * seq + 3 * attention
+
+
+def matmul_peak(quick: bool) -> float:
+    n = 512 if quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def memory_child(impl: str, batch: int, seq: int, quick: bool, workdir: Path, steps: int) -> None:
+    import transformers  # noqa: F401  (imports are outside the measured growth)
+
+    import plait  # noqa: F401
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    model = build(impl, quick, workdir)
+    step = make_step(model, batch, seq, model.config.vocab_size)
+    for _ in range(steps):
+        step()
+    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
+
+
+def peak_memory(impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
+    cmd = [sys.executable, __file__, "--memory-child", impl, str(batch), str(seq), "--workdir", str(workdir)]
+    out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def run(quick: bool, steps: int, workdir: Path) -> dict:
+    peak = matmul_peak(quick)
+    cfg = bench_config(quick)
+    shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
+    models = {impl: build(impl, quick, workdir) for impl in IMPLS}
+    n_params = sum(p.numel() for p in models["plait"].parameters())
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "shapes": []}
+    print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
+    for batch, seq in shapes:
+        fns = {impl: make_step(m, batch, seq, cfg.vocab_size) for impl, m in models.items()}
+        losses = {impl: fn() for impl, fn in fns.items()}  # warm-up; same weights, same batch: same loss
+        times = {impl: [] for impl in IMPLS}
+        for _ in range(steps):
+            for impl, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[impl].append(time.perf_counter() - t)
+        flops = model_flops(cfg, batch, seq)
+        row = {"batch": batch, "seq": seq, "first_step_loss": losses, "impls": {}}
+        for impl in IMPLS:
+            t = statistics.median(times[impl])
+            row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
+                                  "peak_mib": peak_memory(impl, batch, seq, quick, workdir) / 2**20}
+        p, r = row["impls"]["plait"], row["impls"]["transformers"]
+        row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
+        row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
+        results["shapes"].append(row)
+        print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
+              f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
+              f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; first losses {losses}")
+    return results
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['batch']} x {r['seq']}" for r in results["shapes"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (train step)"), (axes[1], "peak_mib", "peak MiB")):
+        for i, impl in enumerate(IMPLS):
+            ax.bar([x + 0.4 * i for x in range(len(labels))], [r["impls"][impl][key] for r in results["shapes"]],
+                   width=0.4, label=impl, color="tab:blue" if impl == "plait" else "tab:gray")
+        ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
+        ax.set_title(title, fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"MiMo-V2-Flash {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BATCH", "SEQ"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import tempfile
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="plait-bench-"))
+    if args.memory_child:
+        impl, batch, seq = args.memory_child
+        memory_child(impl, int(batch), int(seq), args.quick, workdir, steps=2)
+        return
+    results = run(args.quick, args.steps, workdir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "mimo_v2_flash-cpu-quick" if args.quick else "mimo_v2_flash-cpu"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / f"{stem}.png")
+    print(f"wrote {args.out / (stem + '.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()

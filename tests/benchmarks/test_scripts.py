@@ -1,0 +1,24 @@
+"""The benchmark scripts keep running: each in its quick mode, writing its JSON and PNG."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("script, args, stem", [
+    ("blocks.py", ["--only", "attn_swa_sinks", "loss", "--repeats", "1"], "blocks-cpu-quick"),
+    ("mimo_v2_flash.py", ["--steps", "1"], "mimo_v2_flash-cpu-quick"),
+])
+def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path), *args],
+                   check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    results = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert results["matmul_peak_gflops"] > 0
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    rows = results.get("cases") or results.get("shapes")
+    assert rows
