@@ -32,6 +32,12 @@ class MTPSettings(_Section):
     use_repeated_layer: bool = False
     train_only: bool = False
 
+    @model_validator(mode="after")
+    def _supported(self) -> "MTPSettings":
+        if self.train_only:
+            raise ValueError("model.mtp.train_only=true: training only the MTP depths is not supported yet")
+        return self
+
 
 class ModelSettings(_Section):
     preset: str | None = Field("tiny-mistral3", description="a built-in model config (see plait.models.presets)")
@@ -46,11 +52,6 @@ class ModelSettings(_Section):
             raise ValueError(
                 f"exactly one of model.preset and model.pretrained must be set, got preset={self.preset!r} "
                 f"and pretrained={self.pretrained!r}"
-            )
-        if self.mtp.num_layers > 0:
-            raise ValueError(
-                f"model.mtp.num_layers={self.mtp.num_layers}: multi-token prediction is not supported yet "
-                "for the stock transformers models plait trains today; use 0"
             )
         return self
 

@@ -34,6 +34,9 @@ def roll_tensor(t: torch.Tensor, shifts: int = -1, dim: int = -1, cu_seqlens: to
         return t.clone()
     dim = dim % t.ndim
     n = t.shape[dim]
+    if cu_seqlens is not None and dim == t.ndim - 1 and t.ndim > 1 and int(cu_seqlens[-1]) == t.numel() != n:
+        # packed (B, S) rows whose cu_seqlens count the flattened B * S stream
+        return roll_tensor(t.reshape(-1), shifts, 0, cu_seqlens).view(t.shape)
     if cu_seqlens is None:
         bounds = [0, n]
     else:
@@ -50,6 +53,31 @@ def roll_tensor(t: torch.Tensor, shifts: int = -1, dim: int = -1, cu_seqlens: to
             wrapped.zero_()
         pieces.append(rolled)
     return torch.cat(pieces, dim=dim) if len(pieces) > 1 else pieces[0]
+
+
+def cu_seqlens_from_documents(documents: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) document ids of packed rows -> offsets of every document in the flattened B * S stream."""
+    if documents is None:
+        return None
+    B, S = documents.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    offsets = starts.reshape(-1).nonzero().squeeze(1)
+    return torch.cat([offsets, offsets.new_tensor([B * S])])
+
+
+def mtp_labels(labels: torch.Tensor, depth: int, documents: torch.Tensor | None = None,
+               ignore_index: int = -100) -> torch.Tensor:
+    """Depth `depth`'s labels in the unshifted (transformers) convention: (B, S) labels rolled left by
+    `depth`, with `ignore_index` where the target falls off the end of its row or lies in another
+    document than the position that predicts it (slot u is predicted from position u - 1)."""
+    B, S = labels.shape
+    rolled = torch.roll(labels, -depth, dims=1)
+    lost = torch.arange(S, device=labels.device) >= S - depth
+    lost = lost.unsqueeze(0).expand(B, S)
+    if documents is not None:
+        lost = lost | (torch.roll(documents, -depth, dims=1) != torch.roll(documents, 1, dims=1))
+    return rolled.masked_fill(lost, ignore_index)
 
 
 def get_mtp_loss_scaling_factor(model: nn.Module, default: float = 0.1) -> float:

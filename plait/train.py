@@ -41,6 +41,8 @@ from plait.metrics import MetricsLog, plot_loss_curve
 from plait.models.build import build_model
 from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.mtp import mtp_labels
+from plait.nn.attention import AttentionMask
 from plait.nn.moe import load_imbalance, update_expert_bias
 from plait.parallel.data_parallel import DistContext, init_data_parallel, wrap_data_parallel
 
@@ -257,6 +259,14 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
+def _documents(batch: dict) -> torch.Tensor | None:
+    """Document ids of a packed batch (from its position ids), None for one document per row."""
+    if "position_ids" not in batch:
+        return None
+    B, S = batch["input_ids"].shape
+    return AttentionMask.build(B, S, "cpu", position_ids=batch["position_ids"]).documents
+
+
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(soft_wrap=True)
     out_dir = Path(cfg.output_dir)
@@ -278,6 +288,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, settings=tcfg))
     order = SampleOrder(len(train_set), tcfg.seed)
+    mtp_cfg = getattr(model, "mtp_config", None)
+    mtp_depths = mtp_cfg.num_layers if mtp_cfg is not None else 0
+    mtp_scale = mtp_cfg.loss_scaling_factor / mtp_depths if mtp_depths else 0.0
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
@@ -321,18 +334,30 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             # every rank draws the same global micro-batches and keeps its own slice of each
             batches = [collate([train_set[i] for i in ctx.shard(order.take(micro))]) for _ in range(tcfg.grad_accum)]
             step_targets = ctx.sum(sum(count_targets(b["labels"]) for b in batches))
-            loss_sum, tokens = 0.0, 0
-            for b in batches:
+            # MTP depth d: labels rolled left by d inside each document, normalised over the step like the main loss
+            depth_labels = [[mtp_labels(b["labels"], d, _documents(b)) for d in range(1, mtp_depths + 1)] for b in batches]
+            depth_targets = [max(ctx.sum(sum(count_targets(dl[d]) for dl in depth_labels)), 1.0) for d in range(mtp_depths)]
+            lm_sum, depth_sums, tokens = 0.0, [0.0] * mtp_depths, 0
+            for b, labels_per_depth in zip(batches, depth_labels):
                 inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
+                if mtp_depths:
+                    inputs["return_mtp_logits"] = True
                 with autocast():
                     out = replica(**inputs, use_cache=False,
                                   **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
-                    loss = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
+                    lm = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
+                    loss = lm
+                    for d in range(mtp_depths):
+                        depth = causal_lm_loss_sum(out.mtp_logits[d], labels_per_depth[d].to(device)) / depth_targets[d]
+                        loss = loss + mtp_scale * depth
+                        depth_sums[d] += float(depth.detach())
                 # DDP averages gradients over ranks; scaling by the world size makes that average a sum
                 (loss * ctx.world_size).backward()
-                loss_sum += float(loss.detach())
+                lm_sum += float(lm.detach())
                 tokens += int((b["input_ids"] != pad_id).sum())
-            loss_sum, tokens = ctx.sum(loss_sum), int(ctx.sum(tokens))
+            lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
+            depth_sums = [ctx.sum(x) for x in depth_sums]
+            loss_sum = lm_sum + mtp_scale * sum(depth_sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -342,8 +367,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             expert_loads = update_expert_bias(model, all_reduce=ctx.all_reduce_)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
-                row = {"step": step, "loss": loss_sum, "lm_loss": loss_sum, "lr": lr, "grad_norm": float(grad_norm),
+                row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size}
+                row.update({f"mtp_loss_{d + 1}": x for d, x in enumerate(depth_sums)})
                 if expert_loads:
                     row["moe_load_imbalance"] = load_imbalance(expert_loads)
                 log.log(row)

@@ -48,7 +48,7 @@ def test_override_into_a_value_is_an_error():
         ("parallel.pp=2", r"parallel.pp=2: not supported yet"),
         ("parallel.microbatches=4", r"only used with parallel.pp > 1"),
         ("train.resume=sometimes", r"train.resume: .*'never' or 'auto'.*given 'sometimes'"),
-        ("model.mtp.num_layers=1", r"model.mtp.num_layers=1: multi-token prediction is not supported yet"),
+        ("model.mtp.train_only=true", r"model.mtp.train_only=true: .*not supported yet"),
         ("model.pretrained=/some/dir", r"exactly one of model.preset and model.pretrained"),
         ("data.dataset=local", r"data.path: required"),
         ("data.packing=true", r"data.pack_length: required"),

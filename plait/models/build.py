@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from plait.config import ModelSettings
-from plait.models import from_config, from_pretrained
+from plait.models import NATIVE_MODELS, from_config, from_pretrained
+from plait.models.hf import to_hf_config
 from plait.models.presets import preset_dict
 from plait.models.vlm import vlm_spec
+
+
+def _mtp_kwargs(settings: ModelSettings, model_type: str) -> dict:
+    """Native models take the run's MTP settings; stock transformers models have no MTP depths."""
+    mtp = settings.mtp
+    if model_type not in NATIVE_MODELS:
+        if mtp.num_layers:
+            raise ValueError(f"model.mtp.num_layers={mtp.num_layers}: multi-token prediction needs a native plait "
+                             f"model ({sorted(NATIVE_MODELS)}); {model_type!r} is a stock transformers model")
+        return {}
+    if mtp.layer_pattern != "*":
+        raise ValueError(f"model.mtp.layer_pattern: {model_type} MTP depths are one whole block ('*'), "
+                         f"got {mtp.layer_pattern!r}")
+    return {"mtp_loss_scaling_factor": mtp.loss_scaling_factor, "mtp_repeated_layer": mtp.use_repeated_layer}
 
 
 def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str, int], image_size: int) -> torch.nn.Module:
@@ -18,6 +35,14 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
                 f"got {sorted(settings.config)}"
             )
         model = from_pretrained(settings.pretrained, attn_implementation=settings.attn_implementation)
+        _mtp_kwargs(settings, model.config.model_type)
+        if settings.mtp.num_layers and getattr(model, "mtp_config", None) is not None:
+            found = model.mtp_config.num_layers
+            if found != settings.mtp.num_layers:
+                raise ValueError(f"model.mtp.num_layers={settings.mtp.num_layers}: the checkpoint has {found} MTP "
+                                 "depths (adding fresh depths to a checkpoint is not supported yet)")
+        if getattr(model, "mtp_config", None) is not None:
+            model.mtp_config = replace(model.mtp_config, loss_scaling_factor=settings.mtp.loss_scaling_factor)
         text_vocab = model.get_input_embeddings().num_embeddings
         if text_vocab < vocab_size:
             raise ValueError(
@@ -26,4 +51,8 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
         return model
     cfg = preset_dict(settings.preset, settings.config)
     cfg = vlm_spec(cfg["model_type"]).complete_config(cfg, vocab_size, special_ids, image_size)
+    kwargs = _mtp_kwargs(settings, cfg["model_type"])
+    if kwargs:
+        return NATIVE_MODELS[cfg["model_type"]].from_config(to_hf_config(cfg), num_mtp_layers=settings.mtp.num_layers,
+                                                            **kwargs)
     return from_config(cfg, attn_implementation=settings.attn_implementation)

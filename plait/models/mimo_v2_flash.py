@@ -31,7 +31,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from plait.checkpoint import check_model_dir, read_model_weights, write_model_weights
-from plait.mtp import MTPConfig, MTPModule
+from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents, mtp_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.mlp import MLP, Activation
@@ -46,12 +46,23 @@ DEFAULT_PARTIAL_ROTARY_FACTOR = 0.334
 
 
 @dataclass
+class TrunkOutput:
+    hidden_states: torch.Tensor  # after the final norm (when this stage has it)
+    pre_norm: torch.Tensor  # the last layer's output: what the first MTP depth reads
+    mask: AttentionMask
+    position_ids: torch.Tensor
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     mtp_per_depth_logits: list[torch.Tensor] | None = None
     past_key_values: KVCache | None = None
     hidden_states: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None  # the main cross-entropy alone
+    mtp_losses: list[torch.Tensor] | None = None  # per-depth cross-entropy (unscaled means)
 
     @property
     def mtp_logits(self) -> list[torch.Tensor] | None:
@@ -149,7 +160,7 @@ class MTPLayer(nn.Module):
 
 
 class MiMoV2FlashModel(nn.Module):
-    def __init__(self, config: PretrainedConfig, num_mtp_layers: int = 0, backend: str = "sdpa",
+    def __init__(self, config: PretrainedConfig, mtp_config: MTPConfig | None = None, backend: str = "sdpa",
                  experts_impl: str = "auto"):
         super().__init__()
         _check_config(config)
@@ -162,14 +173,18 @@ class MiMoV2FlashModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary_per_layer_type(config.head_dim, config.rope_parameters, DEFAULT_PARTIAL_ROTARY_FACTOR)
         self.mtp = None
-        if num_mtp_layers:
-            self.mtp = MTPModule(MTPConfig(num_layers=num_mtp_layers), "*",
+        if mtp_config is not None and mtp_config.enabled:
+            if mtp_config.layer_pattern != "*":
+                raise ValueError(f"MiMo-V2-Flash MTP depths are one whole block: layer_pattern must be '*', "
+                                 f"got {mtp_config.layer_pattern!r}")
+            if SLIDING not in self.rotary:
+                raise ValueError(f"config.rope_parameters: MTP depths use sliding-window attention and need a "
+                                 f"{SLIDING!r} entry")
+            self.mtp = MTPModule(mtp_config, "*",
                                  lambda gi, d, j, kind, fusion, final: MTPLayer(config, backend, fusion, final))
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seqlens=None,
-                past_key_values: KVCache | None = None) -> tuple[torch.Tensor, AttentionMask, torch.Tensor]:
-        """-> final hidden states (B, S, H) (normed when this stage has the norm), the attention mask
-        and the position ids, which the MTP depths reuse."""
+                past_key_values: KVCache | None = None) -> TrunkOutput:
         if self.embed_tokens is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("MiMoV2FlashModel: pass exactly one of input_ids and inputs_embeds")
@@ -192,21 +207,34 @@ class MiMoV2FlashModel(nn.Module):
             h = layer(h, ropes[layer.layer_type], mask, cache)
         if past_key_values is not None:
             past_key_values.seen += S
-        if self.norm is not None:
-            h = self.norm(h)
-        return h, mask, position_ids
+        normed = self.norm(h) if self.norm is not None else h
+        return TrunkOutput(normed, h, mask, position_ids, ropes)
+
+    def mtp_hidden_states(self, input_ids: torch.Tensor, trunk: TrunkOutput, cu_seqlens=None) -> list[torch.Tensor]:
+        """Per-depth final hidden states of the MTP depths. They attend with the trunk's mask and its
+        sliding-window rotary angles (positions are not shifted for RoPE, as in DeepSeek-V3 and Megatron)."""
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_documents(trunk.mask.documents)
+        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
+                        rope=trunk.ropes[SLIDING], mask=trunk.mask)
+
+
+def _mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
+    return causal_lm_chunked_loss_sum(hidden, weight, labels) / n_targets.clamp(min=1)
 
 
 class MiMoV2FlashForCausalLM(nn.Module):
     model_type = MODEL_TYPE
 
     def __init__(self, config: PretrainedConfig, num_mtp_layers: int | None = None, backend: str = "sdpa",
-                 experts_impl: str = "auto"):
+                 experts_impl: str = "auto", mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         n_mtp = mtp_layers_in_config(config) if num_mtp_layers is None else num_mtp_layers
         self.config = config
-        self.mtp_config = MTPConfig(num_layers=n_mtp)
-        self.model = MiMoV2FlashModel(config, n_mtp, backend, experts_impl)
+        self.mtp_config = MTPConfig(num_layers=n_mtp, loss_scaling_factor=mtp_loss_scaling_factor,
+                                    use_repeated_layer=mtp_repeated_layer)
+        self.model = MiMoV2FlashModel(config, self.mtp_config, backend, experts_impl)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -215,25 +243,39 @@ class MiMoV2FlashForCausalLM(nn.Module):
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                return_logits: bool = True, **unused) -> CausalLMOutput:
-        """Logits (B, S, V), and with `labels` (unshifted, -100 ignored) the mean cross-entropy over
-        target tokens, computed in chunks from the hidden states. `return_logits=False` skips the
-        (B, S, V) logits when only the loss is wanted. MTP depths run in the MTP forward (plait.mtp)."""
+                return_logits: bool = True, return_mtp_logits: bool = False, **unused) -> CausalLMOutput:
+        """Logits (B, S, V); with `labels` (unshifted, -100 ignored) the loss: the mean cross-entropy over
+        target tokens plus, when MTP depths exist, loss_scaling_factor / D x the sum of the per-depth
+        means (depth d's labels are the labels rolled left by d, masked at row and document ends).
+        Cross-entropies run in chunks from the hidden states; `return_logits=False` skips the (B, S, V)
+        logits when only the loss is wanted. MTP depths run when labels are given or
+        `return_mtp_logits` is set (never during cached generation)."""
         _reject_unknown(unused)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        h, _, _ = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
+        trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
+        h = trunk.hidden_states
         if self.lm_head is None:  # a non-last pipeline stage
             return CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
-        logits = self.lm_head(h) if return_logits or labels is None else None
-        loss = None
+        run_mtp = (self.model.mtp is not None and input_ids is not None and past_key_values is None
+                   and (labels is not None or return_mtp_logits))
+        mtp_hidden = self.model.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
+        out = CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
+                             past_key_values=past_key_values if use_cache else None)
+        if mtp_hidden is not None and (return_logits or return_mtp_logits):
+            out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
         if labels is not None:
             if labels.shape != h.shape[:2]:
                 raise ValueError(f"labels: expected shape {list(h.shape[:2])}, got {list(labels.shape)}")
-            n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
-            loss = causal_lm_chunked_loss_sum(h, self.lm_head.weight, labels) / n_targets.clamp(min=1)
-        return CausalLMOutput(logits=logits, loss=loss, hidden_states=h,
-                              past_key_values=past_key_values if use_cache else None)
+            out.lm_loss = _mean_ce(h, self.lm_head.weight, labels)
+            out.loss = out.lm_loss
+            if mtp_hidden is not None:
+                docs = trunk.mask.documents
+                out.mtp_losses = [_mean_ce(x, self.lm_head.weight, mtp_labels(labels, d, docs))
+                                  for d, x in enumerate(mtp_hidden, start=1)]
+                scale = self.mtp_config.loss_scaling_factor / len(mtp_hidden)
+                out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
+        return out
 
     # --- construction, weights, checkpoints -------------------------------------------------
 
