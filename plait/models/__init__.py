@@ -9,12 +9,17 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from plait.checkpoint import check_model_dir
-from plait.models.hf import build_stock_model, load_stock_model, to_hf_config
+from plait.models.hf import build_stock_model, load_stock_model, to_hf_config  # noqa: F401  (re-exported)
 
 from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
+from plait.models.minimax_m3 import MiniMaxM3SparseForCausalLM, MiniMaxM3SparseForConditionalGeneration
 
 # model_type -> plait's native class (with `from_config` / `from_pretrained`)
-NATIVE_MODELS: dict[str, type] = {"mimo_v2_flash": MiMoV2FlashForCausalLM}
+NATIVE_MODELS: dict[str, type] = {
+    "mimo_v2_flash": MiMoV2FlashForCausalLM,
+    "minimax_m3_vl": MiniMaxM3SparseForConditionalGeneration,
+    "minimax_m3_vl_text": MiniMaxM3SparseForCausalLM,
+}
 
 
 def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa") -> torch.nn.Module:
@@ -22,7 +27,7 @@ def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: 
     hf_config = to_hf_config(config)
     native = NATIVE_MODELS.get(hf_config.model_type)
     if native is not None:
-        return native.from_config(hf_config)
+        return native.from_config(hf_config, backend=attn_implementation)
     return build_stock_model(hf_config, attn_implementation)
 
 
@@ -32,5 +37,5 @@ def from_pretrained(path: str | Path, attn_implementation: str = "sdpa") -> torc
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     native = NATIVE_MODELS.get(hf_config.model_type)
     if native is not None:
-        return native.from_pretrained(path)
+        return native.from_pretrained(path, backend=attn_implementation)
     return load_stock_model(path, hf_config, attn_implementation)

@@ -16,10 +16,12 @@ from plait.models.vlm import vlm_spec
 def _mtp_kwargs(settings: ModelSettings, model_type: str) -> dict:
     """Native models take the run's MTP settings; stock transformers models have no MTP depths."""
     mtp = settings.mtp
-    if model_type not in NATIVE_MODELS:
+    native = NATIVE_MODELS.get(model_type)
+    if native is None or not getattr(native, "supports_mtp", False):
         if mtp.num_layers:
+            with_mtp = sorted(k for k, v in NATIVE_MODELS.items() if getattr(v, "supports_mtp", False))
             raise ValueError(f"model.mtp.num_layers={mtp.num_layers}: multi-token prediction needs a native plait "
-                             f"model ({sorted(NATIVE_MODELS)}); {model_type!r} is a stock transformers model")
+                             f"model with MTP depths ({with_mtp}); {model_type!r} has none yet")
         return {}
     if mtp.layer_pattern != "*":
         raise ValueError(f"model.mtp.layer_pattern: {model_type} MTP depths are one whole block ('*'), "
@@ -54,5 +56,5 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
     kwargs = _mtp_kwargs(settings, cfg["model_type"])
     if kwargs:
         return NATIVE_MODELS[cfg["model_type"]].from_config(to_hf_config(cfg), num_mtp_layers=settings.mtp.num_layers,
-                                                            **kwargs)
+                                                            backend=settings.attn_implementation, **kwargs)
     return from_config(cfg, attn_implementation=settings.attn_implementation)

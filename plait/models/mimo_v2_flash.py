@@ -226,6 +226,7 @@ def _mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -
 
 class MiMoV2FlashForCausalLM(nn.Module):
     model_type = MODEL_TYPE
+    supports_mtp = True
 
     def __init__(self, config: PretrainedConfig, num_mtp_layers: int | None = None, backend: str = "sdpa",
                  experts_impl: str = "auto", mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):

@@ -6,10 +6,11 @@ sinks, logit softcapping, and causal + padding + packed-document masking.
 
 Who may attend to whom is one rule, applied by every backend:
 
-    key j is visible to query i  iff  pos_j <= pos_i                (causal)
+    key j is visible to query i  iff  pos_j <= pos_i                (causal; vision towers turn it off)
                                  and pos_i - pos_j < window        (sliding window; counts i itself)
                                  and doc_j == doc_i                (packed documents)
                                  and key j is not padding
+                                 and restrict[i, j] when given    (e.g. MiniMax-M3's indexer blocks)
 
 `AttentionMask` carries the positions, padding and documents of one forward; it is built once per
 forward and shared by all layers, each of which adds its own window.
@@ -59,6 +60,7 @@ class AttentionMask:
     positions: torch.Tensor
     valid: torch.Tensor | None = None
     documents: torch.Tensor | None = None
+    causal: bool = True
     _flex_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -72,6 +74,7 @@ class AttentionMask:
         padding_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         past_length: int = 0,
+        causal: bool = True,
     ) -> AttentionMask:
         """From the usual model inputs.
 
@@ -100,11 +103,11 @@ class AttentionMask:
                 documents = torch.cumsum(pos == 0, dim=1).to(device)
         if documents is not None and past_length:
             raise ValueError("packed documents (cu_seqlens or restarting position_ids) cannot be combined with a KV cache")
-        return cls(positions, valid, documents)
+        return cls(positions, valid, documents, causal)
 
     @property
     def is_plain_causal(self) -> bool:
-        return self.valid is None and self.documents is None
+        return self.causal and self.valid is None and self.documents is None
 
     def dense(
         self,
@@ -116,6 +119,8 @@ class AttentionMask:
         q_pos = self.positions
         k_pos = self.positions if k_positions is None else k_positions
         allowed = k_pos[None, :] <= q_pos[:, None]
+        if not self.causal:
+            allowed = torch.ones_like(allowed)
         if window is not None:
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         allowed = allowed[None, None]  # (1, 1, Sq, Sk)
@@ -159,30 +164,32 @@ def attend(
     backend: str = "sdpa",
     k_positions: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
+    restrict: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention under the rule in the module docstring. `k_positions` / `k_valid` describe the keys
-    when they are not just the new tokens (a KV cache)."""
+    when they are not just the new tokens (a KV cache); `restrict` (B, H or 1, Sq, Sk) bool narrows
+    what each query may see further."""
     _check_shapes(q, k, v, mask, sinks, k_positions)
     if backend == "eager":
         return eager_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
-                               k_positions=k_positions, k_valid=k_valid)
+                               k_positions=k_positions, k_valid=k_valid, restrict=restrict)
     if backend == "flex":
         if q.device.type != "cpu":
             return flex_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
-                                  k_positions=k_positions, k_valid=k_valid)
+                                  k_positions=k_positions, k_valid=k_valid, restrict=restrict)
         if not torch.is_grad_enabled():  # CPU FlexAttention refuses inputs that require grad
             detached_sinks = sinks.detach() if sinks is not None else None
             return flex_attention(q.detach(), k.detach(), v.detach(), mask, scale=scale, window=window,
-                                  sinks=detached_sinks, softcap=softcap, k_positions=k_positions, k_valid=k_valid)
+                                  sinks=detached_sinks, softcap=softcap, k_positions=k_positions, k_valid=k_valid, restrict=restrict)
         backend = "sdpa"  # FlexAttention has no CPU backward
     if backend != "sdpa":
         raise ValueError(f"attention backend: expected one of {BACKENDS}, got {backend!r}")
     if softcap is not None:
         # SDPA cannot cap logits; the eager path is exact (use "flex" on GPU for speed).
         return eager_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
-                               k_positions=k_positions, k_valid=k_valid)
+                               k_positions=k_positions, k_valid=k_valid, restrict=restrict)
     return sdpa_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks,
-                          k_positions=k_positions, k_valid=k_valid)
+                          k_positions=k_positions, k_valid=k_valid, restrict=restrict)
 
 
 def _check_shapes(q, k, v, mask, sinks, k_positions) -> None:
@@ -201,7 +208,8 @@ def _check_shapes(q, k, v, mask, sinks, k_positions) -> None:
         raise ValueError(f"attention sinks: expected shape [{q.shape[1]}] (one per query head), got {list(sinks.shape)}")
 
 
-def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None):
+def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None,
+                    restrict=None):
     """Reference: full float32 scores, masked, optional softcap and sink column."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -211,6 +219,8 @@ def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=No
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     allowed = mask.dense(window, k_positions, k_valid)
+    if restrict is not None:
+        allowed = allowed & restrict
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         sink_col = sinks.to(dt).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
@@ -252,7 +262,7 @@ def _pad_head_dims(q, k, v):
     return q, k, v, dv
 
 
-def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None):
+def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None, restrict=None):
     Sq, Sk = q.shape[2], k.shape[2]
     no_cache = k_positions is None
     if sinks is not None:
@@ -260,12 +270,17 @@ def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions
     q, k, v, dv = _pad_head_dims(q, k, v)
     gqa = q.shape[1] != k.shape[1]
 
-    if no_cache and window is not None and Sq > 2 * window:
+    plain = no_cache and restrict is None and mask.valid is None and mask.documents is None
+    if no_cache and restrict is None and mask.causal and window is not None and Sq > 2 * window:
         out = _block_local_attention(q, k, v, mask, window=window, scale=scale, has_sink=sinks is not None)
-    elif no_cache and sinks is None and mask.is_plain_causal and (window is None or window >= Sq):
+    elif plain and sinks is None and mask.causal and (window is None or window >= Sq):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif plain and sinks is None and not mask.causal and window is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     else:
         allowed = mask.dense(window, k_positions, k_valid)  # (B|1, 1, Sq, Sk) bool
+        if restrict is not None:
+            allowed = allowed & restrict
         if sinks is not None:
             allowed = F.pad(allowed, (0, 1), value=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
@@ -320,7 +335,8 @@ def _block_local_attention(q, k, v, mask, *, window, scale, has_sink):
 _compiled_flex = None
 
 
-def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None):
+def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None,
+                   restrict=None):
     """FlexAttention: the mask rule as a mask_mod, softcap as a score_mod, sinks from the logsumexp.
     Compiled on GPU; run uncompiled (inference only) elsewhere."""
     global _compiled_flex
@@ -333,9 +349,14 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
     k_pos = mask.positions if k_positions is None else k_positions
     valid = mask.valid if k_positions is None else k_valid
     docs = mask.documents
+    causal = mask.causal
+    if restrict is not None:
+        restrict = restrict.expand(B, H, Sq, Sk)
 
     def mask_mod(b, h, qi, ki):
-        ok = k_pos[ki] <= q_pos[qi]
+        ok = k_pos[ki] <= q_pos[qi] if causal else qi >= 0
+        if restrict is not None:
+            ok = ok & restrict[b, h, qi, ki]
         if window is not None:
             ok = ok & (q_pos[qi] - k_pos[ki] < window)
         if valid is not None:
@@ -345,11 +366,13 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
         return ok
 
     key = (window, Sq, Sk, k_positions is None)
-    block_mask = mask._flex_cache.get(key) if k_positions is None else None
+    cacheable = k_positions is None and restrict is None
+    block_mask = mask._flex_cache.get(key) if cacheable else None
     if block_mask is None:
-        batch = B if (valid is not None or docs is not None) else None
-        block_mask = create_block_mask(mask_mod, batch, None, Sq, Sk, device=q.device)
-        if k_positions is None:
+        batch = B if (valid is not None or docs is not None or restrict is not None) else None
+        heads = H if restrict is not None else None
+        block_mask = create_block_mask(mask_mod, batch, heads, Sq, Sk, device=q.device)
+        if cacheable:
             mask._flex_cache[key] = block_mask
     score_mod = None
     if softcap is not None:
@@ -439,6 +462,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
         kv_cache=None,
+        restrict: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, H*D) -> (B, S, H, D)
@@ -456,7 +480,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v, k_positions, k_valid = kv_cache.update(k, v, mask)
         out = attend(q, k, v, mask, scale=self.scale, window=self.sliding_window, sinks=self.sinks,
-                     softcap=self.softcap, backend=self.backend, k_positions=k_positions, k_valid=k_valid)
+                     softcap=self.softcap, backend=self.backend, k_positions=k_positions, k_valid=k_valid,
+                     restrict=restrict)
         out = out.transpose(1, 2).reshape(B, S, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 

@@ -1,0 +1,609 @@
+"""MiniMax-M3 (text backbone) and MiniMax-M3-VL (with the vision side), plait's native implementation.
+
+Reads the Hugging Face config (`model_type: minimax_m3_vl`, text config `minimax_m3_vl_text`) and
+checkpoints with their on-disk key names.
+
+    embed_tokens (+ image / video features spliced at their placeholder tokens)
+      -> layers[i]: (1 + w) RMSNorm -> attention (per-head (1 + w) QK norm, partial RoPE; on
+                    "minimax_m3_sparse" layers only the key blocks the lightning indexer picks)
+                 -> (1 + w) RMSNorm -> dense swigluoai MLP, or MoE (sigmoid router with correction bias,
+                    normalised top-k, routed_scaling_factor on the routed sum, one shared expert)
+      -> norm -> lm_head
+
+The lightning indexer scores every key for each query with a few small heads, max-pools the scores over
+blocks of `index_block_size` keys, and keeps the `index_topk_blocks` best blocks plus the
+`index_local_blocks` blocks ending at the query's own. It is a selection only: discrete top-k, no
+gradient reaches it (as in the reference).
+
+The forward is pipeline-ready: `embed_tokens`, `norm` and `lm_head` may be None on a stage, and `layers`
+is a ModuleDict keyed by the original layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from plait.checkpoint import check_model_dir, read_model_weights, write_model_weights
+from plait.models.minimax_m3_vision import MultiModalProjector, VisionTower, to_grid_list
+from plait.models.mimo_v2_flash import CausalLMOutput, check_state_dict
+from plait.nn.attention import Attention, AttentionMask, KVCache
+from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
+from plait.nn.mlp import MLP, Activation
+from plait.nn.moe import MoE, MoEConfig, Router, collect_aux_loss
+from plait.nn.norm import RMSNorm
+from plait.nn.rope import RotaryEmbedding, apply_rotary
+
+VL_MODEL_TYPE, TEXT_MODEL_TYPE = "minimax_m3_vl", "minimax_m3_vl_text"
+FULL, SPARSE = "full_attention", "minimax_m3_sparse"
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class LightningIndexer(nn.Module):
+    """Per query and indexer head, the key blocks to attend: (B, heads, Sq, Sk) bool."""
+
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.index_n_heads, config.index_head_dim
+        self.block_size, self.topk_blocks = config.index_block_size, config.index_topk_blocks
+        self.local_blocks = config.index_local_blocks
+        if config.num_attention_heads % self.num_heads:
+            raise ValueError(f"config: num_attention_heads {config.num_attention_heads} is not a multiple of "
+                             f"index_n_heads {self.num_heads}")
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
+
+    @torch.no_grad()
+    def forward(self, x, rope, position_ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        cos, sin = rope
+        q = apply_rotary(self.q_norm(self.q_proj(x).view(B, S, self.num_heads, self.head_dim)),
+                         cos[..., : self.head_dim], sin[..., : self.head_dim]).transpose(1, 2)  # (B, h, S, D)
+        k = apply_rotary(self.k_norm(self.k_proj(x).view(B, S, 1, self.head_dim)),
+                         cos[..., : self.head_dim], sin[..., : self.head_dim]).transpose(1, 2)  # (B, 1, S, D)
+        if kv_cache is not None:  # the indexer's keys are cached beside the layer's K and V
+            k = k if getattr(kv_cache, "index_keys", None) is None else torch.cat([kv_cache.index_keys, k], dim=2)
+            kv_cache.index_keys = k
+        Sk = k.shape[2]
+        n_blocks = -(-Sk // self.block_size)
+        scores = q.float() @ k.float().transpose(-1, -2)  # (B, h, Sq, Sk)
+        # keys are anchored to their slot in the row and compared with the query's position id (the reference's rule)
+        future = torch.arange(Sk, device=x.device).view(1, 1, 1, Sk) > position_ids.view(B, 1, S, 1)
+        scores = scores.masked_fill(future, float("-inf"))
+        scores = nn.functional.pad(scores, (0, n_blocks * self.block_size - Sk), value=float("-inf"))
+        block_scores = scores.view(B, self.num_heads, S, n_blocks, self.block_size).amax(dim=-1)
+        if self.local_blocks > 0:  # the query's own block and the ones before it always win
+            own = position_ids.view(B, 1, S, 1) // self.block_size
+            local = (own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1)).clamp(min=0)
+            block_scores.scatter_(-1, local.expand(B, self.num_heads, S, -1), float("inf"))
+        top = block_scores.topk(min(self.topk_blocks, n_blocks), dim=-1)
+        keep = torch.zeros(B, self.num_heads, S, n_blocks + 1, dtype=torch.bool, device=x.device)
+        chosen = top.indices.masked_fill(top.values == float("-inf"), n_blocks)  # empty picks -> a spare column
+        keep.scatter_(-1, chosen, True)
+        return keep[..., :n_blocks].repeat_interleave(self.block_size, dim=-1)[..., :Sk]
+
+
+class IndexedAttention(Attention):
+    """M3 attention; on sparse layers each query head attends only the key blocks its indexer head picked."""
+
+    def __init__(self, config: PretrainedConfig, sparse: bool, backend: str):
+        super().__init__(config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                         qk_norm="rms_unit_offset", norm_eps=config.rms_norm_eps, backend=backend)
+        self.indexer = LightningIndexer(config) if sparse else None
+
+    def forward(self, x, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
+        restrict = None
+        if self.indexer is not None:
+            keep = self.indexer(x, rope, position_ids, kv_cache)  # (B, index heads, Sq, Sk)
+            restrict = keep.repeat_interleave(self.num_heads // keep.shape[1], dim=1)
+        return super().forward(x, rope, mask, kv_cache, restrict=restrict)
+
+
+def build_moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfig:
+    return MoEConfig(
+        hidden_size=config.hidden_size,
+        num_experts=config.num_local_experts,
+        top_k=config.num_experts_per_tok,
+        intermediate_size=config.intermediate_size,
+        activation=_swigluoai(config),
+        score_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=config.routed_scaling_factor,
+        score_correction_bias=True,
+        bias_update_rate=float(getattr(config, "router_bias_update_rate", 0.0) or 0.0),
+        # plait's own key: a per-layer Switch balance loss (transformers pools it over layers, and only when
+        # output_router_logits is set); M3's balancing is the correction bias, updated after each step
+        aux_loss_coef=float(getattr(config, "moe_aux_loss_coef", 0.0) or 0.0),
+        shared_intermediate_size=config.shared_intermediate_size,
+        experts_impl=experts_impl,
+    )
+
+
+def _swigluoai(config: PretrainedConfig) -> Activation:
+    return Activation("swigluoai", config.swiglu_alpha, config.swiglu_limit)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, layer_type: str, mlp_type: str, backend: str, moe_cfg: MoEConfig):
+        super().__init__()
+        if layer_type not in (FULL, SPARSE):
+            raise ValueError(f"text_config.layer_types: expected {FULL!r} or {SPARSE!r}, got {layer_type!r}")
+        if mlp_type not in ("dense", "sparse"):
+            raise ValueError(f"text_config.mlp_layer_types: expected 'dense' or 'sparse', got {mlp_type!r}")
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(H, eps, unit_offset=True)
+        self.self_attn = IndexedAttention(config, layer_type == SPARSE, backend)
+        self.post_attention_layernorm = RMSNorm(H, eps, unit_offset=True)
+        self.mlp = (MoE(moe_cfg) if mlp_type == "sparse"
+                    else MLP(H, config.dense_intermediate_size, _swigluoai(config)))
+
+    def forward(self, h, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache, position_ids)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Text backbone and LM
+# ---------------------------------------------------------------------------------------------
+
+
+class MiniMaxM3TextModel(nn.Module):
+    """`moe_config` replaces the MoE settings read from the config (e.g. another experts implementation)."""
+
+    def __init__(self, config: PretrainedConfig, moe_config: MoEConfig | None = None, backend: str = "sdpa",
+                 experts_impl: str = "auto"):
+        super().__init__()
+        _check_text_config(config)
+        self.config = config
+        moe_cfg = moe_config or build_moe_config(config, experts_impl)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i], backend, moe_cfg)
+            for i in range(config.num_hidden_layers)
+        })
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
+        rope = config.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"text_config.rope_parameters.rope_type: plait supports 'default', got {rope.get('rope_type')!r}")
+        self.rotary = RotaryEmbedding(config.head_dim, rope.get("rope_theta", 5_000_000.0),
+                                      rope.get("partial_rotary_factor", 1.0))
+        self.mtp = None
+
+    def make_freqs_cis(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary(position_ids)
+
+    def forward(self, input_ids=None, position_ids=None, attention_mask=None, padding_mask=None, inputs_embeds=None,
+                cu_seqlens=None, past_key_values: KVCache | None = None) -> torch.Tensor:
+        """-> final hidden states (B, S, H). `padding_mask` is an alias of `attention_mask` (1 on real tokens)."""
+        if attention_mask is None:
+            attention_mask = padding_mask
+        if self.embed_tokens is not None and inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("MiniMaxM3TextModel: pass input_ids or inputs_embeds")
+            h = self.embed_tokens(input_ids)
+        else:
+            h = inputs_embeds if inputs_embeds is not None else input_ids
+        B, S = h.shape[:2]
+        past = past_key_values.seen if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + S, device=h.device).expand(B, S)
+        elif position_ids.shape[-1] != S:
+            raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
+        position_ids = position_ids.expand(B, S)
+        mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
+                                   cu_seqlens=cu_seqlens, past_length=past)
+        rope = self.rotary(position_ids)
+        for key, layer in self.layers.items():
+            cache = past_key_values.layer(key, None) if past_key_values is not None else None
+            h = layer(h, rope, mask, cache, position_ids)
+        if past_key_values is not None:
+            past_key_values.seen += S
+        return self.norm(h) if self.norm is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        _init_weights(self, self.config.initializer_range)
+        if buffer_device is not None:
+            self.rotary.to(buffer_device)
+
+
+def _init_weights(root: nn.Module, std: float) -> None:
+    """The reference's scheme: normal(0, std) for linear, embedding, router and expert weights; zero biases
+    and padding embedding; (1 + w) norms start at w = 0, LayerNorms at (1, 0); zero correction biases."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.reset_parameters()
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, std=std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.experts.gate_up_proj, std=std)
+            nn.init.normal_(module.experts.down_proj, std=std)
+            module.tokens_per_expert.zero_()
+
+
+class _M3Base(nn.Module):
+    """What the text-only and the vision-language classes share: loss, construction, checkpoints."""
+
+    text_prefix = ""  # where the text model sits in this class's state dict
+
+    def _loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if labels.shape != h.shape[:2]:
+            raise ValueError(f"labels: expected shape {list(h.shape[:2])}, got {list(labels.shape)}")
+        n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
+        loss = causal_lm_chunked_loss_sum(h, self.lm_head.weight, labels) / n_targets.clamp(min=1)
+        aux = collect_aux_loss(self)
+        return loss if aux is None else loss + aux
+
+    def _output(self, h, labels, return_logits, past_key_values, use_cache) -> MiniMaxM3CausalLMOutput:
+        if self.lm_head is None:
+            return MiniMaxM3CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
+        out = MiniMaxM3CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None,
+                                      hidden_states=h, past_key_values=past_key_values if use_cache else None)
+        if labels is not None:
+            out.loss = self._loss(h, labels)
+        return out
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", **kwargs):
+        model = cls(config, moe_config, backend, **kwargs)
+        model.initialize_weights()
+        return model
+
+    @torch.no_grad()
+    def initialize_weights(self, buffer_device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        _init_weights(self, _text_config(self.config).initializer_range)
+        if dtype is not None:
+            self.to(dtype)  # rotary inv_freq stays float32 (RotaryEmbedding recomputes it on every move)
+        if buffer_device is not None:
+            self.to(buffer_device)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, module: nn.Linear) -> None:
+        self.lm_head = module
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, backend: str = "sdpa", experts_impl: str = "auto"):
+        path = check_model_dir(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if config.model_type not in (VL_MODEL_TYPE, TEXT_MODEL_TYPE):
+            raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {VL_MODEL_TYPE!r} "
+                             f"or {TEXT_MODEL_TYPE!r}")
+        target = MiniMaxM3SparseForConditionalGeneration if config.model_type == VL_MODEL_TYPE else MiniMaxM3SparseForCausalLM
+        if cls is not _M3Base and cls is not target:
+            raise ValueError(f"{path}: a {config.model_type} checkpoint loads as {target.__name__}, not {cls.__name__}")
+        hf_state = read_model_weights(path)
+        with torch.device("meta"):
+            model = target(config, None, backend, experts_impl=experts_impl)
+        state = StateDictAdapter(config).from_hf(hf_state)
+        check_state_dict(model, state, str(path))
+        tied = _text_config(config).tie_word_embeddings or getattr(config, "tie_word_embeddings", False)
+        if tied:
+            state["lm_head.weight"] = state[f"{target.text_prefix}embed_tokens.weight"]
+        model.to_empty(device="cpu")
+        model.load_state_dict(state, strict=True, assign=True)
+        if tied:
+            model.lm_head.weight = model.get_input_embeddings().weight
+        for module in model.modules():
+            if isinstance(module, MoE):
+                module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [self.hf_architecture]
+        self.config.save_pretrained(path)
+        state = dict(self.state_dict())
+        if getattr(self.lm_head, "weight", None) is self.get_input_embeddings().weight:
+            state.pop("lm_head.weight", None)
+        write_model_weights(path, StateDictAdapter(self.config).to_hf(state))
+
+
+@dataclass
+class MiniMaxM3CausalLMOutput(CausalLMOutput):
+    pass
+
+
+class MiniMaxM3SparseForCausalLM(_M3Base):
+    """Text only (model_type `minimax_m3_vl_text`)."""
+
+    model_type = TEXT_MODEL_TYPE
+    hf_architecture = "MiniMaxM3VLForCausalLM"
+    text_prefix = "model."
+    _keep_in_fp32_modules = ["rotary"]
+
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.model = MiniMaxM3TextModel(config, moe_config, backend, experts_impl)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, module: nn.Embedding) -> None:
+        self.model.embed_tokens = module
+
+    def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
+                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, **unused):
+        _reject_unknown(unused, vision=False)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        h = self.model(input_ids, position_ids, attention_mask, None, inputs_embeds, cu_seqlens, past_key_values)
+        return self._output(h, labels, return_logits, past_key_values, use_cache)
+
+
+class MiniMaxM3SparseForConditionalGeneration(_M3Base):
+    """Vision-language (model_type `minimax_m3_vl`): vision tower, projector, text model, LM head."""
+
+    model_type = VL_MODEL_TYPE
+    hf_architecture = "MiniMaxM3SparseForConditionalGeneration"
+    text_prefix = "language_model."
+    _keep_in_fp32_modules = ["rotary"]
+
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.vision_tower = VisionTower(config.vision_config, backend)
+        self.multi_modal_projector = MultiModalProjector(config)
+        self.language_model = MiniMaxM3TextModel(config.text_config, moe_config, backend, experts_impl)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False):
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, module: nn.Embedding) -> None:
+        self.language_model.embed_tokens = module
+
+    def image_features(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
+        """(patches, C*T*P*P) -> (tokens, text hidden): m x m patches become one token."""
+        grid = to_grid_list(grid_thw)
+        m = self.config.vision_config.spatial_merge_size
+        if bool((grid[:, 1] % m).any() or (grid[:, 2] % m).any()):
+            raise ValueError(f"grid_thw: h and w must be multiples of spatial_merge_size {m}, got {grid.tolist()}")
+        return self.multi_modal_projector(self.vision_tower(pixel_values, grid))
+
+    def get_image_features(self, pixel_values: torch.Tensor, image_grid_thw) -> tuple[torch.Tensor, ...]:
+        """One (tokens, text hidden) tensor per image, in order."""
+        grid = to_grid_list(image_grid_thw)
+        sizes = (grid.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        return torch.split(self.image_features(pixel_values, grid), sizes)
+
+    def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
+                image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None,
+                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, **unused):
+        _reject_unknown(unused, vision=True)
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass input_ids or inputs_embeds")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            for kind, pixels, grid, token in (("images", pixel_values, image_grid_thw, self.config.image_token_index),
+                                              ("videos", pixel_values_videos, video_grid_thw, self.config.video_token_index)):
+                if pixels is None:
+                    continue
+                if grid is None:
+                    raise ValueError(f"{kind}: pixel values came without their grid_thw")
+                feats = self.image_features(pixels, grid)
+                inputs_embeds = splice_multimodal(inputs_embeds, input_ids, feats, token, to_grid_list(grid),
+                                                  self.config.vision_config.spatial_merge_size, kind)
+        elif pixel_values is not None or pixel_values_videos is not None:
+            raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
+        h = self.language_model(None, position_ids, attention_mask, None, inputs_embeds, cu_seqlens, past_key_values)
+        return self._output(h, labels, return_logits, past_key_values, use_cache)
+
+
+def splice_multimodal(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,
+                      grid: torch.Tensor, merge: int, kind: str) -> torch.Tensor:
+    """Place `features` (one row per placeholder, images in order) at the `token_id` positions of
+    `input_ids`, row-major over (batch, sequence). The counts must match exactly, sample by sample."""
+    is_slot = input_ids == token_id  # (B, S)
+    per_sample = is_slot.sum(dim=1).tolist()
+    per_item = (grid.prod(-1) // merge**2).tolist()
+    if sum(per_sample) != features.shape[0] or not _fits(per_sample, per_item):
+        raise ValueError(f"{kind}: placeholder tokens per sample {per_sample} do not match the features per "
+                         f"{kind[:-1]} {per_item} (total {features.shape[0]})")
+    out = embeds.clone()
+    out[is_slot] = features.to(embeds.dtype)
+    return out
+
+
+def _fits(per_sample: list[int], per_item: list[int]) -> bool:
+    """Whole images fill each sample's placeholders, in order."""
+    i = 0
+    for need in per_sample:
+        while need > 0 and i < len(per_item):
+            need -= per_item[i]
+            i += 1
+        if need != 0:
+            return False
+    return i == len(per_item)
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    return getattr(config, "text_config", None) or config
+
+
+def _check_text_config(config: PretrainedConfig) -> None:
+    n = config.num_hidden_layers
+    for key in ("layer_types", "mlp_layer_types"):
+        value = getattr(config, key, None)
+        if value is None or len(value) != n:
+            raise ValueError(f"text_config.{key}: expected {n} entries (num_hidden_layers), got {value!r}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"text_config: num_attention_heads {config.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {config.num_key_value_heads}")
+
+
+def _reject_unknown(kwargs: dict, vision: bool) -> None:
+    allowed = {"output_attentions", "output_hidden_states", "return_dict"}
+    if not vision:
+        for key in ("pixel_values", "pixel_values_videos"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"MiniMaxM3SparseForCausalLM is text-only: got {key}")
+        allowed |= {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(f"forward: unexpected argument(s) {sorted(unknown)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint adapter
+# ---------------------------------------------------------------------------------------------
+
+_EXPERT_KEY = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+_VISION_LAYER = re.compile(r"^vision_tower\.vision_model\.encoder\.layers\.(\d+)\.(.*)$")
+
+
+class StateDictAdapter:
+    """plait names <-> on-disk HF names (the hub's, which transformers' save writes).
+
+    plait                                              on disk
+    [lm.]layers.{i}.mlp.experts.gate_up_proj [E,2I,H]   [lm.]layers.{i}.block_sparse_moe.experts.{e}.{w1,w3}.weight
+    [lm.]layers.{i}.mlp.experts.down_proj [E,H,I]       [lm.]layers.{i}.block_sparse_moe.experts.{e}.w2.weight
+    [lm.]layers.{i}.mlp.gate.weight / .e_score_correction_bias
+                                                        [lm.]layers.{i}.block_sparse_moe.gate.weight / .e_score_correction_bias
+    [lm.]layers.{i}.mlp.shared_experts.*                [lm.]layers.{i}.block_sparse_moe.shared_experts.*
+    [lm.]layers.{i}.self_attn.indexer.{q,k}_{proj,norm} [lm.]layers.{i}.self_attn.index_{q,k}_{proj,norm}
+    language_model.* / lm_head                          language_model.model.* / language_model.lm_head
+    vision_tower.patch_embed.weight [H, C*T*P*P]        vision_tower.vision_model.embeddings.patch_embedding.weight [H, C, T, P, P]
+    vision_tower.pre_layrnorm, .layers.{i}.*            vision_tower.vision_model.pre_layrnorm, .encoder.layers.{i}.*
+    vision_tower.layers.{i}.self_attn.o_proj            ... .self_attn.out_proj
+    multi_modal_projector.merge_linear_{1,2}            patch_merge_mlp.linear_{1,2}
+    (text only: model.*, lm_head as they are)
+    """
+
+    def __init__(self, config: PretrainedConfig):
+        self.vl = config.model_type == VL_MODEL_TYPE
+        self.text = _text_config(config)
+        if self.vl:
+            v = config.vision_config
+            self.patch_shape = (v.hidden_size, v.num_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+    # plait -> disk
+    def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in state.items():
+            for key, value in self._one_to_hf(name, t):
+                out[key] = value
+        return out if self.vl else self._fuse_text_only(out)
+
+    def _one_to_hf(self, name: str, t: torch.Tensor):
+        if self.vl:
+            if name.startswith("language_model."):
+                name = "language_model.model." + name[len("language_model."):]
+            elif name == "lm_head.weight":
+                name = "language_model.lm_head.weight"
+            elif name.startswith("vision_tower."):
+                rest = name[len("vision_tower."):]
+                if rest == "patch_embed.weight":
+                    return [("vision_tower.vision_model.embeddings.patch_embedding.weight", t.reshape(self.patch_shape))]
+                if rest.startswith("layers."):
+                    rest = "encoder." + rest.replace(".self_attn.o_proj.", ".self_attn.out_proj.")
+                return [("vision_tower.vision_model." + rest, t)]
+            elif name.startswith("multi_modal_projector.merge_linear_"):
+                return [("patch_merge_mlp.linear_" + name[len("multi_modal_projector.merge_linear_"):], t)]
+        if ".mlp.experts.gate_up_proj" in name:
+            prefix = name[: name.index(".mlp.experts.gate_up_proj")] + ".block_sparse_moe.experts"
+            gate, up = t.chunk(2, dim=1)
+            return [item for e in range(t.shape[0])
+                    for item in ((f"{prefix}.{e}.w1.weight", gate[e]), (f"{prefix}.{e}.w3.weight", up[e]))]
+        if ".mlp.experts.down_proj" in name:
+            prefix = name[: name.index(".mlp.experts.down_proj")] + ".block_sparse_moe.experts"
+            return [(f"{prefix}.{e}.w2.weight", t[e]) for e in range(t.shape[0])]
+        if ".mlp.gate.e_score_correction_bias" in name:
+            return [(name.replace(".mlp.gate.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias"), t)]
+        if ".mlp.gate.weight" in name or ".mlp.shared_experts." in name:
+            return [(name.replace(".mlp.", ".block_sparse_moe.", 1), t)]
+        if ".self_attn.indexer." in name:
+            return [(name.replace(".self_attn.indexer.", ".self_attn.index_"), t)]
+        return [(name, t)]
+
+    def _fuse_text_only(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """transformers' text-only class stores dense and shared MLPs as one fused `gate_up_proj`."""
+        for name in [n for n in out if n.endswith(".gate_proj.weight") and ".experts." not in n]:
+            up = name.replace(".gate_proj.", ".up_proj.")
+            out[name.replace(".gate_proj.", ".gate_up_proj.")] = torch.cat([out.pop(name), out.pop(up)], dim=0)
+        return out
+
+    # disk -> plait
+    def from_hf(self, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out, experts = {}, {}
+        E = self.text.num_local_experts
+        for name, t in hf_state.items():
+            if re.match(r"^(model|language_model\.model)\.mtp\.|^mtp\.", name):
+                continue  # MTP depths of released checkpoints: not built for M3 yet (transformers drops them too)
+            if m := _EXPERT_KEY.match(name):
+                experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+                continue
+            local, t = self._one_from_hf(name, t)
+            if local.endswith(".gate_up_proj.weight"):  # fused dense / shared MLP (text-only checkpoints)
+                gate, up = t.chunk(2, dim=0)
+                out[local.replace(".gate_up_proj.", ".gate_proj.")] = gate
+                out[local.replace(".gate_up_proj.", ".up_proj.")] = up
+                continue
+            out[local] = t
+        for prefix, parts in experts.items():
+            missing = [f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(E) for w in ("w1", "w2", "w3")
+                       if (e, w) not in parts]
+            extra = [f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight" for e, w in parts if e >= E]
+            if missing or extra:
+                raise ValueError(f"checkpoint experts under {prefix}: missing {missing[:4]}, unexpected {extra[:4]} "
+                                 f"(config num_local_experts = {E})")
+            local = self._strip(prefix)
+            gate = torch.stack([parts[(e, "w1")] for e in range(E)])
+            up = torch.stack([parts[(e, "w3")] for e in range(E)])
+            out[f"{local}.mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+            out[f"{local}.mlp.experts.down_proj"] = torch.stack([parts[(e, "w2")] for e in range(E)])
+        return out
+
+    def _strip(self, name: str) -> str:
+        if self.vl and name.startswith("language_model.model."):
+            return "language_model." + name[len("language_model.model."):]
+        return name
+
+    def _one_from_hf(self, name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+        if self.vl:
+            if name == "language_model.lm_head.weight":
+                return "lm_head.weight", t
+            if name == "vision_tower.vision_model.embeddings.patch_embedding.weight":
+                return "vision_tower.patch_embed.weight", t.reshape(t.shape[0], -1)
+            if m := _VISION_LAYER.match(name):
+                return f"vision_tower.layers.{m.group(1)}.{m.group(2).replace('.out_proj.', '.o_proj.')}", t
+            if name.startswith("vision_tower.vision_model."):
+                return "vision_tower." + name[len("vision_tower.vision_model."):], t
+            if name.startswith("patch_merge_mlp.linear_"):
+                return "multi_modal_projector.merge_linear_" + name[len("patch_merge_mlp.linear_"):], t
+        name = self._strip(name)
+        name = name.replace(".block_sparse_moe.e_score_correction_bias", ".mlp.gate.e_score_correction_bias")
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        name = re.sub(r"\.self_attn\.index_(q|k)_(proj|norm)\.", r".self_attn.indexer.\1_\2.", name)
+        return name, t

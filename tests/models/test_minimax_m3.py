@@ -1,0 +1,183 @@
+"""Native MiniMax-M3(-VL) against transformers 5.23.0 (float32, CPU): logits, loss, gradients, checkpoints."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+    MiniMaxM3SparseForConditionalGeneration as Reference,
+)
+from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLForCausalLM as TextReference
+
+import plait
+from plait.generate import generate, left_pad
+from plait.models.minimax_m3 import (
+    MiniMaxM3SparseForCausalLM,
+    MiniMaxM3SparseForConditionalGeneration,
+    StateDictAdapter,
+)
+from plait.models.minimax_m3_vision import to_grid_list
+from plait.models.presets import preset_dict
+from plait.models.vlm import _m3_inputs, vlm_spec
+from tests.nn.reference import assert_close
+
+IMAGE, VIDEO = 4, 5
+TEXT_VARIANTS = {
+    # dense then MoE, every attention layer indexer-sparse with small blocks so the selection bites
+    "sparse": {"num_hidden_layers": 3, "layer_types": ["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"],
+               "mlp_layer_types": ["dense", "sparse", "sparse"], "index_block_size": 4, "index_topk_blocks": 2,
+               "index_head_dim": 32, "index_n_heads": 2, "index_local_blocks": 1},
+    # full attention only, full rotary, tied embeddings, top-1 of 4 experts, two local blocks
+    "full": {"num_hidden_layers": 2, "layer_types": ["full_attention", "full_attention"],
+             "mlp_layer_types": ["sparse", "dense"], "num_experts_per_tok": 1, "tie_word_embeddings": True,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}},
+}
+
+
+def vl_config(variant: str) -> dict:
+    cfg = preset_dict("tiny-minimax-m3", {"text_config": TEXT_VARIANTS[variant]})
+    cfg = vlm_spec("minimax_m3_vl").complete_config(cfg, 40, {"pad": 0, "bos": 1, "eos": 2, "image": IMAGE, "video": VIDEO}, 48)
+    return cfg | {"video_token_index": VIDEO}
+
+
+def randomize(model, seed=0):
+    """transformers' init leaves norms at zero and biases empty; random values test their wiring."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(TEXT_VARIANTS))
+def pair(request, tmp_path_factory):
+    torch.manual_seed(0)
+    ref = randomize(Reference(plait.models.to_hf_config(vl_config(request.param)))).eval()
+    path = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(path)
+    ours = MiniMaxM3SparseForConditionalGeneration.from_pretrained(path).eval()
+    return ref, ours, path
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 3, 48, 48, generator=g)
+    prefix = torch.tensor([1] + [IMAGE] * 9)
+    ids = torch.cat([prefix.expand(2, -1), torch.randint(6, 40, (2, 11), generator=g)], dim=1)
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < 10, -100)
+    return ids, labels, images
+
+
+def _grads_by_disk_name(model, adapter_or_ref):
+    """Every parameter's gradient under its on-disk name (so plait's and transformers' line up)."""
+    if isinstance(adapter_or_ref, StateDictAdapter):
+        return adapter_or_ref.to_hf({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return None
+
+
+def test_logits_loss_and_gradients_match_transformers(pair, tmp_path):
+    ref, ours, _ = pair
+    ids, labels, images = _batch()
+    inputs = _m3_inputs(ref.config, images)
+    out_ref = ref(input_ids=ids, labels=labels, **inputs)
+    out = ours(input_ids=ids, labels=labels, **inputs)
+    assert_close(out.logits, out_ref.logits, tol=1e-4, name="logits")
+    assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
+    out_ref.loss.backward()
+    out.loss.backward()
+    # transformers' gradients under their on-disk names: save them as if they were weights
+    grads_model = type(ref)(ref.config)
+    grads_model.load_state_dict({n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                                 for n, p in ref.named_parameters()} | dict(ref.named_buffers()), strict=False)
+    grads_model.save_pretrained(tmp_path)
+    theirs = load_file(tmp_path / "model.safetensors")
+    mine = StateDictAdapter(ours.config).to_hf({n: p.grad if p.grad is not None else torch.zeros_like(p)
+                                                for n, p in ours.named_parameters()})
+    for name, g in mine.items():
+        g_ref = theirs[name]
+        assert_close(g.reshape(g_ref.shape), g_ref, tol=max(1e-3 * g_ref.abs().max().item(), 1e-7), name=f"grad {name}")
+
+
+def test_videos_and_several_images_per_sample_splice_in_order(pair):
+    ref, ours, _ = pair
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 48, 48, generator=g)
+    img = _m3_inputs(ref.config, images)
+    video = _m3_inputs(ref.config, torch.rand(1, 3, 48, 48, generator=g))  # a one-frame clip
+    ids = torch.tensor([[1] + [IMAGE] * 9 + [7] + [IMAGE] * 9 + [8, 9], [1] + [IMAGE] * 9 + [VIDEO] * 9 + [8, 9, 10]])
+    kw = dict(input_ids=ids, pixel_values=img["pixel_values"], image_grid_thw=img["image_grid_thw"],
+              pixel_values_videos=video["pixel_values"], video_grid_thw=video["image_grid_thw"])
+    with torch.no_grad():
+        assert_close(ours(**kw).logits, ref(**kw).logits, tol=1e-4)
+
+
+def test_placeholder_count_mismatch_names_the_samples(pair):
+    _, ours, _ = pair
+    ids, _, images = _batch()
+    inputs = _m3_inputs(ours.config, images)
+    ids[1, 3] = 7  # one placeholder fewer in sample 1
+    with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 8\] do not match the features per image \[9, 9\]"):
+        ours(input_ids=ids, **inputs)
+    with pytest.raises(ValueError, match="pixel_values: expected shape"):
+        ours(input_ids=_batch()[0], pixel_values=inputs["pixel_values"][:-1], image_grid_thw=inputs["image_grid_thw"])
+    assert to_grid_list([[1, 6, 6]]).tolist() == to_grid_list(torch.tensor([[1, 6, 6]])).tolist()
+    with pytest.raises(ValueError, match="grid_thw"):
+        to_grid_list([[1, 0, 6]])
+
+
+def test_greedy_generation_with_the_kv_cache_matches_transformers(pair):
+    ref, ours, _ = pair
+    _, _, images = _batch()
+    inputs = _m3_inputs(ref.config, images)
+    prompts = [torch.tensor([1] + [IMAGE] * 9 + [11, 12]), torch.tensor([1] + [IMAGE] * 9)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    kw = dict(max_new_tokens=8, eos_token_id=2, pad_token_id=0, **inputs)
+    assert torch.equal(generate(ours, ids, mask, **kw), generate(ref, ids, mask, **kw))
+
+
+def test_round_trips_through_both_libraries(pair, tmp_path):
+    ref, ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    back = Reference.from_pretrained(tmp_path).eval()
+    ids, _, images = _batch()
+    inputs = _m3_inputs(ref.config, images)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids, **inputs).logits, ref(input_ids=ids, **inputs).logits)
+    again = MiniMaxM3SparseForConditionalGeneration.from_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_text_only_model_matches_transformers(tmp_path):
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
+                                vocab_size=40, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = randomize(TextReference(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path)
+    assert isinstance(ours, MiniMaxM3SparseForCausalLM)
+    assert isinstance(plait.from_pretrained(tmp_path / ".." / tmp_path.name), MiniMaxM3SparseForCausalLM)
+    ids = torch.randint(3, 40, (2, 15))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss, tol=1e-4)
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)
+    with pytest.raises(ValueError, match="text-only"):
+        ours(input_ids=ids, pixel_values=torch.zeros(1, 3))
+    ours.save_pretrained(tmp_path / "back")
+    with torch.no_grad():
+        back = TextReference.from_pretrained(tmp_path / "back").eval()
+        assert torch.equal(back(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_from_config_init_and_fp32_rotary():
+    model = MiniMaxM3SparseForConditionalGeneration.from_config(plait.models.to_hf_config(vl_config("sparse")))
+    lm = model.language_model
+    assert torch.all(lm.layers["0"].input_layernorm.weight == 0)  # (1 + w) norms start at w = 0
+    assert torch.all(lm.layers["1"].mlp.gate.e_score_correction_bias == 0)
+    model.to(torch.bfloat16)
+    assert lm.rotary.inv_freq.dtype == torch.float32
+    assert model.vision_tower.rotary.inv_freq.dtype == torch.float32
