@@ -498,7 +498,8 @@ class StateDictAdapter:
     vision_tower.pre_layrnorm, .layers.{i}.*            vision_tower.vision_model.pre_layrnorm, .encoder.layers.{i}.*
     vision_tower.layers.{i}.self_attn.o_proj            ... .self_attn.out_proj
     multi_modal_projector.merge_linear_{1,2}            patch_merge_mlp.linear_{1,2}
-    (text only: model.*, lm_head as they are)
+    Text-only checkpoints (transformers' MiniMaxM3VLForCausalLM) keep the in-memory names instead: plait's,
+    with the dense and shared MLPs' gate and up fused into one `gate_up_proj`. Loading accepts either.
     """
 
     def __init__(self, config: PretrainedConfig):
@@ -510,11 +511,13 @@ class StateDictAdapter:
 
     # plait -> disk
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not self.vl:  # transformers' text-only class writes its in-memory names
+            return self._fuse_text_only(dict(state))
         out = {}
         for name, t in state.items():
             for key, value in self._one_to_hf(name, t):
                 out[key] = value
-        return out if self.vl else self._fuse_text_only(out)
+        return out
 
     def _one_to_hf(self, name: str, t: torch.Tensor):
         if self.vl:
