@@ -44,6 +44,8 @@ class ModelSettings(_Section):
     pretrained: Path | None = Field(None, description="a local HF-format model dir to fine-tune")
     config: dict[str, Any] = Field(default_factory=dict, description="keys merged into the HF config")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    implementation: Literal["native", "transformers"] = Field(
+        "native", description="plait's own model where one exists, or the stock transformers classes (for comparison)")
     mtp: MTPSettings = Field(default_factory=MTPSettings)
 
     @model_validator(mode="after")

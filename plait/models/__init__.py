@@ -22,20 +22,21 @@ NATIVE_MODELS: dict[str, type] = {
 }
 
 
-def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa") -> torch.nn.Module:
+def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa",
+                implementation: str = "native") -> torch.nn.Module:
     """A randomly initialised model: plait's native class for its `model_type`, else the stock transformers one."""
     hf_config = to_hf_config(config)
-    native = NATIVE_MODELS.get(hf_config.model_type)
+    native = NATIVE_MODELS.get(hf_config.model_type) if implementation == "native" else None
     if native is not None:
         return native.from_config(hf_config, backend=attn_implementation)
     return build_stock_model(hf_config, attn_implementation)
 
 
-def from_pretrained(path: str | Path, attn_implementation: str = "sdpa") -> torch.nn.Module:
+def from_pretrained(path: str | Path, attn_implementation: str = "sdpa", implementation: str = "native") -> torch.nn.Module:
     """Load a local HF-format model dir (config.json + safetensors). Nothing is downloaded."""
     path = check_model_dir(path)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
-    native = NATIVE_MODELS.get(hf_config.model_type)
+    native = NATIVE_MODELS.get(hf_config.model_type) if implementation == "native" else None
     if native is not None:
         return native.from_pretrained(path, backend=attn_implementation)
     return load_stock_model(path, hf_config, attn_implementation)

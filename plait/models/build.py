@@ -16,7 +16,7 @@ from plait.models.vlm import vlm_spec
 def _mtp_kwargs(settings: ModelSettings, model_type: str) -> dict:
     """Native models take the run's MTP settings; stock transformers models have no MTP depths."""
     mtp = settings.mtp
-    native = NATIVE_MODELS.get(model_type)
+    native = NATIVE_MODELS.get(model_type) if settings.implementation == "native" else None
     if native is None or not getattr(native, "supports_mtp", False):
         if mtp.num_layers:
             with_mtp = sorted(k for k, v in NATIVE_MODELS.items() if getattr(v, "supports_mtp", False))
@@ -36,7 +36,8 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
                 f"model.config: overrides apply to presets only; a pretrained model keeps its own config, "
                 f"got {sorted(settings.config)}"
             )
-        model = from_pretrained(settings.pretrained, attn_implementation=settings.attn_implementation)
+        model = from_pretrained(settings.pretrained, attn_implementation=settings.attn_implementation,
+                                implementation=settings.implementation)
         _mtp_kwargs(settings, model.config.model_type)
         if settings.mtp.num_layers and getattr(model, "mtp_config", None) is not None:
             found = model.mtp_config.num_layers
@@ -57,4 +58,4 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
     if kwargs:
         return NATIVE_MODELS[cfg["model_type"]].from_config(to_hf_config(cfg), num_mtp_layers=settings.mtp.num_layers,
                                                             backend=settings.attn_implementation, **kwargs)
-    return from_config(cfg, attn_implementation=settings.attn_implementation)
+    return from_config(cfg, attn_implementation=settings.attn_implementation, implementation=settings.implementation)

@@ -73,14 +73,20 @@ class VisionTower(nn.Module):
         device = h.device
         positions = vision_patch_positions(grid, self.config.spatial_merge_size).to(device)
         cos, sin = self.rotary(positions)
-        # one sequence of all patches; each image (all its frames) is its own document, attended without causality
-        image_ids = torch.repeat_interleave(torch.arange(len(grid)), grid.prod(-1)).to(device)
-        mask = AttentionMask(torch.arange(n_patches, device=device), None,
-                             image_ids.view(1, -1) if len(grid) > 1 else None, causal=False)
-        h = h.unsqueeze(0)  # (1, N, H)
+        sizes = grid.prod(-1)
+        if bool((sizes == sizes[0]).all()):
+            # Same-sized images (the usual batch): one row per image, plain bidirectional attention, no mask.
+            n, per = len(grid), int(sizes[0])
+            h, cos, sin = h.view(n, per, -1), cos.view(n, per, -1), sin.view(n, per, -1)
+            mask = AttentionMask(torch.arange(per, device=device), causal=False)
+        else:
+            # Mixed sizes: one row of all patches, each image (all its frames) a document of its own.
+            image_ids = torch.repeat_interleave(torch.arange(len(grid)), sizes).to(device)
+            h = h.unsqueeze(0)
+            mask = AttentionMask(torch.arange(n_patches, device=device), None, image_ids.view(1, -1), causal=False)
         for layer in self.layers.values():
             h = layer(h, (cos, sin), mask)
-        return h.squeeze(0)
+        return h.reshape(n_patches, -1)
 
 
 class MultiModalProjector(nn.Module):

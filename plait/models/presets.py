@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "patch_size": 8,
         },
     },
-    # ~1M parameters: MiniMax-M3-VL (stock transformers classes until plait's native model lands):
+    # ~1M parameters: MiniMax-M3-VL (plait's native model; transformers loads its checkpoints):
     # vision tower with 3D RoPE (patch 8, temporal patch 1, 2x2 merge: 9 tokens per 48 px image) and a
     # 2-layer MoE decoder (4 experts, top-2, one shared expert, partial rotary 0.5).
     "tiny-minimax-m3": {

@@ -115,6 +115,19 @@ def test_videos_and_several_images_per_sample_splice_in_order(pair):
         assert_close(ours(**kw).logits, ref(**kw).logits, tol=1e-4)
 
 
+def test_images_of_different_sizes_attend_only_within_themselves(pair):
+    ref, ours, _ = pair
+    g = torch.Generator().manual_seed(4)
+    big = _m3_inputs(ref.config, torch.rand(1, 3, 48, 48, generator=g))  # 6 x 6 patches -> 9 tokens
+    small = _m3_inputs(ref.config, torch.rand(1, 3, 32, 48, generator=g))  # 4 x 6 patches -> 6 tokens
+    pixels = torch.cat([big["pixel_values"], small["pixel_values"]])
+    grid = torch.cat([big["image_grid_thw"], small["image_grid_thw"]])
+    ids = torch.tensor([[1] + [IMAGE] * 9 + [7] + [IMAGE] * 6 + [8, 9]])
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits,
+                     ref(input_ids=ids, pixel_values=pixels, image_grid_thw=grid).logits, tol=1e-4)
+
+
 def test_placeholder_count_mismatch_names_the_samples(pair):
     _, ours, _ = pair
     ids, _, images = _batch()
@@ -181,3 +194,14 @@ def test_from_config_init_and_fp32_rotary():
     model.to(torch.bfloat16)
     assert lm.rotary.inv_freq.dtype == torch.float32
     assert model.vision_tower.rotary.inv_freq.dtype == torch.float32
+
+
+def test_the_run_config_picks_native_or_stock_classes():
+    from plait.config import ModelSettings
+    from plait.models.build import build_model
+
+    ids = {"pad": 0, "bos": 1, "eos": 2, "image": IMAGE, "video": VIDEO}
+    native = build_model(ModelSettings(preset="tiny-minimax-m3"), 40, ids, 48)
+    stock = build_model(ModelSettings(preset="tiny-minimax-m3", implementation="transformers"), 40, ids, 48)
+    assert isinstance(native, MiniMaxM3SparseForConditionalGeneration)
+    assert isinstance(stock, Reference)
