@@ -73,7 +73,7 @@ def test_inspect_a_checkpoint(trained_checkpoint):
     routed = 2 * 4 * 3 * 128 * 128
     assert info["total_parameters"] - info["active_parameters"] == routed // 2
     names = [m[0] for m in info["modules"]]
-    assert "model.vision_tower" in names and "lm_head" in names
+    assert "vision_tower" in names and "lm_head" in names
     assert info["layer_types"] == ["full_attention", "full_attention"]
 
 
@@ -88,7 +88,12 @@ def test_convert_writes_a_model_dir_that_transformers_loads(trained_checkpoint, 
     assert res.returncode == 0, res.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "training_state").exists()
-    ours = plait.from_pretrained(trained_checkpoint).state_dict()
-    theirs = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).state_dict()
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    from plait.checkpoint import read_model_weights
+
+    saved, converted = read_model_weights(trained_checkpoint), read_model_weights(out)
+    assert saved.keys() == converted.keys() and all(torch.equal(saved[k], converted[k]) for k in saved)
+    ours = plait.from_pretrained(trained_checkpoint).eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-4
