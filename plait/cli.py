@@ -31,7 +31,7 @@ def _fail(err: Exception) -> None:
 def _checkpoint_run_config(ckpt: Path, overrides: list[str]):
     """The run config saved beside a checkpoint, pointed at the checkpoint's own weights."""
     from plait.checkpoint import check_model_dir
-    from plait.config import apply_overrides, load_config
+    from plait.config import load_config
     from plait.train import RUN_CONFIG_FILE
 
     check_model_dir(ckpt)

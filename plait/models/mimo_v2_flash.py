@@ -30,12 +30,20 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from plait.checkpoint import check_model_dir, read_model_weights, write_model_weights
+from plait.checkpoint import check_model_dir
+from plait.models.native import (
+    CausalLMOutput,
+    check_layer_lists,
+    init_reference_weights,
+    load_checkpoint_into,
+    positions_and_mask,
+    save_checkpoint,
+)
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents, mtp_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig, Router
+from plait.nn.moe import MoE, MoEConfig
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import rotary_per_layer_type
 
@@ -52,21 +60,6 @@ class TrunkOutput:
     mask: AttentionMask
     position_ids: torch.Tensor
     ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor | None
-    loss: torch.Tensor | None = None
-    mtp_per_depth_logits: list[torch.Tensor] | None = None
-    past_key_values: KVCache | None = None
-    hidden_states: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None  # the main cross-entropy alone
-    mtp_losses: list[torch.Tensor] | None = None  # per-depth cross-entropy (unscaled means)
-
-    @property
-    def mtp_logits(self) -> list[torch.Tensor] | None:
-        return self.mtp_per_depth_logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,14 +184,7 @@ class MiMoV2FlashModel(nn.Module):
             h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         else:  # a later pipeline stage: the input is the previous stage's hidden states
             h = inputs_embeds if inputs_embeds is not None else input_ids
-        B, S = h.shape[:2]
-        past = past_key_values.seen if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + S, device=h.device).expand(B, S)
-        elif position_ids.shape[-1] != S:
-            raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
-        mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
-                                   cu_seqlens=cu_seqlens, past_length=past)
+        position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)
         ropes = {kind: rotary(position_ids) for kind, rotary in self.rotary.items()}
         for key, layer in self.layers.items():
             cache = None
@@ -206,7 +192,7 @@ class MiMoV2FlashModel(nn.Module):
                 cache = past_key_values.layer(key, layer.self_attn.sliding_window)
             h = layer(h, ropes[layer.layer_type], mask, cache)
         if past_key_values is not None:
-            past_key_values.seen += S
+            past_key_values.seen += h.shape[1]
         normed = self.norm(h) if self.norm is not None else h
         return TrunkOutput(normed, h, mask, position_ids, ropes)
 
@@ -288,29 +274,12 @@ class MiMoV2FlashForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The reference's scheme: normal(0, initializer_range) for linear, embedding, router, expert and
-        sink weights; zero biases and padding embedding; ones for norms; zero correction biases."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, Router):
-                nn.init.normal_(module.weight, std=std)
-                module.e_score_correction_bias.zero_()
-            elif isinstance(module, MoE):
-                nn.init.normal_(module.experts.gate_up_proj, std=std)
-                nn.init.normal_(module.experts.down_proj, std=std)
-                module.tokens_per_expert.zero_()
-            elif isinstance(module, Attention) and module.sinks is not None:
-                nn.init.normal_(module.sinks, std=std)
+        """The reference's scheme (normal(0, initializer_range) weights and sinks, identity norms)."""
+        init_reference_weights(self, self.config.initializer_range)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.lm_head is not None and self.lm_head.weight is self.model.embed_tokens.weight
 
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "sdpa", experts_impl: str = "auto") -> MiMoV2FlashForCausalLM:
@@ -318,33 +287,13 @@ class MiMoV2FlashForCausalLM(nn.Module):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         if config.model_type != MODEL_TYPE:
             raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {MODEL_TYPE!r}")
-        hf_state = read_model_weights(path)
-        n_mtp = mtp_layers_in_checkpoint(hf_state)
-        with torch.device("meta"):
-            model = cls(config, n_mtp, backend, experts_impl)
-        state = StateDictAdapter(config).from_hf(hf_state)
-        check_state_dict(model, state, str(path))
-        if config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model.to_empty(device="cpu")  # rotary inv_freq is recomputed exactly on the move
-        model.load_state_dict(state, strict=True, assign=True)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
-        return model
+        # the MTP depth count is not in the config: it is the checkpoint's model.mtp.layers.N
+        return load_checkpoint_into(lambda hf_state: cls(config, mtp_layers_in_checkpoint(hf_state), backend, experts_impl),
+                                    StateDictAdapter(config), path)
 
     def save_pretrained(self, path: str | Path) -> None:
         """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.config.architectures = ["MiMoV2FlashForCausalLM"]
-        self.config.save_pretrained(path)
-        state = {k: v for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        write_model_weights(path, StateDictAdapter(self.config).to_hf(state))
+        save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM")
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -359,17 +308,10 @@ class MiMoV2FlashForCausalLM(nn.Module):
 
 
 def _check_config(config: PretrainedConfig) -> None:
-    n = config.num_hidden_layers
-    for key in ("layer_types", "mlp_layer_types"):
-        value = getattr(config, key, None)
-        if value is None or len(value) != n:
-            raise ValueError(f"config.{key}: expected {n} entries (num_hidden_layers), got {value!r}")
+    check_layer_lists(config)
     missing = {t for t in config.layer_types} - set(config.rope_parameters or {})
     if missing:
         raise ValueError(f"config.rope_parameters: no entry for layer type(s) {sorted(missing)}")
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError(f"config: num_attention_heads {config.num_attention_heads} is not a multiple of "
-                         f"num_key_value_heads {config.num_key_value_heads}")
 
 
 def _reject_unknown(kwargs: dict) -> None:
@@ -451,24 +393,3 @@ class StateDictAdapter:
             out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
             out[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(self.num_experts)])
         return out
-
-
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Every weight the model needs, of the right shape, and nothing else; `ValueError` naming them."""
-    expected = model.state_dict()
-    if getattr(model.config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-        state.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} (expected {list(expected[k].shape)}, got {list(state[k].shape)})"
-             for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)}: {missing[:5]}")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {unexpected[:5]}")
-    if wrong:
-        problems.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
-    if problems:
-        raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))

@@ -29,13 +29,20 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from plait.checkpoint import check_model_dir, read_model_weights, write_model_weights
+from plait.checkpoint import check_model_dir
 from plait.models.minimax_m3_vision import MultiModalProjector, VisionTower, to_grid_list
-from plait.models.mimo_v2_flash import CausalLMOutput, check_state_dict
+from plait.models.native import (
+    CausalLMOutput,
+    check_layer_lists,
+    init_reference_weights,
+    load_checkpoint_into,
+    positions_and_mask,
+    save_checkpoint,
+)
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig, Router, collect_aux_loss
+from plait.nn.moe import MoE, MoEConfig, collect_aux_loss
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import RotaryEmbedding, apply_rotary
 
@@ -165,7 +172,7 @@ class MiniMaxM3TextModel(nn.Module):
     def __init__(self, config: PretrainedConfig, moe_config: MoEConfig | None = None, backend: str = "sdpa",
                  experts_impl: str = "auto"):
         super().__init__()
-        _check_text_config(config)
+        check_layer_lists(config, "text_config")
         self.config = config
         moe_cfg = moe_config or build_moe_config(config, experts_impl)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
@@ -195,51 +202,20 @@ class MiniMaxM3TextModel(nn.Module):
             h = self.embed_tokens(input_ids)
         else:
             h = inputs_embeds if inputs_embeds is not None else input_ids
-        B, S = h.shape[:2]
-        past = past_key_values.seen if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + S, device=h.device).expand(B, S)
-        elif position_ids.shape[-1] != S:
-            raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
-        position_ids = position_ids.expand(B, S)
-        mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
-                                   cu_seqlens=cu_seqlens, past_length=past)
+        position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)
         rope = self.rotary(position_ids)
         for key, layer in self.layers.items():
             cache = past_key_values.layer(key, None) if past_key_values is not None else None
             h = layer(h, rope, mask, cache, position_ids)
         if past_key_values is not None:
-            past_key_values.seen += S
+            past_key_values.seen += h.shape[1]
         return self.norm(h) if self.norm is not None else h
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        _init_weights(self, self.config.initializer_range)
+        init_reference_weights(self, self.config.initializer_range)
         if buffer_device is not None:
             self.rotary.to(buffer_device)
-
-
-def _init_weights(root: nn.Module, std: float) -> None:
-    """The reference's scheme: normal(0, std) for linear, embedding, router and expert weights; zero biases
-    and padding embedding; (1 + w) norms start at w = 0, LayerNorms at (1, 0); zero correction biases."""
-    for module in root.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-            if module.padding_idx is not None:
-                module.weight[module.padding_idx].zero_()
-        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
-            module.reset_parameters()
-        elif isinstance(module, Router):
-            nn.init.normal_(module.weight, std=std)
-            module.e_score_correction_bias.zero_()
-        elif isinstance(module, MoE):
-            nn.init.normal_(module.experts.gate_up_proj, std=std)
-            nn.init.normal_(module.experts.down_proj, std=std)
-            module.tokens_per_expert.zero_()
 
 
 class _M3Base(nn.Module):
@@ -272,7 +248,7 @@ class _M3Base(nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, buffer_device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        _init_weights(self, _text_config(self.config).initializer_range)
+        init_reference_weights(self, _text_config(self.config).initializer_range)
         if dtype is not None:
             self.to(dtype)  # rotary inv_freq stays float32 (RotaryEmbedding recomputes it on every move)
         if buffer_device is not None:
@@ -294,32 +270,15 @@ class _M3Base(nn.Module):
         target = MiniMaxM3SparseForConditionalGeneration if config.model_type == VL_MODEL_TYPE else MiniMaxM3SparseForCausalLM
         if cls is not _M3Base and cls is not target:
             raise ValueError(f"{path}: a {config.model_type} checkpoint loads as {target.__name__}, not {cls.__name__}")
-        hf_state = read_model_weights(path)
-        with torch.device("meta"):
-            model = target(config, None, backend, experts_impl=experts_impl)
-        state = StateDictAdapter(config).from_hf(hf_state)
-        check_state_dict(model, state, str(path))
-        tied = _text_config(config).tie_word_embeddings or getattr(config, "tie_word_embeddings", False)
-        if tied:
-            state["lm_head.weight"] = state[f"{target.text_prefix}embed_tokens.weight"]
-        model.to_empty(device="cpu")
-        model.load_state_dict(state, strict=True, assign=True)
-        if tied:
-            model.lm_head.weight = model.get_input_embeddings().weight
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
-        return model
+        return load_checkpoint_into(lambda hf_state: target(config, None, backend, experts_impl=experts_impl),
+                                    StateDictAdapter(config), path)
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return self.lm_head is not None and self.lm_head.weight is self.get_input_embeddings().weight
 
     def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.config.architectures = [self.hf_architecture]
-        self.config.save_pretrained(path)
-        state = dict(self.state_dict())
-        if getattr(self.lm_head, "weight", None) is self.get_input_embeddings().weight:
-            state.pop("lm_head.weight", None)
-        write_model_weights(path, StateDictAdapter(self.config).to_hf(state))
+        save_checkpoint(self, StateDictAdapter(self.config), path, self.hf_architecture)
 
 
 @dataclass
@@ -450,17 +409,6 @@ def _fits(per_sample: list[int], per_item: list[int]) -> bool:
 
 def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "text_config", None) or config
-
-
-def _check_text_config(config: PretrainedConfig) -> None:
-    n = config.num_hidden_layers
-    for key in ("layer_types", "mlp_layer_types"):
-        value = getattr(config, key, None)
-        if value is None or len(value) != n:
-            raise ValueError(f"text_config.{key}: expected {n} entries (num_hidden_layers), got {value!r}")
-    if config.num_attention_heads % config.num_key_value_heads:
-        raise ValueError(f"text_config: num_attention_heads {config.num_attention_heads} is not a multiple of "
-                         f"num_key_value_heads {config.num_key_value_heads}")
 
 
 def _reject_unknown(kwargs: dict, vision: bool) -> None:

@@ -263,7 +263,7 @@ def _pad_head_dims(q, k, v):
 
 
 def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None, restrict=None):
-    Sq, Sk = q.shape[2], k.shape[2]
+    Sq = q.shape[2]
     no_cache = k_positions is None
     if sinks is not None:
         q, k, v = _append_sink_key(q, k, v, sinks, scale)
@@ -374,10 +374,10 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
         block_mask = create_block_mask(mask_mod, batch, heads, Sq, Sk, device=q.device)
         if cacheable:
             mask._flex_cache[key] = block_mask
-    score_mod = None
-    if softcap is not None:
-        def score_mod(score, b, h, qi, ki):
-            return softcap * torch.tanh(score / softcap)
+    def capped(score, b, h, qi, ki):
+        return softcap * torch.tanh(score / softcap)
+
+    score_mod = capped if softcap is not None else None
 
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
                   return_aux=AuxRequest(lse=True))

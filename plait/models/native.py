@@ -1,0 +1,150 @@
+"""What every native plait model shares: its output type, the reference init scheme, and loading and
+saving Hugging Face checkpoints through the model's state-dict adapter (on-disk names <-> plait's).
+
+A model file keeps what is its own (the architecture and the key-name mapping); this file keeps the
+plumbing, so a new native model is a model file plus an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from plait.checkpoint import read_model_weights, write_model_weights
+from plait.nn.attention import Attention, AttentionMask, KVCache
+from plait.nn.moe import MoE, Router
+from plait.nn.norm import RMSNorm
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    mtp_per_depth_logits: list[torch.Tensor] | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None  # the main cross-entropy alone
+    mtp_losses: list[torch.Tensor] | None = None  # per-depth cross-entropy (unscaled means)
+
+    @property
+    def mtp_logits(self) -> list[torch.Tensor] | None:
+        return self.mtp_per_depth_logits
+
+
+def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens,
+                       past_key_values: KVCache | None) -> tuple[torch.Tensor, AttentionMask]:
+    """(B, S) position ids (counting on from the cache when not given) and the forward's attention mask."""
+    B, S = h.shape[:2]
+    past = past_key_values.seen if past_key_values is not None else 0
+    if position_ids is None:
+        position_ids = torch.arange(past, past + S, device=h.device)
+    elif position_ids.shape[-1] != S:
+        raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
+    position_ids = position_ids.expand(B, S)
+    mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
+                               cu_seqlens=cu_seqlens, past_length=past)
+    return position_ids, mask
+
+
+@torch.no_grad()
+def init_reference_weights(root: nn.Module, std: float) -> None:
+    """The transformers reference scheme: normal(0, std) for linear, embedding, router, expert and sink
+    weights; zero biases and padding embedding; norms at their identity (RMSNorm weight 1, or 0 for the
+    (1 + w) form; LayerNorm (1, 0)); zero correction biases and expert counts."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            module.reset_parameters()
+        elif isinstance(module, Router):
+            nn.init.normal_(module.weight, std=std)
+            if module.e_score_correction_bias is not None:
+                module.e_score_correction_bias.zero_()
+        elif isinstance(module, MoE):
+            nn.init.normal_(module.experts.gate_up_proj, std=std)
+            nn.init.normal_(module.experts.down_proj, std=std)
+            module.tokens_per_expert.zero_()
+        elif isinstance(module, Attention) and module.sinks is not None:
+            nn.init.normal_(module.sinks, std=std)
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight the model needs, of the right shape, and nothing else; `ValueError` naming them.
+    A tied `lm_head.weight` is neither required nor accepted."""
+    expected = model.state_dict()
+    if getattr(model, "tied_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} (expected {list(expected[k].shape)}, got {list(state[k].shape)})"
+             for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {missing[:5]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {unexpected[:5]}")
+    if wrong:
+        problems.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
+    if problems:
+        raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
+
+
+def load_checkpoint_into(build: Callable[[dict], nn.Module], adapter, path: Path) -> nn.Module:
+    """Build the model (from the checkpoint's tensors, which may decide its shape: MTP depths) on the meta
+    device (no init cost), map the checkpoint's on-disk names through
+    `adapter.from_hf`, check every name and shape, then load by assignment. Tied embeddings are re-tied;
+    rotary buffers are recomputed on the move to CPU; expert counts start at zero."""
+    hf_state = read_model_weights(path)
+    with torch.device("meta"):
+        model = build(hf_state)
+    state = adapter.from_hf(hf_state)
+    check_state_dict(model, state, str(path))
+    embed_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+    tied = model.tied_embeddings  # loading by assignment unties; tie again after
+    if tied:
+        state["lm_head.weight"] = state[embed_name]
+    model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.tokens_per_expert = torch.zeros_like(module.tokens_per_expert)
+    return model
+
+
+def save_checkpoint(model: nn.Module, adapter, path: str | Path, architecture: str) -> None:
+    """config.json + safetensors under the on-disk names (`adapter.to_hf`); a tied LM head is not written."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config: PretrainedConfig = model.config
+    config.architectures = [architecture]
+    config.save_pretrained(path)
+    state = dict(model.state_dict())
+    if model.tied_embeddings:
+        state.pop("lm_head.weight", None)
+    write_model_weights(path, adapter.to_hf(state))
+
+
+def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
+    """`layer_types` and `mlp_layer_types` have one entry per layer; the heads divide evenly."""
+    n = config.num_hidden_layers
+    for key in ("layer_types", "mlp_layer_types"):
+        value = getattr(config, key, None)
+        if value is None or len(value) != n:
+            raise ValueError(f"{prefix}.{key}: expected {n} entries (num_hidden_layers), got {value!r}")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise ValueError(f"{prefix}: num_attention_heads {config.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads {config.num_key_value_heads}")
