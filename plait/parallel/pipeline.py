@@ -1,0 +1,234 @@
+"""Pipeline parallelism for plait's native language models, on torch.distributed.pipelining.
+
+A stage is the model with the pieces it does not run removed, torchtitan's way: decoder layers stay
+in their ModuleDict under their original index (so checkpoint keys do not move), and the embedding,
+final norm and LM head are None where another stage owns them. The model's own forward handles that:
+stage 0 turns token ids into hidden states, middle stages map hidden states to hidden states, the
+last stage returns logits; the loss runs on the last stage.
+
+    stages = split_layers(["0", "1", ..., "L-1"], num_stages, layers_per_stage)   # even, balanced or explicit
+    module = make_stage_module(full_model, stage_index, stages)                   # prune a copy to one stage
+    run = build_schedule(...)                                                       # GPipe, 1F1B, interleaved, ZBV, DualPipeV
+
+The loss of a step is `sum of per-token cross-entropies / target tokens of the whole step`, the same
+normalisation as the single-process trainer, so microbatches here are exactly gradient accumulation
+there (gradients are not rescaled by the schedule).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
+# schedules with several stages per rank: "looped" places stage r + k * ranks on rank r, "v" places stages
+# r and 2 * ranks - 1 - r (a V shape, so the last stage sits on rank 0 beside the first)
+MULTI_STAGE_SCHEDULES = {"interleaved_1f1b": "looped", "looped_bfs": "looped", "interleaved_zb": "looped",
+                         "zbv": "v", "dualpipev": "v"}
+SCHEDULES = SINGLE_STAGE_SCHEDULES + tuple(MULTI_STAGE_SCHEDULES)
+
+
+def _schedule_class(name: str):
+    from torch.distributed.pipelining import schedules as S
+
+    return {"gpipe": S.ScheduleGPipe, "1f1b": S.Schedule1F1B, "interleaved_1f1b": S.ScheduleInterleaved1F1B,
+            "looped_bfs": S.ScheduleLoopedBFS, "interleaved_zb": S.ScheduleInterleavedZeroBubble,
+            "zbv": S.ScheduleZBVZeroBubble, "dualpipev": S.ScheduleDualPipeV}[name]
+
+
+def stages_per_rank(schedule: str, virtual_stages: int = 1) -> int:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"parallel.schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
+    if schedule in SINGLE_STAGE_SCHEDULES:
+        if virtual_stages != 1:
+            raise ValueError(f"parallel.schedule={schedule!r} runs one stage per rank, got {virtual_stages} virtual stages")
+        return 1
+    if MULTI_STAGE_SCHEDULES[schedule] == "v":
+        return 2
+    return max(virtual_stages, 2)
+
+
+def stage_indices(schedule: str, rank: int, ranks: int, virtual_stages: int = 1) -> list[int]:
+    """The global stage indices this rank runs."""
+    per_rank = stages_per_rank(schedule, virtual_stages)
+    if per_rank == 1:
+        return [rank]
+    if MULTI_STAGE_SCHEDULES[schedule] == "v":
+        return [rank, 2 * ranks - 1 - rank]
+    return [rank + k * ranks for k in range(per_rank)]
+
+
+def split_layers(layer_keys: list[str], num_stages: int, layers_per_stage: list[int] | None = None,
+                 layer_costs: list[float] | None = None, first_extra: float = 0.0,
+                 last_extra: float = 0.0) -> list[list[str]]:
+    """Decoder layers per stage, in order.
+
+    - `layers_per_stage`: explicit counts (they must add up to the layer count, each >= 1).
+    - `layer_costs`: a balanced split minimising the most expensive stage, with `first_extra` /
+      `last_extra` charged to the first / last stage (embedding and vision tower; norm, LM head, MTP).
+    - neither: an even split (earlier stages take the remainder)."""
+    n = len(layer_keys)
+    if num_stages < 1 or num_stages > n:
+        raise ValueError(f"pipeline: {num_stages} stages for {n} decoder layers; every stage needs at least one layer")
+    if layers_per_stage is not None:
+        if len(layers_per_stage) != num_stages or sum(layers_per_stage) != n or min(layers_per_stage) < 1:
+            raise ValueError(f"parallel.layers_per_stage: expected {num_stages} positive counts adding up to {n} "
+                             f"layers, got {layers_per_stage}")
+        counts = list(layers_per_stage)
+    elif layer_costs is not None:
+        if len(layer_costs) != n:
+            raise ValueError(f"pipeline: {len(layer_costs)} layer costs for {n} layers")
+        counts = _balanced_counts(layer_costs, num_stages, first_extra, last_extra)
+    else:
+        counts = [n // num_stages + (1 if s < n % num_stages else 0) for s in range(num_stages)]
+    out, start = [], 0
+    for c in counts:
+        out.append(layer_keys[start : start + c])
+        start += c
+    return out
+
+
+def _balanced_counts(costs: list[float], stages: int, first_extra: float, last_extra: float) -> list[int]:
+    """Contiguous split with the smallest maximum stage cost (exact dynamic programme; L and stages are small)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def cost(s: int, i: int, j: int) -> float:  # stage s holds layers i..j-1
+        return prefix[j] - prefix[i] + (first_extra if s == 0 else 0.0) + (last_extra if s == stages - 1 else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for s in range(1, stages + 1):
+        for j in range(s, n - (stages - s) + 1):
+            for i in range(s - 1, j):
+                value = max(best[s - 1][i], cost(s - 1, i, j))
+                if value < best[s][j]:
+                    best[s][j], cut[s][j] = value, i
+    counts, j = [], n
+    for s in range(stages, 0, -1):
+        i = cut[s][j]
+        counts.append(j - i)
+        j = i
+    return counts[::-1]
+
+
+def text_model_of(model: nn.Module) -> nn.Module:
+    """The part of a native causal LM that holds embed_tokens / layers / norm."""
+    for name in ("model", "language_model"):
+        inner = getattr(model, name, None)
+        if inner is not None and hasattr(inner, "layers"):
+            return inner
+    raise ValueError(f"{type(model).__name__}: no text model with decoder layers to split into stages")
+
+
+def check_pipelinable(model: nn.Module) -> None:
+    """A `ValueError` for what this pipeline cannot split yet, before any process-group work."""
+    inner = text_model_of(model)
+    if getattr(inner, "mtp", None) is not None:
+        raise ValueError("pipeline parallelism with MTP depths is not supported yet (parallel.pp=1, or model.mtp.num_layers=0)")
+    if getattr(model, "vision_tower", None) is not None:
+        raise ValueError(f"pipeline parallelism for vision-language models ({type(model).__name__}) is not supported "
+                         "yet; text-only native models are")
+    if getattr(model, "tied_embeddings", False):
+        raise ValueError("pipeline parallelism needs untied input and output embeddings (tie_word_embeddings=false)")
+    for module in model.modules():
+        if getattr(getattr(module, "cfg", None), "aux_loss_coef", 0.0):
+            raise ValueError("pipeline parallelism with an MoE auxiliary loss is not supported yet")
+
+
+class StageModule(nn.Module):
+    """One pipeline stage of a native causal LM: ids or hidden states in, hidden states or logits out."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool):
+        super().__init__()
+        self.model = model
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=x) if self.first else self.model(inputs_embeds=x)
+        return out.logits if self.last else out.hidden_states
+
+
+def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[list[str]]) -> StageModule:
+    """A copy of `full_model` pruned to stage `stage`: its layers (keys unchanged), plus the embedding on the
+    first stage and the final norm and LM head on the last."""
+    check_pipelinable(full_model)
+    n = len(layers_per_stage)
+    model = copy.deepcopy(full_model)
+    inner = text_model_of(model)
+    keep = set(layers_per_stage[stage])
+    for key in list(inner.layers.keys()):
+        if key not in keep:
+            del inner.layers[key]
+    if stage != 0:
+        inner.embed_tokens = None
+    if stage != n - 1:
+        inner.norm = None
+        model.lm_head = None
+    return StageModule(model, first=stage == 0, last=stage == n - 1)
+
+
+@dataclass
+class PipelineRun:
+    schedule: object
+    modules: list[StageModule]
+    stage_ids: list[int]
+    num_stages: int
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.num_stages - 1 in self.stage_ids
+
+    def parameters(self):
+        for m in self.modules:
+            yield from m.parameters()
+
+    def named_parameters(self):
+        for m in self.modules:
+            yield from m.model.named_parameters()
+
+    def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None) -> list[torch.Tensor]:
+        """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids`, ranks
+        holding the last stage pass `labels`; returns the per-microbatch losses there (else [])."""
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if self.has_first else ()
+        self.schedule.step(*args, target=labels if self.has_last else None, losses=losses)
+        return losses
+
+
+def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: str, microbatches: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
+                   layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None) -> PipelineRun:
+    """This rank's stages of `full_model` and the schedule that runs them. Every rank calls it with the same
+    full model (same weights) and arguments."""
+    from torch.distributed.pipelining import PipelineStage
+
+    check_pipelinable(full_model)
+    if microbatches < 1:
+        raise ValueError(f"parallel.microbatches: expected a positive count, got {microbatches}")
+    ids = stage_indices(schedule, rank, ranks, virtual_stages)
+    num_stages = ranks * stages_per_rank(schedule, virtual_stages)
+    if schedule in SINGLE_STAGE_SCHEDULES and microbatches < 1:
+        raise ValueError("parallel.microbatches must be >= 1")
+    if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
+        raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
+    keys = list(text_model_of(full_model).layers.keys())
+    split = split_layers(keys, num_stages, layers_per_stage)
+    modules = [make_stage_module(full_model, s, split).to(device) for s in ids]
+    stages = [PipelineStage(m, s, num_stages, device, group=group) for m, s in zip(modules, ids)]
+    cls = _schedule_class(schedule)
+    kwargs = dict(n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    sched = cls(stages[0], **kwargs) if schedule in SINGLE_STAGE_SCHEDULES else cls(stages, **kwargs)
+    return PipelineRun(sched, modules, ids, num_stages)

@@ -1,0 +1,77 @@
+"""Pipeline parallelism against the single-process run: same losses, same gradient for every parameter."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.parallel.pipeline import split_layers, stage_indices, stages_per_rank
+from tests.parallel.pipeline_models import build_model, reference_step
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, kind: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(tmp_path), schedule,
+           str(microbatches), kind]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
+
+
+@pytest.mark.parametrize("kind, schedule, microbatches", [
+    ("mimo", "gpipe", 4),
+    ("mimo", "1f1b", 4),
+    ("mimo", "interleaved_1f1b", 4),
+    ("mimo", "zbv", 4),
+    ("m3", "1f1b", 2),
+])
+def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, microbatches):
+    ranks = run_pipeline(tmp_path, 2, schedule, microbatches, kind)
+    ref_grads, ref_losses = reference_step(kind, microbatches)
+    grads, losses = {}, []
+    for r in ranks:
+        assert not (grads.keys() & r["grads"].keys()), "a parameter lives on two stages"
+        grads |= r["grads"]
+        losses += r["losses"]
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        assert torch.allclose(g, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item() + 1e-8), name
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def test_stage_placement_and_layer_splits():
+    assert stage_indices("1f1b", 1, 2) == [1]
+    assert stage_indices("interleaved_1f1b", 1, 2) == [1, 3]
+    assert stage_indices("zbv", 0, 2) == [0, 3] and stage_indices("zbv", 1, 2) == [1, 2]
+    assert stages_per_rank("interleaved_1f1b", 3) == 3
+    keys = [str(i) for i in range(7)]
+    assert [len(s) for s in split_layers(keys, 3)] == [3, 2, 2]
+    assert [len(s) for s in split_layers(keys, 3, [1, 2, 4])] == [1, 2, 4]
+    # balanced: the expensive last layer and the head get a stage of their own
+    assert [len(s) for s in split_layers(keys, 2, layer_costs=[1, 1, 1, 1, 1, 1, 6], last_extra=1)] == [6, 1]
+    with pytest.raises(ValueError, match="every stage needs at least one layer"):
+        split_layers(keys, 8)
+    with pytest.raises(ValueError, match="layers_per_stage"):
+        split_layers(keys, 3, [1, 2, 3])
+    with pytest.raises(ValueError, match="schedule"):
+        stages_per_rank("zigzag")
+
+
+def test_unsupported_models_are_refused_before_any_process_group_work():
+    from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
+    from plait.parallel.pipeline import check_pipelinable
+    from tests.nn.reference import mimo_config
+
+    with pytest.raises(ValueError, match="MTP"):
+        check_pipelinable(MiMoV2FlashForCausalLM.from_config(mimo_config(), num_mtp_layers=1))
+    with pytest.raises(ValueError, match="untied"):
+        check_pipelinable(MiMoV2FlashForCausalLM.from_config(mimo_config(tie_word_embeddings=True)))
+    assert build_model("mimo") is not None
