@@ -130,21 +130,23 @@ class CheckpointSettings(_Section):
 
 
 class ParallelSettings(_Section):
-    dp: int = Field(1, gt=0)
-    pp: int = Field(1, gt=0)
-    schedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"] = "1F1B"
-    microbatches: int = Field(1, gt=0)
-    layers_per_stage: int | None = Field(None, gt=0)
+    dp: int = Field(1, gt=0, description="data-parallel replicas")
+    pp: int = Field(1, gt=0, description="pipeline stages' ranks (native text models)")
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
+    microbatches: int = Field(1, gt=0, description="pipeline microbatches per (accumulation) batch")
+    layers_per_stage: list[int] | None = Field(None, description="decoder layers of each stage; even split if unset")
+    virtual_stages: int = Field(1, gt=0, description="stages per rank for the looped interleaved schedules")
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelSettings":
-        if self.pp != 1:
-            raise ValueError(f"parallel.pp={self.pp}: not supported yet; use 1")
-        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None):
+        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None or self.virtual_stages != 1):
             raise ValueError(
-                f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}: "
-                "only used with parallel.pp > 1"
+                f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}, "
+                f"parallel.virtual_stages={self.virtual_stages}: only used with parallel.pp > 1"
             )
+        if self.pp > 1 and self.dp > 1:
+            raise ValueError(f"parallel.dp={self.dp} with parallel.pp={self.pp}: data and pipeline parallelism "
+                             "together are not supported yet; use one of them")
         return self
 
 
@@ -159,6 +161,14 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "RunConfig":
+        if self.parallel.pp > 1:
+            micro = self.train.batch_size // self.train.grad_accum
+            if micro % self.parallel.microbatches:
+                raise ValueError(f"train.batch_size / train.grad_accum = {micro} rows must split into "
+                                 f"parallel.microbatches={self.parallel.microbatches} equal microbatches")
+            if self.data.packing:
+                raise ValueError("data.packing with parallel.pp > 1: not supported yet (stages pass hidden states "
+                                 "only, not the packed position ids)")
         per_step = self.train.grad_accum * self.parallel.dp
         if self.train.batch_size % per_step:
             raise ValueError(

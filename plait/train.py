@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 import yaml
+from torch import nn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -259,6 +260,49 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
+def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: torch.device, step_total: dict,
+                    example: dict):
+    """This rank's pipeline stages, warmed up on a batch of the training shape. The loss on the last stage is
+    normalised over the whole step's targets."""
+    from plait.parallel.pipeline import build_pipeline
+
+    scale = {"value": 1.0}
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss_sum(logits, labels) / step_total["targets"] * scale["value"]
+
+    p = cfg.parallel
+    pipe = build_pipeline(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
+                          loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
+                          virtual_stages=p.virtual_stages)
+    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale)
+    return pipe
+
+
+def _clip_pipeline_grads(local: nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
+    """clip_grad_norm_ over the parameters of every stage: the squared norms are summed across ranks."""
+    grads = [p.grad for p in local.parameters() if p.grad is not None]
+    sq = float(sum(g.float().pow(2).sum() for g in grads)) if grads else 0.0
+    total = torch.tensor(ctx.sum_over_world(sq)).sqrt()
+    if max_norm:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return total
+
+
+def _gather_stages(pipe, model: nn.Module, ctx: DistContext) -> None:
+    """Copy every stage's current weights into rank 0's whole model (for evaluation and the HF export)."""
+    import torch.distributed as dist
+
+    mine = {name: t.detach().cpu() for m in pipe.modules for name, t in m.model.state_dict().items()}
+    everyone = [None] * ctx.world_size
+    dist.all_gather_object(everyone, mine)
+    if ctx.is_main:
+        merged = {k: v for part in everyone for k, v in part.items()}
+        model.load_state_dict(merged, strict=True)
+
+
 def _documents(batch: dict) -> torch.Tensor | None:
     """Document ids of a packed batch (from its position ids), None for one document per row."""
     if "position_ids" not in batch:
@@ -277,14 +321,24 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         console = Console(quiet=True)  # one rank speaks, and writes logs and the HF export
     run = prepare_run(cfg)
     model, device, tcfg = run.model, run.device, cfg.train
-    replica = wrap_data_parallel(model, ctx, device)
     train_set = run.datasets["train"]
+    step_total = {"targets": 1.0}  # the pipeline's loss function reads the current step's target count
+    pipe = None
+    pad_to = None
+    if cfg.parallel.pp > 1:  # pipeline stages exchange fixed shapes: every batch is padded to one length
+        pad_to = train_set.max_length()
+        example = collate_padded([train_set[i] for i in range(tcfg.batch_size // tcfg.grad_accum)],
+                                 train_set.pad_id, pad_to)
+        pipe = _build_pipeline(cfg, model, ctx, device, step_total, example)
+    # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
+    local = nn.ModuleList([m.model for m in pipe.modules]) if pipe is not None else model
+    replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum
     collate = (partial(collate_packed, pad_id=pad_id, pack_length=cfg.data.pack_length) if cfg.data.packing
-               else partial(collate_padded, pad_id=pad_id))
+               else partial(collate_padded, pad_id=pad_id, pad_to=pad_to))
     autocast = autocast_for(device, tcfg.autocast)
-    optimizer = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
+    optimizer = torch.optim.AdamW(param_groups(local, tcfg.weight_decay), lr=tcfg.lr, betas=tcfg.betas, eps=tcfg.eps,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_multiplier, settings=tcfg))
     order = SampleOrder(len(train_set), tcfg.seed)
@@ -294,7 +348,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
-        load_training_state(resume_from, model, optimizer)
+        load_training_state(resume_from, local, optimizer)
         scheduler.load_state_dict(resume_state["scheduler"])
         order.load_state_dict(resume_state["data"])
         torch.set_rng_state(torch.tensor(resume_state["rng"], dtype=torch.uint8))
@@ -309,7 +363,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     def training_state(step: int) -> Callable[[Path], None]:
         trainer = {"step": step, "scheduler": scheduler.state_dict(), "data": order.state_dict(),
                    "rng": torch.get_rng_state().tolist(), "world_size": ctx.world_size}
-        return lambda tmp: save_training_state(tmp, model, optimizer, trainer, write_trainer_state=ctx.is_main)
+        return lambda tmp: save_training_state(tmp, local, optimizer, trainer, write_trainer_state=ctx.is_main)
 
     n_params = sum(p.numel() for p in model.parameters())
     console.print(f"model {model.config.model_type}: {n_params:,} parameters on {device}; "
@@ -318,6 +372,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     def run_eval(step: int, split: str, num_samples: int | None) -> dict[str, float]:
         """On rank 0 (the others wait): held-out figures do not need every replica."""
         metrics = {}
+        if pipe is not None:
+            _gather_stages(pipe, model, ctx)
         if ctx.is_main:
             metrics = evaluate_captions(model, run.datasets[split], run.vision_inputs, run.tokenizer,
                                         num_samples=num_samples, batch_size=cfg.eval.batch_size,
@@ -338,7 +394,16 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             depth_labels = [[mtp_labels(b["labels"], d, _documents(b)) for d in range(1, mtp_depths + 1)] for b in batches]
             depth_targets = [max(ctx.sum(sum(count_targets(dl[d]) for dl in depth_labels)), 1.0) for d in range(mtp_depths)]
             lm_sum, depth_sums, tokens = 0.0, [0.0] * mtp_depths, 0
-            for b, labels_per_depth in zip(batches, depth_labels):
+            step_total["targets"] = step_targets
+            for b in batches if pipe is not None else ():
+                # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
+                with autocast():
+                    losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device))
+                lm_sum += sum(float(x.detach()) for x in losses)
+                tokens += int((b["input_ids"] != pad_id).sum())
+            if pipe is not None:
+                lm_sum = ctx.sum_over_world(lm_sum)
+            for b, labels_per_depth in zip(batches, depth_labels) if pipe is None else ():
                 inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
                 if mtp_depths:
                     inputs["return_mtp_logits"] = True
@@ -352,19 +417,20 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                         loss = loss + mtp_scale * depth
                         depth_sums[d] += float(depth.detach())
                 # DDP averages gradients over ranks; scaling by the world size makes that average a sum
-                (loss * ctx.world_size).backward()
+                (loss * ctx.replicas).backward()
                 lm_sum += float(lm.detach())
                 tokens += int((b["input_ids"] != pad_id).sum())
             lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
             depth_sums = [ctx.sum(x) for x in depth_sums]
             loss_sum = lm_sum + mtp_scale * sum(depth_sums)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
+                         if pipe is None else _clip_pipeline_grads(local, tcfg.grad_clip, ctx))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # MoE: this step's expert loads, summed over ranks, move the correction biases toward balance
-            expert_loads = update_expert_bias(model, all_reduce=ctx.all_reduce_)
+            expert_loads = update_expert_bias(local, all_reduce=ctx.all_reduce_)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
                 row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": float(grad_norm),
@@ -381,11 +447,13 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 if ctx.is_main:
                     console.print(f"step {step}: val loss {m['loss']:.4f}, val exact match {m['exact_match']:.4f}")
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step != tcfg.steps:
+                if pipe is not None:
+                    _gather_stages(pipe, model, ctx)
                 export_model(run, ckpt_root / f"step_{step}", training_state(step), ctx)
                 if ctx.is_main:
                     _prune_checkpoints(ckpt_root, cfg.checkpoint.keep_last)
 
-    final = run_eval(tcfg.steps, cfg.eval.split, cfg.eval.num_samples)
+    final = run_eval(tcfg.steps, cfg.eval.split, cfg.eval.num_samples)  # gathers the stages into the model
     ckpt = export_model(run, ckpt_root / f"step_{tcfg.steps}", training_state(tcfg.steps), ctx)
     curve = out_dir / "loss_curve.png"
     if ctx.is_main:

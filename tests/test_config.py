@@ -45,7 +45,8 @@ def test_override_into_a_value_is_an_error():
         ("train.steps=0", r"train.steps: .*greater than 0.*given 0"),
         ("data.dataset=mnist", r"data.dataset: .*'shapes'.*given 'mnist'"),
         ("train.batch_size=30", r"batch_size \(30\) must be divisible by train.grad_accum x parallel.dp \(4 x 1\)"),
-        ("parallel.pp=2", r"parallel.pp=2: not supported yet"),
+        ("parallel.pp=2 parallel.dp=2", r"parallel.dp=2 with parallel.pp=2: .*not supported yet"),
+        ("parallel.pp=2 parallel.microbatches=3", r"must split into parallel.microbatches=3"),
         ("parallel.microbatches=4", r"only used with parallel.pp > 1"),
         ("train.resume=sometimes", r"train.resume: .*'never' or 'auto'.*given 'sometimes'"),
         ("model.mtp.train_only=true", r"model.mtp.train_only=true: .*not supported yet"),
@@ -59,7 +60,7 @@ def test_bad_config_names_the_key(override, message):
     extra = ["train.grad_accum=4"] if "batch_size" in override else []
     extra += ["data.test_fraction=0.5"] if "val_fraction" in override else []
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/default.yaml", [override, *extra])
+        load_config("configs/default.yaml", [*override.split(" "), *extra])
 
 
 def test_config_errors_are_value_errors():

@@ -19,11 +19,16 @@ def _labels(sample: dict) -> torch.Tensor:
     return labels
 
 
-def collate_padded(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; `attention_mask` is 1 on real tokens."""
+def collate_padded(samples: list[dict], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample (or to `pad_to` tokens, for fixed shapes); `attention_mask` is 1 on
+    real tokens."""
     if not samples:
         raise ValueError("samples: expected at least one sample, got an empty batch")
     length = max(len(s["input_ids"]) for s in samples)
+    if pad_to is not None:
+        if pad_to < length:
+            raise ValueError(f"pad_to: {pad_to} tokens is shorter than the longest sample ({length})")
+        length = pad_to
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)

@@ -196,7 +196,9 @@ class MoE(nn.Module):
         out = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        if self.training:  # evaluation forwards must not move the balancing biases
+        # only training forwards count (evaluation must not move the balancing biases; shape inference on
+        # meta tensors has nothing to count)
+        if self.training and x.device.type != "meta":
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.num_experts)
         self.aux_loss = None

@@ -19,8 +19,12 @@ from plait.config import ParallelSettings
 
 @dataclass(frozen=True)
 class DistContext:
+    """This process in the launch: `rank` / `world_size` over all processes; `dp_size` of them are
+    data-parallel replicas (the rest of the world is pipeline stages, which all see the same data)."""
+
     rank: int = 0
     world_size: int = 1
+    dp_size: int | None = None  # None: every process is a replica
 
     @property
     def is_main(self) -> bool:
@@ -30,21 +34,35 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def replicas(self) -> int:
+        return self.world_size if self.dp_size is None else self.dp_size
+
     def shard(self, indices: list[int]) -> list[int]:
+        if self.replicas == 1:
+            return indices
         return indices[self.rank :: self.world_size]
 
     def sum(self, value: float) -> float:
-        """All-reduce a Python number (float64, so token counts stay exact)."""
-        if not self.enabled:
+        """All-reduce a Python number over the replicas (float64, so token counts stay exact)."""
+        if self.replicas == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64)
         dist.all_reduce(t)
         return float(t.item())
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
-        """Sum a tensor over ranks, in place."""
-        if self.enabled:
+        """Sum a tensor over the replicas, in place."""
+        if self.replicas > 1:
             dist.all_reduce(tensor)
+
+    def sum_over_world(self, value: float) -> float:
+        """Sum a Python number over every process (pipeline stages included)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
 
     def barrier(self) -> None:
         if self.enabled:
@@ -79,11 +97,11 @@ def init_data_parallel(settings: ParallelSettings, device: torch.device) -> Dist
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_size=settings.dp)
 
 
 def wrap_data_parallel(model: torch.nn.Module, ctx: DistContext, device: torch.device) -> torch.nn.Module:
-    if not ctx.enabled:
+    if ctx.replicas == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
 

@@ -199,6 +199,22 @@ class PipelineRun:
         for m in self.modules:
             yield from m.model.named_parameters()
 
+    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict) -> None:
+        """torch's pipeline infers the stages' shapes with extra forwards on its first step. Run that first
+        step here, on a batch of the training shape with the loss scaled to zero, then drop what it left:
+        gradients and MoE expert counts. Shapes must stay fixed afterwards (pad batches to one length)."""
+        loss_scale["value"] = 0.0
+        try:
+            self.step(input_ids, labels)
+        finally:
+            loss_scale["value"] = 1.0
+        for m in self.modules:
+            m.zero_grad(set_to_none=True)
+            for module in m.modules():
+                counts = getattr(module, "tokens_per_expert", None)
+                if counts is not None:
+                    counts.zero_()
+
     def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None) -> list[torch.Tensor]:
         """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids`, ranks
         holding the last stage pass `labels`; returns the per-microbatch losses there (else [])."""

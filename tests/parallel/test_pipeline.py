@@ -75,3 +75,37 @@ def test_unsupported_models_are_refused_before_any_process_group_work():
     with pytest.raises(ValueError, match="untied"):
         check_pipelinable(MiMoV2FlashForCausalLM.from_config(mimo_config(tie_word_embeddings=True)))
     assert build_model("mimo") is not None
+
+
+def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache):
+    from rich.console import Console
+
+    import plait
+    from plait.config import load_config
+    from plait.metrics import read_metrics
+    from plait.train import train
+    from tests.conftest import SMALL_DATA
+
+    common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=4", "train.batch_size=16",
+              "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=16",
+              "eval.max_new_tokens=16", "checkpoint.every_steps=2"]
+    single = load_config("configs/mimo_v2_flash_tiny.yaml", [f"output_dir={tmp_path / 'single'}", *common])
+    train(single, console=Console(quiet=True))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", "configs/mimo_v2_flash_tiny.yaml",
+           f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
+           "parallel.schedule=1f1b"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
+    ref = [r for r in read_metrics(single.output_dir / "metrics.jsonl") if "lm_loss" in r]
+    assert len(ours) == len(ref) == 4
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # rank 0 exports the whole model (every stage's weights), loadable in one process
+    whole = plait.from_pretrained(tmp_path / "pp2" / "checkpoints" / "step_4")
+    alone = plait.from_pretrained(single.output_dir / "checkpoints" / "step_4")
+    for (name, a), (_, b) in zip(whole.state_dict().items(), alone.state_dict().items()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert res.stdout.count("held-out accuracy: ") == 1
