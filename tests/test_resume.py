@@ -126,3 +126,33 @@ def test_a_crash_at_any_point_of_a_save_resumes_from_a_complete_checkpoint(small
     train(cfg, console=console)
     assert expected in console.export_text()
     assert losses(cfg.output_dir) == uninterrupted
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_the_run_resumes(small_config, monkeypatch):
+    import errno
+
+    import plait
+    import plait.train as train_module
+
+    cfg = small_config(*RESUMABLE)
+    reference = small_config(*RESUMABLE, f"output_dir={cfg.output_dir.parent / 'reference'}")
+    train(reference, console=Console(quiet=True))
+    real_write = train_module.write_model_dir
+
+    def disk_full_at_step_4(tmp, *args, **kwargs):
+        if ".tmp-step_4-" in tmp.name:
+            (tmp / "model.safetensors").write_bytes(b"\0" * 64)  # some bytes landed before the disk filled
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(tmp, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "write_model_dir", disk_full_at_step_4)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, console=Console(quiet=True))
+    root = cfg.output_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_2"]  # no partial step_4, no temp dir left behind
+    plait.from_pretrained(root / "step_2")  # the previous checkpoint is intact
+    monkeypatch.setattr(train_module, "write_model_dir", real_write)
+    console = Console(record=True, width=200)
+    train(cfg, console=console)  # disk space back: the same command continues
+    assert "resumed from step 2" in console.export_text()
+    assert losses(cfg.output_dir) == losses(reference.output_dir)
