@@ -156,3 +156,32 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_the_run_res
     train(cfg, console=console)  # disk space back: the same command continues
     assert "resumed from step 2" in console.export_text()
     assert losses(cfg.output_dir) == losses(reference.output_dir)
+
+
+def test_a_crash_between_the_two_renames_of_a_re_export_resumes_from_a_complete_checkpoint(small_config, monkeypatch):
+    import os
+
+    import plait.checkpoint as checkpoint_module
+
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    uninterrupted = losses(cfg.output_dir)
+    # Re-running a finished run re-exports step_6 over itself: the old dir is moved aside, then the new one
+    # renamed in. Die between the two renames.
+    real_replace = os.replace
+
+    def replace_then_die(src, dst):
+        if str(dst).endswith("/step_6") and ".tmp-step_6-" in str(src):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, console=Console(quiet=True))
+    monkeypatch.undo()
+    root = cfg.output_dir / "checkpoints"
+    assert not (root / "step_6").exists()  # moved aside, never replaced
+    console = Console(record=True, width=200)
+    train(cfg, console=console)
+    assert "resumed from step 4" in console.export_text()
+    assert losses(cfg.output_dir) == uninterrupted
