@@ -185,3 +185,53 @@ def test_mtp_is_skipped_in_cached_generation_and_without_labels():
     with torch.no_grad():
         assert model(input_ids=ids).mtp_logits is None
         assert model(input_ids=ids, use_cache=True, return_mtp_logits=True).mtp_logits is None
+
+
+# --- MiniMax-M3(-VL) with MTP depths --------------------------------------------------------------
+
+
+def test_minimax_m3_vl_mtp_depths_train_save_and_load(tmp_path):
+    from safetensors.torch import load_file
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
+        MiniMaxM3SparseForConditionalGeneration as Reference,
+    )
+
+    import plait
+    from plait.models.hf import to_hf_config
+    from plait.models.minimax_m3 import MiniMaxM3SparseForConditionalGeneration
+    from plait.models.vlm import _m3_inputs
+    from tests.models.test_minimax_m3 import IMAGE, vl_config
+
+    torch.manual_seed(0)
+    model = MiniMaxM3SparseForConditionalGeneration.from_config(to_hf_config(vl_config("sparse")), num_mtp_layers=2,
+                                                                mtp_loss_scaling_factor=0.3)
+    inputs = _m3_inputs(model.config, torch.rand(2, 3, 48, 48))
+    ids = torch.cat([torch.tensor([1] + [IMAGE] * 9).expand(2, -1), torch.randint(6, 40, (2, 8))], dim=1)
+    labels = ids.masked_fill(torch.arange(ids.shape[1]) < 10, -100)
+    out = model(input_ids=ids, labels=labels, **inputs)
+    assert len(out.mtp_logits) == 2 and len(out.mtp_losses) == 2
+    assert_close(out.loss, out.lm_loss + 0.3 / 2 * (out.mtp_losses[0] + out.mtp_losses[1]))
+    out.loss.backward()
+    assert model.language_model.mtp.layers[1].eh_proj.weight.grad.abs().sum() > 0
+    # the NeMo AutoModel naming on disk; transformers ignores the depths and gives the same logits
+    model.save_pretrained(tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert "language_model.model.mtp.layers.1.eh_proj.weight" in names
+    assert any(n.startswith("language_model.model.mtp.layers.0.transformer_layer.block_sparse_moe.experts.0.w1")
+               for n in names)
+    again = plait.from_pretrained(tmp_path)
+    assert again.mtp_config.num_layers == 2
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+    ref = Reference.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_close(again.eval()(input_ids=ids, **inputs).logits, ref(input_ids=ids, **inputs).logits, tol=1e-4)
+    # the public per-depth logits, from the trunk's last-layer (pre-norm) states, equal the forward's
+    text_ids = torch.randint(6, 40, (2, 9))
+    text = again.language_model
+    with torch.no_grad():
+        trunk = text(text_ids, return_trunk=True)
+        by_method = text.mtp_logits(trunk.pre_norm, text_ids, again.lm_head)
+        by_forward = again(input_ids=text_ids, return_mtp_logits=True).mtp_logits
+    for a, b in zip(by_method, by_forward):
+        assert_close(a, b, tol=1e-6)

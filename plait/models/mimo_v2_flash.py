@@ -23,7 +23,6 @@ and `layers` is a ModuleDict keyed by the original layer index.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,15 +32,18 @@ from transformers import AutoConfig, PretrainedConfig
 from plait.checkpoint import check_model_dir
 from plait.models.native import (
     CausalLMOutput,
+    TrunkOutput,
+    add_mtp_losses,
+    mean_ce,
+    mtp_layers_in_checkpoint,
     check_layer_lists,
     init_reference_weights,
     load_checkpoint_into,
     positions_and_mask,
     save_checkpoint,
 )
-from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents, mtp_labels
+from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.attention import Attention, AttentionMask, KVCache
-from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.mlp import MLP, Activation
 from plait.nn.moe import MoE, MoEConfig
 from plait.nn.norm import RMSNorm
@@ -51,15 +53,6 @@ MODEL_TYPE = "mimo_v2_flash"
 SLIDING, FULL = "sliding_attention", "full_attention"
 # transformers' default when a layer type's rope parameters omit it
 DEFAULT_PARTIAL_ROTARY_FACTOR = 0.334
-
-
-@dataclass
-class TrunkOutput:
-    hidden_states: torch.Tensor  # after the final norm (when this stage has it)
-    pre_norm: torch.Tensor  # the last layer's output: what the first MTP depth reads
-    mask: AttentionMask
-    position_ids: torch.Tensor
-    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,11 +198,6 @@ class MiMoV2FlashModel(nn.Module):
                         rope=trunk.ropes[SLIDING], mask=trunk.mask)
 
 
-def _mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
-    return causal_lm_chunked_loss_sum(hidden, weight, labels) / n_targets.clamp(min=1)
-
-
 class MiMoV2FlashForCausalLM(nn.Module):
     model_type = MODEL_TYPE
     supports_mtp = True
@@ -252,16 +240,10 @@ class MiMoV2FlashForCausalLM(nn.Module):
         if mtp_hidden is not None and (return_logits or return_mtp_logits):
             out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
         if labels is not None:
-            if labels.shape != h.shape[:2]:
-                raise ValueError(f"labels: expected shape {list(h.shape[:2])}, got {list(labels.shape)}")
-            out.lm_loss = _mean_ce(h, self.lm_head.weight, labels)
-            out.loss = out.lm_loss
+            out.lm_loss = out.loss = mean_ce(h, self.lm_head.weight, labels)
             if mtp_hidden is not None:
-                docs = trunk.mask.documents
-                out.mtp_losses = [_mean_ce(x, self.lm_head.weight, mtp_labels(labels, d, docs))
-                                  for d, x in enumerate(mtp_hidden, start=1)]
-                scale = self.mtp_config.loss_scaling_factor / len(mtp_hidden)
-                out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
+                add_mtp_losses(out, mtp_hidden, self.lm_head.weight, labels, trunk.mask.documents,
+                               self.mtp_config.loss_scaling_factor)
         return out
 
     # --- construction, weights, checkpoints -------------------------------------------------
@@ -288,7 +270,8 @@ class MiMoV2FlashForCausalLM(nn.Module):
         if config.model_type != MODEL_TYPE:
             raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {MODEL_TYPE!r}")
         # the MTP depth count is not in the config: it is the checkpoint's model.mtp.layers.N
-        return load_checkpoint_into(lambda hf_state: cls(config, mtp_layers_in_checkpoint(hf_state), backend, experts_impl),
+        return load_checkpoint_into(lambda hf_state: cls(config, mtp_layers_in_checkpoint(hf_state, "model."), backend,
+                                                         experts_impl),
                                     StateDictAdapter(config), path)
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -325,19 +308,11 @@ def _reject_unknown(kwargs: dict) -> None:
             raise ValueError(f"MiMoV2FlashForCausalLM is text-only: got {key}")
 
 
-_MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def mtp_layers_in_config(config: PretrainedConfig) -> int:
     return int(getattr(config, "num_nextn_predict_layers", 0) or getattr(config, "num_mtp_layers", 0) or 0)
-
-
-def mtp_layers_in_checkpoint(hf_state: dict) -> int:
-    depths = {int(m.group(1)) for k in hf_state if (m := _MTP_KEY.match(k))}
-    if depths and depths != set(range(len(depths))):
-        raise ValueError(f"checkpoint MTP layers: expected model.mtp.layers.0..{len(depths) - 1}, got {sorted(depths)}")
-    return len(depths)
 
 
 class StateDictAdapter:

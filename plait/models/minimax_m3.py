@@ -33,6 +33,10 @@ from plait.checkpoint import check_model_dir
 from plait.models.minimax_m3_vision import MultiModalProjector, VisionTower, to_grid_list
 from plait.models.native import (
     CausalLMOutput,
+    TrunkOutput,
+    add_mtp_losses,
+    mean_ce,
+    mtp_layers_in_checkpoint,
     check_layer_lists,
     init_reference_weights,
     load_checkpoint_into,
@@ -40,7 +44,7 @@ from plait.models.native import (
     save_checkpoint,
 )
 from plait.nn.attention import Attention, AttentionMask, KVCache
-from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
+from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
 from plait.nn.moe import MoE, MoEConfig, collect_aux_loss
 from plait.nn.norm import RMSNorm
@@ -161,6 +165,26 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class MTPLayer(nn.Module):
+    """One MTP depth: the fusion (enorm, hnorm, eh_proj; applied by MTPModule), a full-attention decoder
+    block as `transformer_layer` (its MLP of the kind the last trunk layer has), and final_layernorm. The
+    names are those NeMo AutoModel's M3 adapter reads: mtp.layers.{d}.transformer_layer.*."""
+
+    def __init__(self, config: PretrainedConfig, backend: str, moe_cfg: MoEConfig, has_fusion: bool, has_final_norm: bool):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        if has_fusion:
+            self.enorm, self.hnorm = RMSNorm(H, eps, unit_offset=True), RMSNorm(H, eps, unit_offset=True)
+            self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.transformer_layer = DecoderLayer(config, FULL, config.mlp_layer_types[-1], backend, moe_cfg)
+        if has_final_norm:
+            self.final_layernorm = RMSNorm(H, eps, unit_offset=True)
+
+    def forward(self, h, rope, mask: AttentionMask, position_ids=None):
+        # RoPE uses the trunk's positions (rolled position ids only reach the block as `position_ids`)
+        return self.transformer_layer(h, rope, mask, None, position_ids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Text backbone and LM
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +194,7 @@ class MiniMaxM3TextModel(nn.Module):
     """`moe_config` replaces the MoE settings read from the config (e.g. another experts implementation)."""
 
     def __init__(self, config: PretrainedConfig, moe_config: MoEConfig | None = None, backend: str = "sdpa",
-                 experts_impl: str = "auto"):
+                 experts_impl: str = "auto", mtp_config: MTPConfig | None = None):
         super().__init__()
         check_layer_lists(config, "text_config")
         self.config = config
@@ -187,13 +211,20 @@ class MiniMaxM3TextModel(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, rope.get("rope_theta", 5_000_000.0),
                                       rope.get("partial_rotary_factor", 1.0))
         self.mtp = None
+        if mtp_config is not None and mtp_config.enabled:
+            if mtp_config.layer_pattern != "*":
+                raise ValueError(f"MiniMax-M3 MTP depths are one whole block: layer_pattern must be '*', "
+                                 f"got {mtp_config.layer_pattern!r}")
+            self.mtp = MTPModule(mtp_config, "*", lambda gi, d, j, kind, fusion, final:
+                                 MTPLayer(config, backend, moe_cfg, fusion, final))
 
     def make_freqs_cis(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(position_ids)
 
     def forward(self, input_ids=None, position_ids=None, attention_mask=None, padding_mask=None, inputs_embeds=None,
-                cu_seqlens=None, past_key_values: KVCache | None = None) -> torch.Tensor:
-        """-> final hidden states (B, S, H). `padding_mask` is an alias of `attention_mask` (1 on real tokens)."""
+                cu_seqlens=None, past_key_values: KVCache | None = None, return_trunk: bool = False):
+        """-> final hidden states (B, S, H), or with `return_trunk` what the MTP depths need as well.
+        `padding_mask` is an alias of `attention_mask` (1 on real tokens)."""
         if attention_mask is None:
             attention_mask = padding_mask
         if self.embed_tokens is not None and inputs_embeds is None:
@@ -209,7 +240,24 @@ class MiniMaxM3TextModel(nn.Module):
             h = layer(h, rope, mask, cache, position_ids)
         if past_key_values is not None:
             past_key_values.seen += h.shape[1]
-        return self.norm(h) if self.norm is not None else h
+        normed = self.norm(h) if self.norm is not None else h
+        return TrunkOutput(normed, h, mask, position_ids, {FULL: rope}) if return_trunk else normed
+
+    def mtp_hidden_states(self, input_ids: torch.Tensor, trunk: TrunkOutput, cu_seqlens=None) -> list[torch.Tensor]:
+        """Per-depth final hidden states of the MTP depths (trunk's mask and rotary angles)."""
+        if cu_seqlens is None:
+            cu_seqlens = cu_seqlens_from_documents(trunk.mask.documents)
+        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
+                        rope=trunk.ropes[FULL], mask=trunk.mask)
+
+    def mtp_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, lm_head: nn.Module,
+                   position_ids=None, attention_mask=None, cu_seqlens=None) -> list[torch.Tensor]:
+        """Per-depth logits sharing `lm_head`, from the trunk's last-layer (pre-norm) hidden states."""
+        if self.mtp is None:
+            raise ValueError("mtp_logits: this model has no MTP depths (num_mtp_layers=0)")
+        position_ids, mask = positions_and_mask(hidden_states, position_ids, attention_mask, cu_seqlens, None)
+        trunk = TrunkOutput(hidden_states, hidden_states, mask, position_ids, {FULL: self.rotary(position_ids)})
+        return [lm_head(h) for h in self.mtp_hidden_states(input_ids, trunk, cu_seqlens)]
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
@@ -223,21 +271,40 @@ class _M3Base(nn.Module):
 
     text_prefix = ""  # where the text model sits in this class's state dict
 
-    def _loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if labels.shape != h.shape[:2]:
-            raise ValueError(f"labels: expected shape {list(h.shape[:2])}, got {list(labels.shape)}")
-        n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
-        loss = causal_lm_chunked_loss_sum(h, self.lm_head.weight, labels) / n_targets.clamp(min=1)
-        aux = collect_aux_loss(self)
-        return loss if aux is None else loss + aux
+    supports_mtp = True
 
-    def _output(self, h, labels, return_logits, past_key_values, use_cache) -> MiniMaxM3CausalLMOutput:
-        if self.lm_head is None:
+    def _text_model(self) -> MiniMaxM3TextModel:
+        return getattr(self, "language_model", None) or self.model
+
+    def _mtp_config(self, num_mtp_layers: int, loss_scaling_factor: float, repeated: bool) -> MTPConfig:
+        self.mtp_config = MTPConfig(num_layers=num_mtp_layers, loss_scaling_factor=loss_scaling_factor,
+                                    use_repeated_layer=repeated)
+        return self.mtp_config
+
+    def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
+             return_logits, return_mtp_logits, use_cache) -> MiniMaxM3CausalLMOutput:
+        """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
+        text = self._text_model()
+        run_mtp = (text.mtp is not None and input_ids is not None and past_key_values is None
+                   and (labels is not None or return_mtp_logits))
+        trunk = text(input_ids if inputs_embeds is None else None, position_ids, attention_mask, None, inputs_embeds,
+                     cu_seqlens, past_key_values, return_trunk=True)
+        h = trunk.hidden_states
+        if self.lm_head is None:  # a non-last pipeline stage
             return MiniMaxM3CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
         out = MiniMaxM3CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None,
                                       hidden_states=h, past_key_values=past_key_values if use_cache else None)
+        mtp_hidden = text.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
+        if mtp_hidden is not None and (return_logits or return_mtp_logits):
+            out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
         if labels is not None:
-            out.loss = self._loss(h, labels)
+            out.lm_loss = out.loss = mean_ce(h, self.lm_head.weight, labels)
+            if mtp_hidden is not None:
+                add_mtp_losses(out, mtp_hidden, self.lm_head.weight, labels, trunk.mask.documents,
+                               self.mtp_config.loss_scaling_factor)
+            aux = collect_aux_loss(self)
+            if aux is not None:
+                out.loss = out.loss + aux
         return out
 
     @classmethod
@@ -270,7 +337,9 @@ class _M3Base(nn.Module):
         target = MiniMaxM3SparseForConditionalGeneration if config.model_type == VL_MODEL_TYPE else MiniMaxM3SparseForCausalLM
         if cls is not _M3Base and cls is not target:
             raise ValueError(f"{path}: a {config.model_type} checkpoint loads as {target.__name__}, not {cls.__name__}")
-        return load_checkpoint_into(lambda hf_state: target(config, None, backend, experts_impl=experts_impl),
+        prefix = "language_model.model." if target is MiniMaxM3SparseForConditionalGeneration else "model."
+        return load_checkpoint_into(lambda hf_state: target(config, None, backend, experts_impl=experts_impl,
+                                                            num_mtp_layers=mtp_layers_in_checkpoint(hf_state, prefix)),
                                     StateDictAdapter(config), path)
 
     @property
@@ -294,10 +363,12 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
     text_prefix = "model."
     _keep_in_fp32_modules = ["rotary"]
 
-    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto"):
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
+                 num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
-        self.model = MiniMaxM3TextModel(config, moe_config, backend, experts_impl)
+        mtp = self._mtp_config(num_mtp_layers, mtp_loss_scaling_factor, mtp_repeated_layer)
+        self.model = MiniMaxM3TextModel(config, moe_config, backend, experts_impl, mtp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -309,12 +380,13 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
         self.model.embed_tokens = module
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
-                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, **unused):
+                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
+                **unused):
         _reject_unknown(unused, vision=False)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        h = self.model(input_ids, position_ids, attention_mask, None, inputs_embeds, cu_seqlens, past_key_values)
-        return self._output(h, labels, return_logits, past_key_values, use_cache)
+        return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
+                         return_logits, return_mtp_logits, use_cache)
 
 
 class MiniMaxM3SparseForConditionalGeneration(_M3Base):
@@ -325,12 +397,14 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
     text_prefix = "language_model."
     _keep_in_fp32_modules = ["rotary"]
 
-    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto"):
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
+                 num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
+        mtp = self._mtp_config(num_mtp_layers, mtp_loss_scaling_factor, mtp_repeated_layer)
         self.vision_tower = VisionTower(config.vision_config, backend)
         self.multi_modal_projector = MultiModalProjector(config)
-        self.language_model = MiniMaxM3TextModel(config.text_config, moe_config, backend, experts_impl)
+        self.language_model = MiniMaxM3TextModel(config.text_config, moe_config, backend, experts_impl, mtp)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         if config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.language_model.embed_tokens.weight
@@ -357,7 +431,8 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None,
-                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, **unused):
+                cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
+                **unused):
         _reject_unknown(unused, vision=True)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
@@ -376,8 +451,8 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                                                   self.config.vision_config.spatial_merge_size, kind)
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
-        h = self.language_model(None, position_ids, attention_mask, None, inputs_embeds, cu_seqlens, past_key_values)
-        return self._output(h, labels, return_logits, past_key_values, use_cache)
+        return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
+                         return_logits, return_mtp_logits, use_cache)
 
 
 def splice_multimodal(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,
@@ -510,8 +585,6 @@ class StateDictAdapter:
         out, experts = {}, {}
         E = self.text.num_local_experts
         for name, t in hf_state.items():
-            if re.match(r"^(model|language_model\.model)\.mtp\.|^mtp\.", name):
-                continue  # MTP depths of released checkpoints: not built for M3 yet (transformers drops them too)
             if m := _EXPERT_KEY.match(name):
                 experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
                 continue

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+import re
+
 from plait.checkpoint import read_model_weights, write_model_weights
+from plait.mtp import mtp_labels
+from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.moe import MoE, Router
 from plait.nn.norm import RMSNorm
@@ -49,6 +53,17 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
     mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
                                cu_seqlens=cu_seqlens, past_length=past)
     return position_ids, mask
+
+
+@dataclass
+class TrunkOutput:
+    """What a text backbone's forward leaves for the MTP depths."""
+
+    hidden_states: torch.Tensor  # after the final norm (when this stage has it)
+    pre_norm: torch.Tensor  # the last layer's output: what the first MTP depth reads
+    mask: AttentionMask
+    position_ids: torch.Tensor
+    ropes: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
@@ -148,3 +163,28 @@ def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
     if config.num_attention_heads % config.num_key_value_heads:
         raise ValueError(f"{prefix}: num_attention_heads {config.num_attention_heads} is not a multiple of "
                          f"num_key_value_heads {config.num_key_value_heads}")
+
+
+def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over target tokens, from hidden states and the LM head weight (chunked)."""
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels: expected shape {list(hidden.shape[:2])}, got {list(labels.shape)}")
+    n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
+    return causal_lm_chunked_loss_sum(hidden, weight, labels) / n_targets.clamp(min=1)
+
+
+def add_mtp_losses(out: CausalLMOutput, mtp_hidden: list[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
+                   documents: torch.Tensor | None, loss_scaling_factor: float) -> None:
+    """out.loss = main CE + loss_scaling_factor / D x sum of the per-depth CEs (depth d's labels are the
+    labels rolled left by d, masked at row and document ends); per-depth values in out.mtp_losses."""
+    out.mtp_losses = [mean_ce(h, weight, mtp_labels(labels, d, documents)) for d, h in enumerate(mtp_hidden, start=1)]
+    out.loss = out.lm_loss + loss_scaling_factor / len(mtp_hidden) * torch.stack(out.mtp_losses).sum()
+
+
+def mtp_layers_in_checkpoint(hf_state: dict, prefix: str) -> int:
+    """How many MTP depths a checkpoint holds: its `{prefix}mtp.layers.N` keys (configs do not say)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}mtp\.layers\.(\d+)\.")
+    depths = {int(m.group(1)) for k in hf_state if (m := pattern.match(k))}
+    if depths and depths != set(range(len(depths))):
+        raise ValueError(f"checkpoint MTP layers: expected {prefix}mtp.layers.0..{len(depths) - 1}, got {sorted(depths)}")
+    return len(depths)

@@ -65,4 +65,4 @@ def test_mtp_on_a_stock_model_is_a_clear_error(small_config):
     from plait.train import prepare_run
 
     with pytest.raises(ValueError, match="multi-token prediction needs a native plait model"):
-        prepare_run(small_config("model.mtp.num_layers=1"))
+        prepare_run(small_config("model.mtp.num_layers=1", "model.implementation=transformers"))
