@@ -200,6 +200,10 @@ def export_model(run: Run, target: Path, training_state: Callable[[Path], None] 
 
 
 def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
+    """Keep the newest `keep_last` checkpoints, and drop what crashed saves left behind (`.tmp-*`, `.old-*`):
+    called right after a save completed, when no other save is under way."""
+    for leftover in list(ckpt_root.glob(".tmp-*")) + list(ckpt_root.glob(".old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
     if keep_last is None:
         return
     for _, path in step_dirs(ckpt_root)[:-keep_last]:

@@ -185,3 +185,4 @@ def test_a_crash_between_the_two_renames_of_a_re_export_resumes_from_a_complete_
     train(cfg, console=console)
     assert "resumed from step 4" in console.export_text()
     assert losses(cfg.output_dir) == uninterrupted
+    assert not list(root.glob(".old-*")) and not list(root.glob(".tmp-*"))  # the crash's leftovers are gone
