@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
 import numpy as np
 

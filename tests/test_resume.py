@@ -9,7 +9,6 @@ import time
 import pytest
 from rich.console import Console
 
-from plait.config import load_config
 from plait.metrics import read_metrics
 from plait.train import train
 

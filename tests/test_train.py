@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 from rich.console import Console
 
 from plait.config import load_config

@@ -34,11 +34,11 @@ from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
     add_mtp_losses,
-    mean_ce,
-    mtp_layers_in_checkpoint,
     check_layer_lists,
     init_reference_weights,
     load_checkpoint_into,
+    mean_ce,
+    mtp_layers_in_checkpoint,
     positions_and_mask,
     save_checkpoint,
 )
