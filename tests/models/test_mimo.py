@@ -136,3 +136,23 @@ def test_config_errors():
         MimoModelConfig(language_model=LLAMA, modalities={"a": {"x": {"kind": "import", "target": "torch.nn.Linear"}}},
                         special_token_ids={"a": 5})
     assert isinstance(_model().encoders["audio"]["proj"], nn.Linear)
+
+
+def test_a_mixed_image_and_audio_batch_with_the_bundled_audio_features():
+    from plait.data.audio import generate_audio, log_mel
+
+    model = _model(
+        images={"clip": {"kind": "transformers", "config": CLIP}},
+        audio={"frames": {"kind": "import", "target": "torch.nn:Linear", "output_dim": 16,
+                          "config": {"in_features": 32, "out_features": 16}}},
+    )
+    waves, captions = generate_audio(1, 1, 1, seed=0)["train"]
+    mels = log_mel(waves)[0]  # (frames, 32): one row per audio token
+    n = mels.shape[0]
+    ids = torch.tensor([[1] + [AUD] * n + [2, 3], [1] + [IMG] * 5 + [4] * (n - 3)])
+    out, _ = model(ids, labels=ids, modality_inputs={"images": {"clip": {"pixel_values": torch.randn(1, 3, 16, 16)}},
+                                                     "audio": {"frames": {"input": mels}}})
+    assert out.logits.shape == (2, n + 3, 96) and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.projections["audio"]["frames"][0].weight.grad.abs().sum() > 0
+    assert captions[0].startswith("a ")
