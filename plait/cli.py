@@ -186,6 +186,25 @@ def inspect(
         console.print(f"mlp layer types: {', '.join(info['mlp_layer_types'])}")
 
 
+BENCHMARKS = ("blocks", "mimo_v2_flash")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"which benchmark: {', '.join(BENCHMARKS)}")],
+) -> None:
+    """Run a side-by-side benchmark from a plait checkout's benchmarks/ (extra options go to it, e.g. --quick)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if name not in BENCHMARKS:
+        _fail(ValueError(f"benchmark {name!r}: expected one of {list(BENCHMARKS)}"))
+    if not script.is_file():
+        _fail(ValueError(f"benchmark {name!r}: {script} not found; benchmarks run from a plait source checkout"))
+    raise typer.Exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
 def main() -> None:
     app(prog_name="plait")
 

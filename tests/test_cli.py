@@ -29,6 +29,7 @@ def test_print_config_shows_the_resolved_run():
     (["train", "configs/default.yaml", "parallel.pp=2"], "2 processes expected, but 1 were launched"),
     (["eval", "/nonexistent/ckpt"], "not a directory"),
     (["inspect", "configs/default.yaml", "model.preset=huge"], "unknown preset 'huge'"),
+    (["bench", "nope"], "benchmark 'nope': expected one of"),
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
     res = plait_cmd(*args)
