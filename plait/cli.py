@@ -186,7 +186,7 @@ def inspect(
         console.print(f"mlp layer types: {', '.join(info['mlp_layer_types'])}")
 
 
-BENCHMARKS = ("blocks", "mimo_v2_flash")
+BENCHMARKS = ("blocks", "train_step")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

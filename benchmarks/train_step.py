@@ -1,22 +1,24 @@
-"""A MiMo-V2-Flash training step, plait's native model against transformers', same config and weights.
+"""A training step of a native plait model against the transformers model, same config and weights.
 
-    python benchmarks/mimo_v2_flash.py            # ~15M parameters, 1 x 2048 and 2 x 256 (a few minutes on 2 cores)
-    python benchmarks/mimo_v2_flash.py --quick    # a tiny config, to check the script runs
+    python benchmarks/train_step.py --model mimo_v2_flash   # ~16M parameters, 1 x 2048 and 2 x 256 (minutes on 2 cores)
+    python benchmarks/train_step.py --model minimax_m3      # the MiniMax-M3 text model, same sizes
+    python benchmarks/train_step.py --quick                 # a tiny config, to check the script runs
 
-A step is forward + backward + AdamW on a random token batch. transformers runs its only CPU attention
-(eager) and its default experts implementation (grouped_mm); plait runs its defaults (SDPA, block-local
-sliding windows, the CPU expert loop, chunked cross-entropy). Both are timed in this process, steps
-interleaved, median of --steps after a warm-up.
+A step is forward + backward + AdamW on a random token batch. transformers runs its default experts
+implementation (grouped_mm) and its attention: eager for MiMo-V2-Flash (the only one it has), SDPA for
+MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, the CPU expert loop, chunked
+cross-entropy). Both are timed in this process, steps interleaved, median of --steps after a warm-up.
 
 Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
 model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)
             + 3 x sum over layers of 2 x heads x (qk_dim + v_dim) x visible (query, key) pairs,
-where a full layer sees S(S+1)/2 pairs per row and a window-w layer w(w+1)/2 + (S - w) w.
+where a full layer sees S(S+1)/2 pairs per row and a window-w layer w(w+1)/2 + (S - w) w (M3's indexer-sparse
+layers are counted as full: the selection only removes work).
 
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
 resident set after imports; model construction, optimizer state and the steps are all inside.
 
-Writes benchmarks/results/mimo_v2_flash-cpu.json and .png.
+Writes benchmarks/results/train_step-<model>-cpu.json and .png.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("plait", "transformers")
 
 
-def bench_config(quick: bool):
+def mimo_config(quick: bool):
     from transformers import MiMoV2FlashConfig
 
     if quick:
@@ -51,26 +53,56 @@ def bench_config(quick: bool):
                      num_hidden_layers=6, num_attention_heads=4, head_dim=96, v_head_dim=64, sliding_window=128,
                      layer_types=["full_attention"] + ["sliding_attention"] * 4 + ["full_attention"],
                      mlp_layer_types=["dense"] + ["sparse"] * 5, n_routed_experts=32, num_experts_per_tok=4)
-    cfg = MiMoV2FlashConfig(num_key_value_heads=1, n_group=4, topk_group=2,
-                            max_position_embeddings=4096, tie_word_embeddings=False, **sizes)
-    cfg._attn_implementation = "eager"
-    return cfg
+    return MiMoV2FlashConfig(num_key_value_heads=1, n_group=4, topk_group=2, max_position_embeddings=4096,
+                             tie_word_embeddings=False, **sizes)
 
 
-def build(impl: str, quick: bool, workdir: Path):
+def m3_config(quick: bool):
+    from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+
+    if quick:
+        sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
+                     shared_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=32, layer_types=["full_attention", "minimax_m3_sparse", "full_attention"],
+                     mlp_layer_types=["dense", "sparse", "sparse"], num_local_experts=8, num_experts_per_tok=2,
+                     index_n_heads=1, index_head_dim=16, index_block_size=16, index_topk_blocks=4)
+    else:
+        sizes = dict(vocab_size=4096, hidden_size=256, intermediate_size=96, dense_intermediate_size=1024,
+                     shared_intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                     head_dim=64, layer_types=["full_attention", "minimax_m3_sparse"] * 3,
+                     mlp_layer_types=["dense"] + ["sparse"] * 5, num_local_experts=32, num_experts_per_tok=4,
+                     index_n_heads=1, index_head_dim=64, index_block_size=128, index_topk_blocks=8)
+    return MiniMaxM3VLTextConfig(max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5},
+                                 **sizes)
+
+
+def _peer_class(model: str):
+    if model == "mimo_v2_flash":
+        from transformers import MiMoV2FlashForCausalLM
+
+        return MiMoV2FlashForCausalLM, "eager"
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLForCausalLM
+
+    return MiniMaxM3VLForCausalLM, "sdpa"
+
+
+CONFIGS = {"mimo_v2_flash": mimo_config, "minimax_m3": m3_config}
+
+
+def build(model: str, impl: str, quick: bool, workdir: Path):
     """Both models from one saved checkpoint, so the weights are the same."""
-    from transformers import MiMoV2FlashForCausalLM as Reference
-
     import plait
 
-    ckpt = workdir / "checkpoint"
+    reference, attn = _peer_class(model)
+    ckpt = workdir / f"checkpoint-{model}"
     if not (ckpt / "config.json").exists():
         torch.manual_seed(0)
-        Reference(bench_config(quick)).save_pretrained(ckpt)
+        reference(CONFIGS[model](quick)).save_pretrained(ckpt)
     if impl == "plait":
         return plait.from_pretrained(ckpt)
-    model = Reference.from_pretrained(ckpt, attn_implementation="eager")
-    return model
+    return reference.from_pretrained(ckpt, attn_implementation=attn)
 
 
 def make_step(model, batch: int, seq: int, vocab: int):
@@ -90,19 +122,28 @@ def make_step(model, batch: int, seq: int, vocab: int):
 
 
 def model_flops(cfg, batch: int, seq: int) -> float:
+    """6 x active parameters x tokens + 3 x the attention pairs the mask and window keep (module docstring)."""
     from plait.nn.attention import num_flops_attention
 
-    H, I, Im = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
-    active = 0
+    H = cfg.hidden_size
+    mimo = cfg.model_type == "mimo_v2_flash"
+    v_dim = cfg.v_head_dim if mimo else cfg.head_dim
+    active, attention = 0, 0.0
     for layer_type, mlp in zip(cfg.layer_types, cfg.mlp_layer_types):
-        kv = cfg.num_key_value_heads * (2 if layer_type == "sliding_attention" else 1)
-        active += H * cfg.num_attention_heads * cfg.head_dim + H * kv * (cfg.head_dim + cfg.v_head_dim)
-        active += cfg.num_attention_heads * cfg.v_head_dim * H
-        active += 3 * H * I if mlp == "dense" else 3 * H * Im * cfg.num_experts_per_tok + H * cfg.n_routed_experts
+        sliding = layer_type == "sliding_attention"
+        kv = cfg.num_key_value_heads * (2 if mimo and sliding else 1)
+        active += H * cfg.num_attention_heads * cfg.head_dim + H * kv * (cfg.head_dim + v_dim)
+        active += cfg.num_attention_heads * v_dim * H
+        if mimo:
+            active += 3 * H * cfg.intermediate_size if mlp == "dense" else \
+                3 * H * cfg.moe_intermediate_size * cfg.num_experts_per_tok + H * cfg.n_routed_experts
+        else:
+            active += 3 * H * cfg.dense_intermediate_size if mlp == "dense" else \
+                3 * H * (cfg.intermediate_size * cfg.num_experts_per_tok + cfg.shared_intermediate_size) \
+                + H * cfg.num_local_experts
+        attention += num_flops_attention(batch, cfg.num_attention_heads, seq, cfg.head_dim, v_dim,
+                                         cfg.sliding_window if sliding else None)
     active += H * cfg.vocab_size  # LM head
-    attention = sum(num_flops_attention(batch, cfg.num_attention_heads, seq, cfg.head_dim, cfg.v_head_dim,
-                                        cfg.sliding_window if t == "sliding_attention" else None)
-                    for t in cfg.layer_types)
     return 6 * active * batch * seq + 3 * attention
 
 
@@ -126,7 +167,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(impl: str, batch: int, seq: int, quick: bool, workdir: Path, steps: int) -> None:
+def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, steps: int) -> None:
     import transformers  # noqa: F401  (imports are outside the measured growth)
 
     import plait  # noqa: F401
@@ -134,26 +175,27 @@ def memory_child(impl: str, batch: int, seq: int, quick: bool, workdir: Path, st
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
-    model = build(impl, quick, workdir)
+    model = build(model_name, impl, quick, workdir)
     step = make_step(model, batch, seq, model.config.vocab_size)
     for _ in range(steps):
         step()
     print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
 
 
-def peak_memory(impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
-    cmd = [sys.executable, __file__, "--memory-child", impl, str(batch), str(seq), "--workdir", str(workdir)]
+def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
+    cmd = [sys.executable, __file__, "--model", model_name, "--memory-child", impl, str(batch), str(seq),
+           "--workdir", str(workdir)]
     out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def run(quick: bool, steps: int, workdir: Path) -> dict:
+def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
     peak = matmul_peak(quick)
-    cfg = bench_config(quick)
+    cfg = CONFIGS[model_name](quick)
     shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
-    models = {impl: build(impl, quick, workdir) for impl in IMPLS}
+    models = {impl: build(model_name, impl, quick, workdir) for impl in IMPLS}
     n_params = sum(p.numel() for p in models["plait"].parameters())
-    results = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    results = {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "shapes": []}
     print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
     for batch, seq in shapes:
@@ -170,7 +212,7 @@ def run(quick: bool, steps: int, workdir: Path) -> dict:
         for impl in IMPLS:
             t = statistics.median(times[impl])
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
-                                  "peak_mib": peak_memory(impl, batch, seq, quick, workdir) / 2**20}
+                                  "peak_mib": peak_memory(model_name, impl, batch, seq, quick, workdir) / 2**20}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
@@ -196,7 +238,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"MiMo-V2-Flash {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads", fontsize=9)
+    fig.suptitle(f"{results['model']} {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -204,6 +246,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(CONFIGS), default="mimo_v2_flash")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -215,11 +258,11 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="plait-bench-"))
     if args.memory_child:
         impl, batch, seq = args.memory_child
-        memory_child(impl, int(batch), int(seq), args.quick, workdir, steps=2)
+        memory_child(args.model, impl, int(batch), int(seq), args.quick, workdir, steps=2)
         return
-    results = run(args.quick, args.steps, workdir)
+    results = run(args.model, args.quick, args.steps, workdir)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "mimo_v2_flash-cpu-quick" if args.quick else "mimo_v2_flash-cpu"
+    stem = f"train_step-{args.model}-cpu" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / (stem + '.json')} and .png")
