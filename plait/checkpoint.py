@@ -63,29 +63,24 @@ def check_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise ValueError(f"model dir {str(path)!r}: not a directory")
     _read_json_object("model dir", path, CONFIG_FILE, "model_type", str)
-    index = path / WEIGHTS_INDEX_FILE
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index}: malformed weight index: {e}") from None
-    elif (path / WEIGHTS_FILE).is_file():
-        shards = [WEIGHTS_FILE]
-    else:
-        raise ValueError(f"model dir {str(path)!r}: no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
-    for shard in shards:
+    for shard in _weight_file_names(path):
         if not (path / shard).is_file():
             raise ValueError(f"model dir {str(path)!r}: weight shard {shard!r} listed in the index is missing")
         check_safetensors_file(path / shard)
     return path
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checked model dir, in index order."""
+def _weight_file_names(path: Path) -> list[str]:
+    """The safetensors files of a model dir: the shards its index lists (sorted), or the single file."""
     index = path / WEIGHTS_INDEX_FILE
     if index.is_file():
-        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [path / WEIGHTS_FILE]
+        try:
+            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index}: malformed weight index: {e}") from None
+    if (path / WEIGHTS_FILE).is_file():
+        return [WEIGHTS_FILE]
+    raise ValueError(f"model dir {str(path)!r}: no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
 
 
 def read_model_weights(path: str | Path) -> dict:
@@ -94,7 +89,7 @@ def read_model_weights(path: str | Path) -> dict:
 
     path = check_model_dir(path)
     state = {}
-    for file in weight_files(path):
+    for file in (path / name for name in _weight_file_names(path)):
         tensors = load_file(file)
         clash = state.keys() & tensors.keys()
         if clash:
