@@ -45,11 +45,7 @@ class DistContext:
 
     def sum(self, value: float) -> float:
         """All-reduce a Python number over the replicas (float64, so token counts stay exact)."""
-        if self.replicas == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
+        return _all_reduce_number(value) if self.replicas > 1 else value
 
     def all_reduce_(self, tensor: torch.Tensor) -> None:
         """Sum a tensor over the replicas, in place."""
@@ -58,11 +54,7 @@ class DistContext:
 
     def sum_over_world(self, value: float) -> float:
         """Sum a Python number over every process (pipeline stages included)."""
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
+        return _all_reduce_number(value) if self.enabled else value
 
     def barrier(self) -> None:
         if self.enabled:
@@ -75,6 +67,12 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _all_reduce_number(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def launched_world_size() -> int:

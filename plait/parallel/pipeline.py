@@ -228,16 +228,14 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
                    layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None) -> PipelineRun:
     """This rank's stages of `full_model` and the schedule that runs them. Every rank calls it with the same
-    full model (same weights) and arguments."""
+    full model (same weights) and arguments. What cannot be pipelined is refused when the first stage is
+    cut (`make_stage_module`), before any stage joins the schedule."""
     from torch.distributed.pipelining import PipelineStage
 
-    check_pipelinable(full_model)
     if microbatches < 1:
         raise ValueError(f"parallel.microbatches: expected a positive count, got {microbatches}")
     ids = stage_indices(schedule, rank, ranks, virtual_stages)
     num_stages = ranks * stages_per_rank(schedule, virtual_stages)
-    if schedule in SINGLE_STAGE_SCHEDULES and microbatches < 1:
-        raise ValueError("parallel.microbatches must be >= 1")
     if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
         raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
     keys = list(text_model_of(full_model).layers.keys())
