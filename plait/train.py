@@ -307,12 +307,15 @@ def _gather_stages(pipe, model: nn.Module, ctx: DistContext) -> None:
         model.load_state_dict(merged, strict=True)
 
 
-def _documents(batch: dict) -> torch.Tensor | None:
-    """Document ids of a packed batch (from its position ids), None for one document per row."""
-    if "position_ids" not in batch:
-        return None
-    B, S = batch["input_ids"].shape
-    return AttentionMask.build(B, S, "cpu", position_ids=batch["position_ids"]).documents
+def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
+    """Labels of MTP depths 1..depths; packed batches keep each document's targets inside it."""
+    if not depths:
+        return []
+    documents = None
+    if "position_ids" in batch:
+        B, S = batch["input_ids"].shape
+        documents = AttentionMask.build(B, S, "cpu", position_ids=batch["position_ids"]).documents
+    return [mtp_labels(batch["labels"], d, documents) for d in range(1, depths + 1)]
 
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
@@ -395,35 +398,35 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             batches = [collate([train_set[i] for i in ctx.shard(order.take(micro))]) for _ in range(tcfg.grad_accum)]
             step_targets = ctx.sum(sum(count_targets(b["labels"]) for b in batches))
             # MTP depth d: labels rolled left by d inside each document, normalised over the step like the main loss
-            depth_labels = [[mtp_labels(b["labels"], d, _documents(b)) for d in range(1, mtp_depths + 1)] for b in batches]
+            depth_labels = [_depth_labels(b, mtp_depths) for b in batches]
             depth_targets = [max(ctx.sum(sum(count_targets(dl[d]) for dl in depth_labels)), 1.0) for d in range(mtp_depths)]
-            lm_sum, depth_sums, tokens = 0.0, [0.0] * mtp_depths, 0
-            step_total["targets"] = step_targets
-            for b in batches if pipe is not None else ():
-                # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
-                with autocast():
-                    losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device))
-                lm_sum += sum(float(x.detach()) for x in losses)
-                tokens += int((b["input_ids"] != pad_id).sum())
+            lm_sum, depth_sums = 0.0, [0.0] * mtp_depths
+            tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
             if pipe is not None:
+                step_total["targets"] = step_targets
+                for b in batches:
+                    # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
+                    with autocast():
+                        losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device))
+                    lm_sum += sum(float(x.detach()) for x in losses)
                 lm_sum = ctx.sum_over_world(lm_sum)
-            for b, labels_per_depth in zip(batches, depth_labels) if pipe is None else ():
-                inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
-                if mtp_depths:
-                    inputs["return_mtp_logits"] = True
-                with autocast():
-                    out = replica(**inputs, use_cache=False,
-                                  **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
-                    lm = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
-                    loss = lm
-                    for d in range(mtp_depths):
-                        depth = causal_lm_loss_sum(out.mtp_logits[d], labels_per_depth[d].to(device)) / depth_targets[d]
-                        loss = loss + mtp_scale * depth
-                        depth_sums[d] += float(depth.detach())
-                # DDP averages gradients over ranks; scaling by the world size makes that average a sum
-                (loss * ctx.replicas).backward()
-                lm_sum += float(lm.detach())
-                tokens += int((b["input_ids"] != pad_id).sum())
+            else:
+                for b, labels_per_depth in zip(batches, depth_labels):
+                    inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
+                    if mtp_depths:
+                        inputs["return_mtp_logits"] = True
+                    with autocast():
+                        out = replica(**inputs, use_cache=False,
+                                      **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
+                        lm = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
+                        loss = lm
+                        for d in range(mtp_depths):
+                            depth = causal_lm_loss_sum(out.mtp_logits[d], labels_per_depth[d].to(device)) / depth_targets[d]
+                            loss = loss + mtp_scale * depth
+                            depth_sums[d] += float(depth.detach())
+                    # DDP averages gradients over ranks; scaling by the world size makes that average a sum
+                    (loss * ctx.replicas).backward()
+                    lm_sum += float(lm.detach())
             lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
             depth_sums = [ctx.sum(x) for x in depth_sums]
             loss_sum = lm_sum + mtp_scale * sum(depth_sums)
