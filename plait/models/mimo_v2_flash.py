@@ -34,6 +34,7 @@ from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
     add_mtp_losses,
+    check_forward_kwargs,
     check_layer_lists,
     init_reference_weights,
     load_checkpoint_into,
@@ -225,7 +226,7 @@ class MiMoV2FlashForCausalLM(nn.Module):
         Cross-entropies run in chunks from the hidden states; `return_logits=False` skips the (B, S, V)
         logits when only the loss is wanted. MTP depths run when labels are given or
         `return_mtp_logits` is set (never during cached generation)."""
-        _reject_unknown(unused)
+        check_forward_kwargs(unused, type(self).__name__, text_only=True)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
@@ -295,17 +296,6 @@ def _check_config(config: PretrainedConfig) -> None:
     missing = {t for t in config.layer_types} - set(config.rope_parameters or {})
     if missing:
         raise ValueError(f"config.rope_parameters: no entry for layer type(s) {sorted(missing)}")
-
-
-def _reject_unknown(kwargs: dict) -> None:
-    # output_* flags and return_dict come from transformers-style callers and change nothing here
-    unknown = set(kwargs) - {"output_attentions", "output_hidden_states", "return_dict", "pixel_values",
-                             "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
-    if unknown:
-        raise ValueError(f"MiMoV2FlashForCausalLM.forward: unexpected argument(s) {sorted(unknown)}")
-    for key in ("pixel_values", "pixel_values_videos"):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"MiMoV2FlashForCausalLM is text-only: got {key}")
 
 
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

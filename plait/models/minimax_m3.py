@@ -35,6 +35,7 @@ from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
     add_mtp_losses,
+    check_forward_kwargs,
     check_layer_lists,
     init_reference_weights,
     load_checkpoint_into,
@@ -269,17 +270,30 @@ class MiniMaxM3TextModel(nn.Module):
 class _M3Base(nn.Module):
     """What the text-only and the vision-language classes share: loss, construction, checkpoints."""
 
-    text_prefix = ""  # where the text model sits in this class's state dict
-
+    text_attr = ""  # the attribute holding the text model (its prefix in this class's state dict)
+    text_prefix_on_disk = ""  # the text model's key prefix in the HF checkpoint
     supports_mtp = True
 
     def _text_model(self) -> MiniMaxM3TextModel:
-        return getattr(self, "language_model", None) or self.model
+        return getattr(self, self.text_attr)
 
-    def _mtp_config(self, num_mtp_layers: int, loss_scaling_factor: float, repeated: bool) -> MTPConfig:
-        self.mtp_config = MTPConfig(num_layers=num_mtp_layers, loss_scaling_factor=loss_scaling_factor,
-                                    use_repeated_layer=repeated)
-        return self.mtp_config
+    def _build_text(self, text_config: PretrainedConfig, moe_config, backend: str, experts_impl: str,
+                    num_mtp_layers: int, mtp_loss_scaling_factor: float, mtp_repeated_layer: bool,
+                    tie: bool) -> None:
+        """The text model (with its MTP depths) under `text_attr`, and the LM head, tied when asked."""
+        self.mtp_config = MTPConfig(num_layers=num_mtp_layers, loss_scaling_factor=mtp_loss_scaling_factor,
+                                    use_repeated_layer=mtp_repeated_layer)
+        setattr(self, self.text_attr,
+                MiniMaxM3TextModel(text_config, moe_config, backend, experts_impl, self.mtp_config))
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        if tie:
+            self.lm_head.weight = self.get_input_embeddings().weight
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._text_model().embed_tokens
+
+    def set_input_embeddings(self, module: nn.Embedding) -> None:
+        self._text_model().embed_tokens = module
 
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
              return_logits, return_mtp_logits, use_cache) -> MiniMaxM3CausalLMOutput:
@@ -337,10 +351,10 @@ class _M3Base(nn.Module):
         target = MiniMaxM3SparseForConditionalGeneration if config.model_type == VL_MODEL_TYPE else MiniMaxM3SparseForCausalLM
         if cls is not _M3Base and cls is not target:
             raise ValueError(f"{path}: a {config.model_type} checkpoint loads as {target.__name__}, not {cls.__name__}")
-        prefix = "language_model.model." if target is MiniMaxM3SparseForConditionalGeneration else "model."
-        return load_checkpoint_into(lambda hf_state: target(config, None, backend, experts_impl=experts_impl,
-                                                            num_mtp_layers=mtp_layers_in_checkpoint(hf_state, prefix)),
-                                    StateDictAdapter(config), path)
+        return load_checkpoint_into(
+            lambda hf_state: target(config, None, backend, experts_impl=experts_impl,
+                                    num_mtp_layers=mtp_layers_in_checkpoint(hf_state, target.text_prefix_on_disk)),
+            StateDictAdapter(config), path)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -360,29 +374,21 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
 
     model_type = TEXT_MODEL_TYPE
     hf_architecture = "MiniMaxM3VLForCausalLM"
-    text_prefix = "model."
+    text_attr = "model"
+    text_prefix_on_disk = "model."
     _keep_in_fp32_modules = ["rotary"]
 
     def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
-        mtp = self._mtp_config(num_mtp_layers, mtp_loss_scaling_factor, mtp_repeated_layer)
-        self.model = MiniMaxM3TextModel(config, moe_config, backend, experts_impl, mtp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, module: nn.Embedding) -> None:
-        self.model.embed_tokens = module
+        self._build_text(config, moe_config, backend, experts_impl, num_mtp_layers, mtp_loss_scaling_factor,
+                         mtp_repeated_layer, tie=config.tie_word_embeddings)
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 **unused):
-        _reject_unknown(unused, vision=False)
+        check_forward_kwargs(unused, type(self).__name__, text_only=True)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
@@ -394,26 +400,19 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
 
     model_type = VL_MODEL_TYPE
     hf_architecture = "MiniMaxM3SparseForConditionalGeneration"
-    text_prefix = "language_model."
+    text_attr = "language_model"
+    text_prefix_on_disk = "language_model.model."
     _keep_in_fp32_modules = ["rotary"]
 
     def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
-        mtp = self._mtp_config(num_mtp_layers, mtp_loss_scaling_factor, mtp_repeated_layer)
         self.vision_tower = VisionTower(config.vision_config, backend)
         self.multi_modal_projector = MultiModalProjector(config)
-        self.language_model = MiniMaxM3TextModel(config.text_config, moe_config, backend, experts_impl, mtp)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        if config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False):
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.embed_tokens
-
-    def set_input_embeddings(self, module: nn.Embedding) -> None:
-        self.language_model.embed_tokens = module
+        self._build_text(config.text_config, moe_config, backend, experts_impl, num_mtp_layers,
+                         mtp_loss_scaling_factor, mtp_repeated_layer,
+                         tie=config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False))
 
     def image_features(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """(patches, C*T*P*P) -> (tokens, text hidden): m x m patches become one token."""
@@ -433,7 +432,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 **unused):
-        _reject_unknown(unused, vision=True)
+        check_forward_kwargs(unused, type(self).__name__, text_only=False)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         if inputs_embeds is None:
@@ -484,18 +483,6 @@ def _fits(per_sample: list[int], per_item: list[int]) -> bool:
 
 def _text_config(config: PretrainedConfig) -> PretrainedConfig:
     return getattr(config, "text_config", None) or config
-
-
-def _reject_unknown(kwargs: dict, vision: bool) -> None:
-    allowed = {"output_attentions", "output_hidden_states", "return_dict"}
-    if not vision:
-        for key in ("pixel_values", "pixel_values_videos"):
-            if kwargs.get(key) is not None:
-                raise ValueError(f"MiniMaxM3SparseForCausalLM is text-only: got {key}")
-        allowed |= {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(f"forward: unexpected argument(s) {sorted(unknown)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,24 @@ class CausalLMOutput:
         return self.mtp_per_depth_logits
 
 
+# transformers-style callers pass these; they change nothing in a native model's forward
+_IGNORED_FORWARD_KWARGS = {"output_attentions", "output_hidden_states", "return_dict"}
+_VISION_KWARGS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def check_forward_kwargs(kwargs: dict, model_name: str, text_only: bool) -> None:
+    """Extra forward keywords: harmless transformers flags pass; pixels given to a text-only model, and
+    anything unknown, are a `ValueError`."""
+    if text_only:
+        for key in ("pixel_values", "pixel_values_videos"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{model_name} is text-only: got {key}")
+    allowed = _IGNORED_FORWARD_KWARGS | (set(_VISION_KWARGS) if text_only else set())
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(f"{model_name}.forward: unexpected argument(s) {sorted(unknown)}")
+
+
 def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens,
                        past_key_values: KVCache | None) -> tuple[torch.Tensor, AttentionMask]:
     """(B, S) position ids (counting on from the cache when not given) and the forward's attention mask."""
