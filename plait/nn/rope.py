@@ -37,22 +37,28 @@ def inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
-class RotaryEmbedding(nn.Module):
-    """position_ids (B, S) -> (cos, sin), each (B, S, rotary_dim) float32."""
+class _Float32Frequencies(nn.Module):
+    """Holds `inv_freq` for `freq_dim` and `base` as a float32 buffer that stays float32 and exact: a move or
+    cast (model.to(bfloat16), to_empty after a meta build) recomputes it on the new device."""
 
-    def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0):
+    def __init__(self, freq_dim: int, base: float):
         super().__init__()
-        self.freq_dim = rotary_dim(head_dim, partial_rotary_factor)
-        self.dim = self.freq_dim + self.freq_dim % 2  # rotated width: one pair per frequency
-        self.base = float(base)
-        self.scaling = scaling
+        self.freq_dim, self.base = freq_dim, float(base)
         self.register_buffer("inv_freq", inverse_frequencies(self.freq_dim, self.base), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) would cast the buffer; recompute it exactly, in float32, on the new device.
         super()._apply(fn, recurse)
         self.inv_freq = inverse_frequencies(self.freq_dim, self.base).to(self.inv_freq.device)
         return self
+
+
+class RotaryEmbedding(_Float32Frequencies):
+    """position_ids (B, S) -> (cos, sin), each (B, S, rotary_dim) float32."""
+
+    def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0):
+        super().__init__(rotary_dim(head_dim, partial_rotary_factor), base)
+        self.dim = self.freq_dim + self.freq_dim % 2  # rotated width: one pair per frequency
+        self.scaling = scaling
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +104,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
-class AxialRotaryEmbedding(nn.Module):
+class AxialRotaryEmbedding(_Float32Frequencies):
     """3-D RoPE for vision patches: thw (N, 3) integer coordinates -> (cos, sin), each (N, rot) float32.
 
     Each axis gets the same frequencies over 2*((head_dim // 3) // 2) dims; the three axes' angles are
@@ -106,17 +112,11 @@ class AxialRotaryEmbedding(nn.Module):
     remaining dims pass through."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
-        super().__init__()
-        self.axis_dim = 2 * ((head_dim // 3) // 2)
-        if self.axis_dim < 2:
+        axis_dim = 2 * ((head_dim // 3) // 2)
+        if axis_dim < 2:
             raise ValueError(f"axial rotary: head_dim {head_dim} is too small for 3 axes")
-        self.base = float(base)
-        self.register_buffer("inv_freq", inverse_frequencies(self.axis_dim, self.base), persistent=False)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.inv_freq = inverse_frequencies(self.axis_dim, self.base).to(self.inv_freq.device)
-        return self
+        super().__init__(axis_dim, base)
+        self.axis_dim = axis_dim
 
     @torch.no_grad()
     def forward(self, thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
