@@ -98,16 +98,14 @@ class _TransformersEncoder(nn.Module):
 
     def __init__(self, spec: EncoderSpec):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoModel
+
+        from plait.models.hf import to_hf_config
 
         if spec.pretrained is not None:
             self.model = AutoModel.from_pretrained(spec.pretrained, local_files_only=True)
-        else:
-            cfg = dict(spec.config)
-            model_type = cfg.pop("model_type", None)
-            if model_type is None:
-                raise ValueError("encoder config: expected a 'model_type'")
-            self.model = AutoModel.from_config(AutoConfig.for_model(model_type, **cfg))
+        else:  # to_hf_config names a missing or unknown model_type and bad keys as ValueErrors
+            self.model = AutoModel.from_config(to_hf_config(spec.config))
         if hasattr(self.model, "get_encoder") and not hasattr(self.model, "vision_model") and hasattr(self.model, "decoder"):
             self.model = self.model.get_encoder()  # encoder-decoder (Whisper): keep the encoder
         c = self.model.config

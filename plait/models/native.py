@@ -184,11 +184,10 @@ def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
 
 
 def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over target tokens, from hidden states and the LM head weight (chunked)."""
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(f"labels: expected shape {list(hidden.shape[:2])}, got {list(labels.shape)}")
-    n_targets = (shift_labels(labels) != IGNORE_INDEX).sum()
-    return causal_lm_chunked_loss_sum(hidden, weight, labels) / n_targets.clamp(min=1)
+    """Mean cross-entropy over target tokens, from hidden states and the LM head weight (chunked; it checks
+    the labels' shape)."""
+    loss_sum = causal_lm_chunked_loss_sum(hidden, weight, labels)
+    return loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def add_mtp_losses(out: CausalLMOutput, mtp_hidden: list[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
