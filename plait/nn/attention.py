@@ -105,10 +105,6 @@ class AttentionMask:
             raise ValueError("packed documents (cu_seqlens or restarting position_ids) cannot be combined with a KV cache")
         return cls(positions, valid, documents, causal)
 
-    @property
-    def is_plain_causal(self) -> bool:
-        return self.causal and self.valid is None and self.documents is None
-
     def dense(
         self,
         window: int | None,
@@ -365,7 +361,7 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
             ok = ok & (docs[b, qi] == docs[b, ki])
         return ok
 
-    key = (window, Sq, Sk, k_positions is None)
+    key = (window, Sq, Sk)
     cacheable = k_positions is None and restrict is None
     block_mask = mask._flex_cache.get(key) if cacheable else None
     if block_mask is None:
@@ -507,9 +503,6 @@ class KVCache:
 
     def layer(self, key: str, window: int | None) -> LayerKVCache:
         return self.layers.setdefault(key, LayerKVCache(window))
-
-    def get_seq_length(self) -> int:  # the transformers name, for callers that ask
-        return self.seen
 
 
 class LayerKVCache:
