@@ -273,6 +273,7 @@ class _M3Base(nn.Module):
     text_attr = ""  # the attribute holding the text model (its prefix in this class's state dict)
     text_prefix_on_disk = ""  # the text model's key prefix in the HF checkpoint
     supports_mtp = True
+    _keep_in_fp32_modules = ["rotary"]
 
     def _text_model(self) -> MiniMaxM3TextModel:
         return getattr(self, self.text_attr)
@@ -298,6 +299,8 @@ class _M3Base(nn.Module):
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
              return_logits, return_mtp_logits, use_cache) -> MiniMaxM3CausalLMOutput:
         """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
         text = self._text_model()
         run_mtp = (text.mtp is not None and input_ids is not None and past_key_values is None
                    and (labels is not None or return_mtp_logits))
@@ -376,7 +379,6 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
     hf_architecture = "MiniMaxM3VLForCausalLM"
     text_attr = "model"
     text_prefix_on_disk = "model."
-    _keep_in_fp32_modules = ["rotary"]
 
     def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
@@ -389,8 +391,6 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
-        if use_cache and past_key_values is None:
-            past_key_values = KVCache()
         return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
                          return_logits, return_mtp_logits, use_cache)
 
@@ -402,7 +402,6 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
     hf_architecture = "MiniMaxM3SparseForConditionalGeneration"
     text_attr = "language_model"
     text_prefix_on_disk = "language_model.model."
-    _keep_in_fp32_modules = ["rotary"]
 
     def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
@@ -433,8 +432,6 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
-        if use_cache and past_key_values is None:
-            past_key_values = KVCache()
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass input_ids or inputs_embeds")
