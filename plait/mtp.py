@@ -158,7 +158,6 @@ class MTPModule(nn.Module):
                 **block_kwargs) -> list[torch.Tensor]:
         """Per-depth hidden states (each like `hidden_states`). input_ids / position_ids roll left by one
         more slot at each depth; given position_ids reach the sublayers as `position_ids=`."""
-        P = self.pattern_length
         outputs = []
         h_prev, ids, pos = hidden_states, input_ids, position_ids
         for depth in range(self.num_depths):
@@ -166,12 +165,22 @@ class MTPModule(nn.Module):
             if pos is not None:
                 pos = roll_tensor(pos, -1, -1, cu_seqlens)
                 block_kwargs["position_ids"] = pos
-            base = 0 if self.mtp_config.use_repeated_layer else depth * P
-            first, last = self.layers[base], self.layers[base + P - 1]
-            h = first.eh_proj(torch.cat([first.enorm(embed_fn(ids)), first.hnorm(h_prev)], dim=-1))
-            for j in range(P):
-                h = self.layers[base + j](h, **block_kwargs)
-            h = last.final_layernorm(h)
-            outputs.append(h)
-            h_prev = h
+            h_prev = self.depth_forward(depth, ids, h_prev, embed_fn, **block_kwargs)
+            outputs.append(h_prev)
         return outputs
+
+    def depth_forward(self, depth: int, token_ids: torch.Tensor, h_prev: torch.Tensor,
+                      embed_fn: Callable[[torch.Tensor], torch.Tensor], layer_caches: list | None = None,
+                      **block_kwargs) -> torch.Tensor:
+        """One depth (0-based) on already aligned inputs: at each slot, the previous depth's state and the
+        token this depth reads there. `layer_caches` (one per sublayer) reach the sublayers as `kv_cache=`
+        during incremental decoding."""
+        P = self.pattern_length
+        base = 0 if self.mtp_config.use_repeated_layer else depth * P
+        first, last = self.layers[base], self.layers[base + P - 1]
+        h = first.eh_proj(torch.cat([first.enorm(embed_fn(token_ids)), first.hnorm(h_prev)], dim=-1))
+        for j in range(P):
+            if layer_caches is not None:
+                block_kwargs["kv_cache"] = layer_caches[j]
+            h = self.layers[base + j](h, **block_kwargs)
+        return last.final_layernorm(h)

@@ -39,6 +39,7 @@ from plait.models.native import (
     init_reference_weights,
     load_checkpoint_into,
     mean_ce,
+    mtp_decode_step,
     mtp_layers_in_checkpoint,
     positions_and_mask,
     save_checkpoint,
@@ -136,8 +137,8 @@ class MTPLayer(nn.Module):
         if has_final_norm:
             self.final_layernorm = RMSNorm(H, eps)
 
-    def forward(self, h, rope, mask: AttentionMask, position_ids=None):
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask)
+    def forward(self, h, rope, mask: AttentionMask, position_ids=None, kv_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache)
         return h + self.mlp(self.pre_mlp_layernorm(h))
 
 
@@ -198,6 +199,11 @@ class MiMoV2FlashModel(nn.Module):
         return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
                         rope=trunk.ropes[SLIDING], mask=trunk.mask)
 
+    def mtp_decode(self, depth: int, h_prev, token_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
+        """One MTP depth on the next slots with its own KV cache (self-speculative drafting)."""
+        return mtp_decode_step(self.mtp, self.embed_tokens, self.rotary[SLIDING], self.config.sliding_window, depth,
+                               h_prev, token_ids, position_ids, attention_mask, cache)
+
 
 class MiMoV2FlashForCausalLM(nn.Module):
     model_type = MODEL_TYPE
@@ -237,7 +243,7 @@ class MiMoV2FlashForCausalLM(nn.Module):
                    and (labels is not None or return_mtp_logits))
         mtp_hidden = self.model.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
         out = CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
-                             past_key_values=past_key_values if use_cache else None)
+                             past_key_values=past_key_values if use_cache else None, pre_norm_hidden_states=trunk.pre_norm)
         if mtp_hidden is not None and (return_logits or return_mtp_logits):
             out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
         if labels is not None:
@@ -278,6 +284,11 @@ class MiMoV2FlashForCausalLM(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""
         save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM")
+
+    @property
+    def mtp_backbone(self) -> MiMoV2FlashModel:
+        """The module whose `mtp_decode` drafts tokens (plait.speculative)."""
+        return self.model
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens

@@ -40,6 +40,7 @@ from plait.models.native import (
     init_reference_weights,
     load_checkpoint_into,
     mean_ce,
+    mtp_decode_step,
     mtp_layers_in_checkpoint,
     positions_and_mask,
     save_checkpoint,
@@ -85,7 +86,7 @@ class LightningIndexer(nn.Module):
         k = apply_rotary(self.k_norm(self.k_proj(x).view(B, S, 1, self.head_dim)),
                          cos[..., : self.head_dim], sin[..., : self.head_dim]).transpose(1, 2)  # (B, 1, S, D)
         if kv_cache is not None:  # the indexer's keys are cached beside the layer's K and V
-            k = k if getattr(kv_cache, "index_keys", None) is None else torch.cat([kv_cache.index_keys, k], dim=2)
+            k = k if kv_cache.index_keys is None else torch.cat([kv_cache.index_keys, k], dim=2)
             kv_cache.index_keys = k
         Sk = k.shape[2]
         n_blocks = -(-Sk // self.block_size)
@@ -99,9 +100,12 @@ class LightningIndexer(nn.Module):
             own = position_ids.view(B, 1, S, 1) // self.block_size
             local = (own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1)).clamp(min=0)
             block_scores.scatter_(-1, local.expand(B, self.num_heads, S, -1), float("inf"))
-        top = block_scores.topk(min(self.topk_blocks, n_blocks), dim=-1)
+        # a stable sort, not topk: tied blocks (left-padding keys share one score) resolve to the lowest index
+        # whatever the key count, so a query picks the same blocks in one forward, step by step, or after a crop
+        ranked, order = block_scores.sort(dim=-1, descending=True, stable=True)
+        ranked, order = ranked[..., : self.topk_blocks], order[..., : self.topk_blocks]
         keep = torch.zeros(B, self.num_heads, S, n_blocks + 1, dtype=torch.bool, device=x.device)
-        chosen = top.indices.masked_fill(top.values == float("-inf"), n_blocks)  # empty picks -> a spare column
+        chosen = order.masked_fill(ranked == float("-inf"), n_blocks)  # empty picks -> a spare column
         keep.scatter_(-1, chosen, True)
         return keep[..., :n_blocks].repeat_interleave(self.block_size, dim=-1)[..., :Sk]
 
@@ -181,9 +185,9 @@ class MTPLayer(nn.Module):
         if has_final_norm:
             self.final_layernorm = RMSNorm(H, eps, unit_offset=True)
 
-    def forward(self, h, rope, mask: AttentionMask, position_ids=None):
+    def forward(self, h, rope, mask: AttentionMask, position_ids=None, kv_cache=None):
         # RoPE uses the trunk's positions (rolled position ids only reach the block as `position_ids`)
-        return self.transformer_layer(h, rope, mask, None, position_ids)
+        return self.transformer_layer(h, rope, mask, kv_cache, position_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +255,11 @@ class MiniMaxM3TextModel(nn.Module):
         return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
                         rope=trunk.ropes[FULL], mask=trunk.mask)
 
+    def mtp_decode(self, depth: int, h_prev, token_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
+        """One MTP depth on the next slots with its own KV cache (self-speculative drafting)."""
+        return mtp_decode_step(self.mtp, self.embed_tokens, self.rotary, None, depth, h_prev, token_ids, position_ids,
+                               attention_mask, cache)
+
     def mtp_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor, lm_head: nn.Module,
                    position_ids=None, attention_mask=None, cu_seqlens=None) -> list[torch.Tensor]:
         """Per-depth logits sharing `lm_head`, from the trunk's last-layer (pre-norm) hidden states."""
@@ -290,6 +299,11 @@ class _M3Base(nn.Module):
         if tie:
             self.lm_head.weight = self.get_input_embeddings().weight
 
+    @property
+    def mtp_backbone(self) -> MiniMaxM3TextModel:
+        """The module whose `mtp_decode` drafts tokens (plait.speculative)."""
+        return self._text_model()
+
     def get_input_embeddings(self) -> nn.Module:
         return self._text_model().embed_tokens
 
@@ -310,7 +324,8 @@ class _M3Base(nn.Module):
         if self.lm_head is None:  # a non-last pipeline stage
             return MiniMaxM3CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
         out = MiniMaxM3CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None,
-                                      hidden_states=h, past_key_values=past_key_values if use_cache else None)
+                                      hidden_states=h, past_key_values=past_key_values if use_cache else None,
+                                      pre_norm_hidden_states=trunk.pre_norm)
         mtp_hidden = text.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
         if mtp_hidden is not None and (return_logits or return_mtp_logits):
             out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]

@@ -34,6 +34,7 @@ class CausalLMOutput:
     hidden_states: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None  # the main cross-entropy alone
     mtp_losses: list[torch.Tensor] | None = None  # per-depth cross-entropy (unscaled means)
+    pre_norm_hidden_states: torch.Tensor | None = None  # the last layer's output: what MTP depth 1 reads
 
     @property
     def mtp_logits(self) -> list[torch.Tensor] | None:
@@ -71,6 +72,22 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
     mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
                                cu_seqlens=cu_seqlens, past_length=past)
     return position_ids, mask
+
+
+def mtp_decode_step(mtp: nn.Module, embed_tokens: nn.Module, rotary: nn.Module, window: int | None, depth: int,
+                    h_prev: torch.Tensor, token_ids: torch.Tensor, position_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """MTP depth `depth` (0-based) on the next stream slots, reusing and extending that depth's own cache.
+
+    At slot t, `h_prev` is the previous depth's state (the trunk's last-layer output for depth 0) and
+    `token_ids` the token depth `depth` reads there, x[t + depth + 1]. RoPE uses the slots' own position
+    ids, as in training; `attention_mask` covers the cached slots and the new ones."""
+    position_ids, mask = positions_and_mask(h_prev, position_ids, attention_mask, None, cache)
+    caches = [cache.layer(str(j), window) for j in range(mtp.pattern_length)]
+    h = mtp.depth_forward(depth, token_ids, h_prev, embed_tokens, caches, rope=rotary(position_ids), mask=mask,
+                          position_ids=position_ids)
+    cache.seen += h.shape[1]
+    return h
 
 
 @dataclass

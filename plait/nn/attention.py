@@ -495,23 +495,38 @@ class Attention(nn.Module):
 
 class KVCache:
     """A model's generation cache: one `LayerKVCache` per attention layer, plus how many tokens the
-    model has consumed (sliding-window layers hold fewer)."""
+    model has consumed (sliding-window layers hold fewer).
 
-    def __init__(self):
+    `spare` extra tokens are kept beyond a sliding window so that `crop` can take back that many
+    tokens (speculative decoding's rejected drafts) and still leave the window full."""
+
+    def __init__(self, spare: int = 0):
+        if spare < 0:
+            raise ValueError(f"KVCache spare: expected >= 0 tokens, got {spare}")
         self.layers: dict[str, LayerKVCache] = {}
         self.seen = 0
+        self.spare = spare
 
     def layer(self, key: str, window: int | None) -> LayerKVCache:
-        return self.layers.setdefault(key, LayerKVCache(window))
+        return self.layers.setdefault(key, LayerKVCache(window, self.spare))
+
+    def crop(self, length: int) -> None:
+        """Forget every token from stream slot `length` on, as if the model had consumed only `length`."""
+        if not 0 <= length <= self.seen:
+            raise ValueError(f"KVCache.crop: expected a length in [0, {self.seen}], got {length}")
+        for layer in self.layers.values():
+            layer.crop(length)
+        self.seen = length
 
 
 class LayerKVCache:
     """One layer's keys and values during generation. A sliding-window layer keeps only the last
-    `window - 1` tokens after each step: the next query can see nothing older."""
+    `window - 1 + spare` tokens after each step: the next query can see nothing older."""
 
-    def __init__(self, window: int | None = None):
-        self.window = window
+    def __init__(self, window: int | None = None, spare: int = 0):
+        self.window, self.spare = window, spare
         self.k = self.v = self.positions = self.valid = None
+        self.index_keys = None  # the lightning indexer's keys (MiniMax-M3 sparse layers), one per stream slot
 
     def update(self, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask):
         B, S = k.shape[0], k.shape[2]
@@ -523,11 +538,19 @@ class LayerKVCache:
             values = torch.cat([self.v, v], dim=2)
             positions = torch.cat([self.positions, mask.positions])
             valid = torch.cat([self.valid, new_valid], dim=1)
-        start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1), 0)
+        start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1 + self.spare), 0)
         keep = slice(start, None)
         self.k, self.v = keys[:, :, keep], values[:, :, keep]
         self.positions, self.valid = positions[keep], valid[:, keep]
         return keys, values, positions, valid
+
+    def crop(self, length: int) -> None:
+        if self.k is not None:
+            keep = int((self.positions < length).sum())  # positions increase along the cache
+            self.k, self.v = self.k[:, :, :keep], self.v[:, :, :keep]
+            self.positions, self.valid = self.positions[:keep], self.valid[:, :keep]
+        if self.index_keys is not None:
+            self.index_keys = self.index_keys[:, :, :length]
 
     @property
     def length(self) -> int:
