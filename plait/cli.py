@@ -93,8 +93,12 @@ def generate(
     top_k: Annotated[Optional[int], typer.Option(help="sample from the k most likely tokens")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="nucleus sampling mass")] = None,
     seed: Annotated[int, typer.Option(help="seed for sampling")] = 0,
+    speculative: Annotated[bool, typer.Option(
+        help="greedy self-speculative decoding: the model's MTP depths draft, one forward verifies")] = False,
+    draft_tokens: Annotated[Optional[int], typer.Option(help="drafts per step (default: every MTP depth)")] = None,
 ) -> None:
-    """Caption images with a saved model (greedy, or sampled with --temperature)."""
+    """Caption images with a saved model (greedy, or sampled with --temperature; --speculative drafts with
+    the model's MTP depths and gives the greedy captions in fewer forwards)."""
     try:
         import torch
 
@@ -105,7 +109,12 @@ def generate(
         from plait.data.types import CaptionSplit
         from plait.generate import generate as decode
         from plait.models.vlm import vlm_spec
+        from plait.speculative import SpeculativeStats, generate_speculative
 
+        if speculative and (temperature != 0.0 or top_k is not None or top_p is not None):
+            raise ValueError("--speculative decodes greedily: it takes no --temperature, --top-k or --top-p")
+        if draft_tokens is not None and not speculative:
+            raise ValueError("--draft-tokens: only with --speculative")
         cfg = _checkpoint_run_config(checkpoint, [])
         size = cfg.data.image_size
         pixels = torch.stack([resize_to_square(load_image(p), size) for p in image])
@@ -115,12 +124,21 @@ def generate(
         # A one-sample dataset builds the prompt exactly as training did.
         ds = CaptionDataset(CaptionSplit(pixels[:1], ["x"]), tokenizer, spec.image_token_count(model.config, size),
                             cfg.data.prompt if prompt is None else prompt)
-        new = decode(model, ds.prompt_ids().expand(len(image), -1), max_new_tokens=max_new_tokens,
-                     eos_token_id=ds.eos_id, pad_token_id=ds.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                     generator=torch.Generator().manual_seed(seed),
-                     **spec.vision_inputs(model.config, normalize(pixels)))
+        prompt_ids, vision = ds.prompt_ids().expand(len(image), -1), spec.vision_inputs(model.config, normalize(pixels))
+        stats = SpeculativeStats()
+        if speculative:
+            new = generate_speculative(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=ds.eos_id,
+                                       pad_token_id=ds.pad_id, num_draft_tokens=draft_tokens, stats=stats, **vision)
+        else:
+            new = decode(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=ds.eos_id,
+                         pad_token_id=ds.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=torch.Generator().manual_seed(seed), **vision)
         for path, text in zip(image, tokenizer.batch_decode(new, skip_special_tokens=True)):
             console.print(f"{path}: {text.strip()}", highlight=False)
+        if speculative:
+            rates = ", ".join(f"depth {d + 1} {r:.2f}" for d, r in enumerate(stats.acceptance_rate))
+            console.print(f"speculative: {stats.tokens_per_forward:.2f} tokens per forward over {stats.rounds} "
+                          f"verification forwards; draft acceptance {rates}", highlight=False)
     except ValueError as e:
         _fail(e)
 

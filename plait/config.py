@@ -30,12 +30,12 @@ class MTPSettings(_Section):
     layer_pattern: str = Field("*", min_length=1, description="block symbols of one MTP depth")
     loss_scaling_factor: float = Field(0.1, ge=0.0)
     use_repeated_layer: bool = False
-    train_only: bool = False
+    train_only: bool = Field(False, description="train only the MTP depths; the rest of the model stays frozen")
 
     @model_validator(mode="after")
-    def _supported(self) -> "MTPSettings":
-        if self.train_only:
-            raise ValueError("model.mtp.train_only=true: training only the MTP depths is not supported yet")
+    def _depths_to_train(self) -> "MTPSettings":
+        if self.train_only and self.num_layers == 0:
+            raise ValueError("model.mtp.train_only=true trains the MTP depths alone: set model.mtp.num_layers >= 1")
         return self
 
 
@@ -55,6 +55,9 @@ class ModelSettings(_Section):
                 f"exactly one of model.preset and model.pretrained must be set, got preset={self.preset!r} "
                 f"and pretrained={self.pretrained!r}"
             )
+        if self.mtp.train_only and self.pretrained is None:
+            raise ValueError("model.mtp.train_only=true trains new MTP depths on a trained model: set model.pretrained "
+                             f"to its dir (got preset={self.preset!r})")
         return self
 
 

@@ -153,34 +153,52 @@ class MTPModule(nn.Module):
     def pattern_length(self) -> int:
         return self.mtp_config.pattern_length
 
-    def forward(self, input_ids: torch.Tensor, hidden_states: torch.Tensor, embed_fn: Callable[[torch.Tensor], torch.Tensor],
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, hidden_states: torch.Tensor,
+                embed_fn: Callable[[torch.Tensor], torch.Tensor] | None, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, depth_embeds: list[torch.Tensor] | None = None,
                 **block_kwargs) -> list[torch.Tensor]:
         """Per-depth hidden states (each like `hidden_states`). input_ids / position_ids roll left by one
-        more slot at each depth; given position_ids reach the sublayers as `position_ids=`."""
+        more slot at each depth; given position_ids reach the sublayers as `position_ids=`.
+        `depth_embeds` (from `rolled_token_embeddings`, e.g. sent on by pipeline stage 0) stand in for
+        `embed_fn` of the rolled ids."""
+        if depth_embeds is None:
+            if input_ids is None or embed_fn is None:
+                raise ValueError("MTPModule: pass input_ids and embed_fn, or depth_embeds")
+            depth_embeds = rolled_token_embeddings(input_ids, embed_fn, self.num_depths, cu_seqlens)
+        elif len(depth_embeds) != self.num_depths:
+            raise ValueError(f"MTPModule: {len(depth_embeds)} depth_embeds for {self.num_depths} depths")
         outputs = []
-        h_prev, ids, pos = hidden_states, input_ids, position_ids
+        h_prev, pos = hidden_states, position_ids
         for depth in range(self.num_depths):
-            ids = roll_tensor(ids, -1, -1, cu_seqlens)
             if pos is not None:
                 pos = roll_tensor(pos, -1, -1, cu_seqlens)
                 block_kwargs["position_ids"] = pos
-            h_prev = self.depth_forward(depth, ids, h_prev, embed_fn, **block_kwargs)
+            h_prev = self.depth_forward(depth, depth_embeds[depth], h_prev, **block_kwargs)
             outputs.append(h_prev)
         return outputs
 
-    def depth_forward(self, depth: int, token_ids: torch.Tensor, h_prev: torch.Tensor,
-                      embed_fn: Callable[[torch.Tensor], torch.Tensor], layer_caches: list | None = None,
-                      **block_kwargs) -> torch.Tensor:
+    def depth_forward(self, depth: int, token_embeds: torch.Tensor, h_prev: torch.Tensor,
+                      layer_caches: list | None = None, **block_kwargs) -> torch.Tensor:
         """One depth (0-based) on already aligned inputs: at each slot, the previous depth's state and the
-        token this depth reads there. `layer_caches` (one per sublayer) reach the sublayers as `kv_cache=`
-        during incremental decoding."""
+        embedding of the token this depth reads there. `layer_caches` (one per sublayer) reach the
+        sublayers as `kv_cache=` during incremental decoding."""
         P = self.pattern_length
         base = 0 if self.mtp_config.use_repeated_layer else depth * P
         first, last = self.layers[base], self.layers[base + P - 1]
-        h = first.eh_proj(torch.cat([first.enorm(embed_fn(token_ids)), first.hnorm(h_prev)], dim=-1))
+        h = first.eh_proj(torch.cat([first.enorm(token_embeds), first.hnorm(h_prev)], dim=-1))
         for j in range(P):
             if layer_caches is not None:
                 block_kwargs["kv_cache"] = layer_caches[j]
             h = self.layers[base + j](h, **block_kwargs)
         return last.final_layernorm(h)
+
+
+def rolled_token_embeddings(input_ids: torch.Tensor, embed_fn: Callable[[torch.Tensor], torch.Tensor], depths: int,
+                            cu_seqlens: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """What each MTP depth reads besides the previous depth's state: depth d (0-based) embeds the ids
+    rolled left by d + 1 (wrapped and document-crossing slots get id 0, their targets are masked)."""
+    out, ids = [], input_ids
+    for _ in range(depths):
+        ids = roll_tensor(ids, -1, -1, cu_seqlens)
+        out.append(embed_fn(ids))
+    return out

@@ -267,13 +267,19 @@ def _progress(console: Console, enabled: bool) -> Progress:
 def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: torch.device, step_total: dict,
                     example: dict):
     """This rank's pipeline stages, warmed up on a batch of the training shape. The loss on the last stage is
-    normalised over the whole step's targets."""
-    from plait.parallel.pipeline import build_pipeline
+    normalised over the whole step's targets (each MTP depth's over its own), and its parts are recorded in
+    step_total["record"] for the log."""
+    from plait.parallel.pipeline import build_pipeline, lm_and_mtp_loss
 
     scale = {"value": 1.0}
+    mtp_cfg = getattr(model, "mtp_config", None)
+    depths = mtp_cfg.num_layers if mtp_cfg is not None else 0
+    mtp_scale = mtp_cfg.loss_scaling_factor / depths if depths else 0.0
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss_sum(logits, labels) / step_total["targets"] * scale["value"]
+    def loss_fn(output, labels: torch.Tensor) -> torch.Tensor:
+        loss = lm_and_mtp_loss(output, labels, step_total["targets"], step_total.get("depth_targets", [1.0] * depths),
+                               mtp_scale, step_total["record"])
+        return loss * scale["value"]
 
     p = cfg.parallel
     pipe = build_pipeline(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
@@ -307,6 +313,23 @@ def _gather_stages(pipe, model: nn.Module, ctx: DistContext) -> None:
         model.load_state_dict(merged, strict=True)
 
 
+def freeze_all_but(model: nn.Module, trained: nn.Module) -> None:
+    """requires_grad only on `trained`'s parameters (shared ones, like a tied head, stay frozen elsewhere)."""
+    keep = {id(p) for p in trained.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def set_train_mode(model: nn.Module, trained: nn.Module) -> None:
+    """Training mode for the part being trained only: a frozen trunk stays in eval mode, so its MoE layers
+    neither count expert loads nor move their balancing biases."""
+    if trained is model:
+        model.train()
+    else:
+        model.eval()
+        trained.train()
+
+
 def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
     """Labels of MTP depths 1..depths; packed batches keep each document's targets inside it."""
     if not depths:
@@ -329,7 +352,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     run = prepare_run(cfg)
     model, device, tcfg = run.model, run.device, cfg.train
     train_set = run.datasets["train"]
-    step_total = {"targets": 1.0}  # the pipeline's loss function reads the current step's target count
+    if cfg.model.mtp.train_only:  # before DDP and the pipeline take stock of what needs gradients
+        freeze_all_but(model, model.mtp_backbone.mtp)
+    # the pipeline's loss function reads the current step's target counts and records the loss parts
+    step_total = {"targets": 1.0, "record": {}}
     pipe = None
     pad_to = None
     if cfg.parallel.pp > 1:  # pipeline stages exchange fixed shapes: every batch is padded to one length
@@ -352,6 +378,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     mtp_cfg = getattr(model, "mtp_config", None)
     mtp_depths = mtp_cfg.num_layers if mtp_cfg is not None else 0
     mtp_scale = mtp_cfg.loss_scaling_factor / mtp_depths if mtp_depths else 0.0
+    # what the optimizer and the MoE bias updates touch: the MTP depths alone with model.mtp.train_only
+    trained = model.mtp_backbone.mtp if cfg.model.mtp.train_only else local
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
@@ -386,10 +414,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                                         num_samples=num_samples, batch_size=cfg.eval.batch_size,
                                         max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
             log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
+            set_train_mode(model, trained)
         ctx.barrier()
         return metrics
 
-    model.train()
+    set_train_mode(model, trained)
     with _progress(console, tcfg.progress) as progress:
         task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, tcfg.steps + 1):
@@ -403,13 +432,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             lm_sum, depth_sums = 0.0, [0.0] * mtp_depths
             tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
             if pipe is not None:
-                step_total["targets"] = step_targets
+                step_total.update(targets=step_targets, depth_targets=depth_targets, record={})
                 for b in batches:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
-                        losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device))
-                    lm_sum += sum(float(x.detach()) for x in losses)
-                lm_sum = ctx.sum_over_world(lm_sum)
+                        pipe.step(b["input_ids"].to(device), b["labels"].to(device))
+                record = step_total["record"]
+                lm_sum = ctx.sum_over_world(record.get("lm", 0.0))
+                depth_sums = [ctx.sum_over_world(x) for x in record.get("depths", [0.0] * mtp_depths)]
             else:
                 for b, labels_per_depth in zip(batches, depth_labels):
                     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
@@ -437,7 +467,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # MoE: this step's expert loads, summed over ranks, move the correction biases toward balance
-            expert_loads = update_expert_bias(local, all_reduce=ctx.all_reduce_)
+            expert_loads = update_expert_bias(trained, all_reduce=ctx.all_reduce_)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
                 row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": float(grad_norm),

@@ -25,7 +25,9 @@ def test_print_config_shows_the_resolved_run():
 @pytest.mark.parametrize("args, message", [
     (["train", "configs/default.yaml", "train.stepz=3"], "train.stepz: unknown key"),
     (["train", "configs/missing.yaml"], "not found"),
-    (["train", "configs/default.yaml", "model.mtp.train_only=true"], "not supported yet"),
+    (["train", "configs/default.yaml", "model.mtp.train_only=true"], "set model.mtp.num_layers >= 1"),
+    (["train", "configs/default.yaml", "model.mtp.train_only=true", "model.mtp.num_layers=1"],
+     "set model.pretrained"),
     (["train", "configs/default.yaml", "parallel.pp=2"], "2 processes expected, but 1 were launched"),
     (["eval", "/nonexistent/ckpt"], "not a directory"),
     (["inspect", "configs/default.yaml", "model.preset=huge"], "unknown preset 'huge'"),

@@ -9,6 +9,8 @@ import torch
 from plait.config import ModelSettings
 from plait.models import NATIVE_MODELS, from_config, from_pretrained
 from plait.models.hf import to_hf_config
+from plait.models.native import add_fresh_mtp_depths
+from plait.mtp import MTPConfig
 from plait.models.presets import preset_dict
 from plait.models.vlm import vlm_spec
 
@@ -41,9 +43,12 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
         _mtp_kwargs(settings, model.config.model_type)
         if settings.mtp.num_layers and getattr(model, "mtp_config", None) is not None:
             found = model.mtp_config.num_layers
-            if found != settings.mtp.num_layers:
+            if found == 0:  # a checkpoint without depths gets fresh ones (to train them, alone or with the rest)
+                add_fresh_mtp_depths(model, MTPConfig(num_layers=settings.mtp.num_layers,
+                                                      use_repeated_layer=settings.mtp.use_repeated_layer))
+            elif found != settings.mtp.num_layers:
                 raise ValueError(f"model.mtp.num_layers={settings.mtp.num_layers}: the checkpoint has {found} MTP "
-                                 "depths (adding fresh depths to a checkpoint is not supported yet)")
+                                 "depths; use that number, or a checkpoint without MTP depths to add fresh ones")
         if getattr(model, "mtp_config", None) is not None:
             model.mtp_config = replace(model.mtp_config, loss_scaling_factor=settings.mtp.loss_scaling_factor)
         text_vocab = model.get_input_embeddings().num_embeddings

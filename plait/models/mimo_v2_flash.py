@@ -160,16 +160,21 @@ class MiMoV2FlashModel(nn.Module):
         })
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = rotary_per_layer_type(config.head_dim, config.rope_parameters, DEFAULT_PARTIAL_ROTARY_FACTOR)
+        self.backend = backend
         self.mtp = None
         if mtp_config is not None and mtp_config.enabled:
-            if mtp_config.layer_pattern != "*":
-                raise ValueError(f"MiMo-V2-Flash MTP depths are one whole block: layer_pattern must be '*', "
-                                 f"got {mtp_config.layer_pattern!r}")
-            if SLIDING not in self.rotary:
-                raise ValueError(f"config.rope_parameters: MTP depths use sliding-window attention and need a "
-                                 f"{SLIDING!r} entry")
-            self.mtp = MTPModule(mtp_config, "*",
-                                 lambda gi, d, j, kind, fusion, final: MTPLayer(config, backend, fusion, final))
+            self.build_mtp(mtp_config)
+
+    def build_mtp(self, mtp_config: MTPConfig) -> None:
+        """The MTP depths (one SWA attention + dense MLP block each), with the construction-time init."""
+        if mtp_config.layer_pattern != "*":
+            raise ValueError(f"MiMo-V2-Flash MTP depths are one whole block: layer_pattern must be '*', "
+                             f"got {mtp_config.layer_pattern!r}")
+        if SLIDING not in self.rotary:
+            raise ValueError(f"config.rope_parameters: MTP depths use sliding-window attention and need a "
+                             f"{SLIDING!r} entry")
+        self.mtp = MTPModule(mtp_config, "*", lambda gi, d, j, kind, fusion, final:
+                             MTPLayer(self.config, self.backend, fusion, final))
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, attention_mask=None, cu_seqlens=None,
                 past_key_values: KVCache | None = None) -> TrunkOutput:
@@ -191,12 +196,14 @@ class MiMoV2FlashModel(nn.Module):
         normed = self.norm(h) if self.norm is not None else h
         return TrunkOutput(normed, h, mask, position_ids, ropes)
 
-    def mtp_hidden_states(self, input_ids: torch.Tensor, trunk: TrunkOutput, cu_seqlens=None) -> list[torch.Tensor]:
+    def mtp_hidden_states(self, input_ids: torch.Tensor | None, trunk: TrunkOutput, cu_seqlens=None,
+                          depth_embeds: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Per-depth final hidden states of the MTP depths. They attend with the trunk's mask and its
-        sliding-window rotary angles (positions are not shifted for RoPE, as in DeepSeek-V3 and Megatron)."""
+        sliding-window rotary angles (positions are not shifted for RoPE, as in DeepSeek-V3 and Megatron).
+        `depth_embeds` replace the embedding of the rolled ids (a last pipeline stage has no embedding)."""
         if cu_seqlens is None:
             cu_seqlens = cu_seqlens_from_documents(trunk.mask.documents)
-        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
+        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens, depth_embeds,
                         rope=trunk.ropes[SLIDING], mask=trunk.mask)
 
     def mtp_decode(self, depth: int, h_prev, token_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
@@ -225,13 +232,15 @@ class MiMoV2FlashForCausalLM(nn.Module):
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values: KVCache | None = None, use_cache: bool = False,
-                return_logits: bool = True, return_mtp_logits: bool = False, **unused) -> CausalLMOutput:
+                return_logits: bool = True, return_mtp_logits: bool = False,
+                mtp_depth_embeds: list[torch.Tensor] | None = None, **unused) -> CausalLMOutput:
         """Logits (B, S, V); with `labels` (unshifted, -100 ignored) the loss: the mean cross-entropy over
         target tokens plus, when MTP depths exist, loss_scaling_factor / D x the sum of the per-depth
         means (depth d's labels are the labels rolled left by d, masked at row and document ends).
         Cross-entropies run in chunks from the hidden states; `return_logits=False` skips the (B, S, V)
         logits when only the loss is wanted. MTP depths run when labels are given or
-        `return_mtp_logits` is set (never during cached generation)."""
+        `return_mtp_logits` is set (never during cached generation); they embed the rolled `input_ids`, or
+        read `mtp_depth_embeds` (`plait.mtp.rolled_token_embeddings`, sent on by pipeline stage 0)."""
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
@@ -239,9 +248,9 @@ class MiMoV2FlashForCausalLM(nn.Module):
         h = trunk.hidden_states
         if self.lm_head is None:  # a non-last pipeline stage
             return CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
-        run_mtp = (self.model.mtp is not None and input_ids is not None and past_key_values is None
-                   and (labels is not None or return_mtp_logits))
-        mtp_hidden = self.model.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
+        run_mtp = (self.model.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
+                   and past_key_values is None and (labels is not None or return_mtp_logits))
+        mtp_hidden = self.model.mtp_hidden_states(input_ids, trunk, cu_seqlens, mtp_depth_embeds) if run_mtp else None
         out = CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
                              past_key_values=past_key_values if use_cache else None, pre_norm_hidden_states=trunk.pre_norm)
         if mtp_hidden is not None and (return_logits or return_mtp_logits):

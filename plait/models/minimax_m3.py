@@ -215,13 +215,18 @@ class MiniMaxM3TextModel(nn.Module):
             raise ValueError(f"text_config.rope_parameters.rope_type: plait supports 'default', got {rope.get('rope_type')!r}")
         self.rotary = RotaryEmbedding(config.head_dim, rope.get("rope_theta", 5_000_000.0),
                                       rope.get("partial_rotary_factor", 1.0))
+        self.backend, self.moe_config = backend, moe_cfg
         self.mtp = None
         if mtp_config is not None and mtp_config.enabled:
-            if mtp_config.layer_pattern != "*":
-                raise ValueError(f"MiniMax-M3 MTP depths are one whole block: layer_pattern must be '*', "
-                                 f"got {mtp_config.layer_pattern!r}")
-            self.mtp = MTPModule(mtp_config, "*", lambda gi, d, j, kind, fusion, final:
-                                 MTPLayer(config, backend, moe_cfg, fusion, final))
+            self.build_mtp(mtp_config)
+
+    def build_mtp(self, mtp_config: MTPConfig) -> None:
+        """The MTP depths (one full-attention decoder block each), with the construction-time init."""
+        if mtp_config.layer_pattern != "*":
+            raise ValueError(f"MiniMax-M3 MTP depths are one whole block: layer_pattern must be '*', "
+                             f"got {mtp_config.layer_pattern!r}")
+        self.mtp = MTPModule(mtp_config, "*", lambda gi, d, j, kind, fusion, final:
+                             MTPLayer(self.config, self.backend, self.moe_config, fusion, final))
 
     def make_freqs_cis(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.rotary(position_ids)
@@ -248,11 +253,13 @@ class MiniMaxM3TextModel(nn.Module):
         normed = self.norm(h) if self.norm is not None else h
         return TrunkOutput(normed, h, mask, position_ids, {FULL: rope}) if return_trunk else normed
 
-    def mtp_hidden_states(self, input_ids: torch.Tensor, trunk: TrunkOutput, cu_seqlens=None) -> list[torch.Tensor]:
-        """Per-depth final hidden states of the MTP depths (trunk's mask and rotary angles)."""
+    def mtp_hidden_states(self, input_ids: torch.Tensor | None, trunk: TrunkOutput, cu_seqlens=None,
+                          depth_embeds: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-depth final hidden states of the MTP depths (trunk's mask and rotary angles). `depth_embeds`
+        replace the embedding of the rolled ids (a last pipeline stage has no embedding)."""
         if cu_seqlens is None:
             cu_seqlens = cu_seqlens_from_documents(trunk.mask.documents)
-        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens,
+        return self.mtp(input_ids, trunk.pre_norm, self.embed_tokens, trunk.position_ids, cu_seqlens, depth_embeds,
                         rope=trunk.ropes[FULL], mask=trunk.mask)
 
     def mtp_decode(self, depth: int, h_prev, token_ids, position_ids, attention_mask, cache: KVCache) -> torch.Tensor:
@@ -311,13 +318,13 @@ class _M3Base(nn.Module):
         self._text_model().embed_tokens = module
 
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-             return_logits, return_mtp_logits, use_cache) -> MiniMaxM3CausalLMOutput:
+             return_logits, return_mtp_logits, use_cache, mtp_depth_embeds=None) -> MiniMaxM3CausalLMOutput:
         """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         text = self._text_model()
-        run_mtp = (text.mtp is not None and input_ids is not None and past_key_values is None
-                   and (labels is not None or return_mtp_logits))
+        run_mtp = (text.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
+                   and past_key_values is None and (labels is not None or return_mtp_logits))
         trunk = text(input_ids if inputs_embeds is None else None, position_ids, attention_mask, None, inputs_embeds,
                      cu_seqlens, past_key_values, return_trunk=True)
         h = trunk.hidden_states
@@ -326,7 +333,7 @@ class _M3Base(nn.Module):
         out = MiniMaxM3CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None,
                                       hidden_states=h, past_key_values=past_key_values if use_cache else None,
                                       pre_norm_hidden_states=trunk.pre_norm)
-        mtp_hidden = text.mtp_hidden_states(input_ids, trunk, cu_seqlens) if run_mtp else None
+        mtp_hidden = text.mtp_hidden_states(input_ids, trunk, cu_seqlens, mtp_depth_embeds) if run_mtp else None
         if mtp_hidden is not None and (return_logits or return_mtp_logits):
             out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
         if labels is not None:
@@ -404,10 +411,10 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
-                **unused):
+                mtp_depth_embeds=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                         return_logits, return_mtp_logits, use_cache)
+                         return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
 
 
 class MiniMaxM3SparseForConditionalGeneration(_M3Base):

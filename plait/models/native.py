@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 import re
 
 from plait.checkpoint import read_model_weights, write_model_weights
-from plait.mtp import mtp_labels
+from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.moe import MoE, Router
@@ -84,7 +84,7 @@ def mtp_decode_step(mtp: nn.Module, embed_tokens: nn.Module, rotary: nn.Module, 
     ids, as in training; `attention_mask` covers the cached slots and the new ones."""
     position_ids, mask = positions_and_mask(h_prev, position_ids, attention_mask, None, cache)
     caches = [cache.layer(str(j), window) for j in range(mtp.pattern_length)]
-    h = mtp.depth_forward(depth, token_ids, h_prev, embed_tokens, caches, rope=rotary(position_ids), mask=mask,
+    h = mtp.depth_forward(depth, embed_tokens(token_ids), h_prev, caches, rope=rotary(position_ids), mask=mask,
                           position_ids=position_ids)
     cache.seen += h.shape[1]
     return h
@@ -127,6 +127,23 @@ def init_reference_weights(root: nn.Module, std: float) -> None:
             module.tokens_per_expert.zero_()
         elif isinstance(module, Attention) and module.sinks is not None:
             nn.init.normal_(module.sinks, std=std)
+
+
+@torch.no_grad()
+def add_fresh_mtp_depths(model: nn.Module, mtp_config: MTPConfig) -> None:
+    """Give a native model without MTP depths `mtp_config.num_layers` new ones, initialised like the
+    reference initialises a model, on the device and in the dtype of its embeddings (for training them
+    on a checkpoint that has none)."""
+    backbone = model.mtp_backbone
+    if model.mtp_config.enabled:
+        raise ValueError(f"{type(model).__name__} already has {model.mtp_config.num_layers} MTP depths")
+    if not mtp_config.enabled:
+        raise ValueError(f"MTP depths to add: expected num_layers >= 1, got {mtp_config.num_layers}")
+    backbone.build_mtp(mtp_config)
+    init_reference_weights(backbone.mtp, backbone.config.initializer_range)
+    reference = model.get_input_embeddings().weight
+    backbone.mtp.to(device=reference.device, dtype=reference.dtype)
+    model.mtp_config = mtp_config
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -13,6 +13,11 @@ last stage returns logits; the loss runs on the last stage.
 The loss of a step is `sum of per-token cross-entropies / target tokens of the whole step`, the same
 normalisation as the single-process trainer, so microbatches here are exactly gradient accumulation
 there (gradients are not rescaled by the schedule).
+
+MTP depths run on the last stage. They read the embeddings of the ids rolled left by 1..D, which only
+stage 0 can compute: stage 0 sends them on beside the hidden states, middle stages pass them through,
+and their gradients flow back to stage 0's embedding like the hidden states' do. The last stage returns
+(logits, depth 1 logits, ..., depth D logits), and `lm_and_mtp_loss` scores them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from plait.mtp import mtp_labels, rolled_token_embeddings
+from plait.nn.loss import causal_lm_loss_sum
 
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 # schedules with several stages per rank: "looped" places stage r + k * ranks on rank r, "v" places stages
@@ -131,9 +139,7 @@ def text_model_of(model: nn.Module) -> nn.Module:
 
 def check_pipelinable(model: nn.Module) -> None:
     """A `ValueError` for what this pipeline cannot split yet, before any process-group work."""
-    inner = text_model_of(model)
-    if getattr(inner, "mtp", None) is not None:
-        raise ValueError("pipeline parallelism with MTP depths is not supported yet (parallel.pp=1, or model.mtp.num_layers=0)")
+    text_model_of(model)
     if getattr(model, "vision_tower", None) is not None:
         raise ValueError(f"pipeline parallelism for vision-language models ({type(model).__name__}) is not supported "
                          "yet; text-only native models are")
@@ -145,16 +151,48 @@ def check_pipelinable(model: nn.Module) -> None:
 
 
 class StageModule(nn.Module):
-    """One pipeline stage of a native causal LM: ids or hidden states in, hidden states or logits out."""
+    """One pipeline stage of a native causal LM: ids or hidden states in, hidden states or logits out.
+    With `mtp_depths`, the MTP depths' token embeddings travel beside the hidden states (made on stage 0)
+    and the last stage returns the logits of every depth after the model's."""
 
-    def __init__(self, model: nn.Module, first: bool, last: bool):
+    def __init__(self, model: nn.Module, first: bool, last: bool, mtp_depths: int = 0):
         super().__init__()
         self.model = model
         self.first, self.last = first, last
+        self.mtp_depths = mtp_depths
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=x) if self.first else self.model(inputs_embeds=x)
-        return out.logits if self.last else out.hidden_states
+    def forward(self, x: torch.Tensor, *depth_embeds: torch.Tensor):
+        if self.first and self.mtp_depths:
+            depth_embeds = tuple(rolled_token_embeddings(x, self.model.get_input_embeddings(), self.mtp_depths))
+        inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        if self.last and self.mtp_depths:
+            out = self.model(**inputs, return_mtp_logits=True, mtp_depth_embeds=list(depth_embeds))
+            return (out.logits, *out.mtp_logits)
+        out = self.model(**inputs)
+        if self.last:
+            return out.logits
+        return (out.hidden_states, *depth_embeds) if depth_embeds else out.hidden_states
+
+
+def lm_and_mtp_loss(output: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, lm_targets: float,
+                    depth_targets: list[float], mtp_scale: float, record: dict | None = None) -> torch.Tensor:
+    """A microbatch's share of the step loss on the last stage: its summed cross-entropy over the step's
+    `lm_targets`, plus `mtp_scale` x depth d's summed cross-entropy (labels rolled left by d) over the
+    step's `depth_targets[d - 1]`, for each depth's logits after the model's in `output`. `record`
+    accumulates the unscaled parts ("lm" and "depths") for logging."""
+    logits, *depth_logits = output if isinstance(output, tuple) else (output,)
+    lm = causal_lm_loss_sum(logits, labels) / lm_targets
+    loss = lm
+    depths = []
+    for d, x in enumerate(depth_logits, start=1):
+        depths.append(causal_lm_loss_sum(x, mtp_labels(labels, d)) / depth_targets[d - 1])
+        loss = loss + mtp_scale * depths[-1]
+    if record is not None:
+        record["lm"] = record.get("lm", 0.0) + float(lm.detach())
+        sums = record.setdefault("depths", [0.0] * len(depths))
+        for d, x in enumerate(depths):
+            sums[d] += float(x.detach())
+    return loss
 
 
 def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[list[str]]) -> StageModule:
@@ -173,7 +211,10 @@ def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[
     if stage != n - 1:
         inner.norm = None
         model.lm_head = None
-    return StageModule(model, first=stage == 0, last=stage == n - 1)
+    mtp_depths = inner.mtp.num_depths if getattr(inner, "mtp", None) is not None else 0
+    if stage != n - 1:
+        inner.mtp = None  # the depths run on the last stage
+    return StageModule(model, first=stage == 0, last=stage == n - 1, mtp_depths=mtp_depths)
 
 
 @dataclass

@@ -4,22 +4,29 @@ import torch
 
 from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
 from plait.models.minimax_m3 import MiniMaxM3SparseForCausalLM
-from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.mtp import mtp_labels
+from plait.nn.loss import count_targets
+from plait.parallel.pipeline import lm_and_mtp_loss
 from tests.nn.reference import m3_text_config, mimo_config
+
+MTP_SCALE = 0.3
 
 
 def build_model(kind: str):
+    """kind: "mimo" or "m3", with "_mtp" for two MTP depths (on the last stage when pipelined)."""
     torch.manual_seed(0)
+    kind, _, mtp = kind.partition("_")
+    depths = {"num_mtp_layers": 2, "mtp_loss_scaling_factor": MTP_SCALE} if mtp else {}
     if kind == "mimo":
         cfg = mimo_config(num_hidden_layers=4, layer_types=["full_attention", "sliding_attention", "sliding_attention",
                                                               "full_attention"],
                           mlp_layer_types=["dense", "sparse", "sparse", "sparse"])
-        return MiMoV2FlashForCausalLM.from_config(cfg)
+        return MiMoV2FlashForCausalLM.from_config(cfg, **depths)
     cfg = m3_text_config(num_hidden_layers=4, layer_types=["full_attention", "minimax_m3_sparse", "full_attention",
                                                            "minimax_m3_sparse"],
                          mlp_layer_types=["dense", "sparse", "sparse", "dense"], index_block_size=4,
                          index_topk_blocks=2, index_head_dim=16, index_n_heads=2)
-    return MiniMaxM3SparseForCausalLM.from_config(cfg)
+    return MiniMaxM3SparseForCausalLM.from_config(cfg, **depths)
 
 
 def make_batch(kind: str, batch: int = 8, seq: int = 12):
@@ -30,20 +37,24 @@ def make_batch(kind: str, batch: int = 8, seq: int = 12):
     return ids, labels
 
 
-def loss_fn_for(labels: torch.Tensor):
-    """Per-microbatch loss that sums to the mean over the whole step's targets (the trainer's normalisation)."""
+def loss_fn_for(labels: torch.Tensor, depths: int = 0):
+    """Per-microbatch loss that sums to the mean over the whole step's targets (the trainer's normalisation),
+    plus the MTP depths' losses normalised the same way."""
     total = count_targets(labels)
-    return lambda logits, target: causal_lm_loss_sum(logits, target) / total
+    depth_totals = [count_targets(mtp_labels(labels, d)) for d in range(1, depths + 1)]
+    return lambda output, target: lm_and_mtp_loss(output, target, total, depth_totals, MTP_SCALE)
 
 
 def reference_step(kind: str, microbatches: int):
     """Single process: the same microbatches as gradient accumulation."""
     model = build_model(kind)
     ids, labels = make_batch(kind)
-    loss_fn = loss_fn_for(labels)
+    depths = model.mtp_config.num_layers
+    loss_fn = loss_fn_for(labels, depths)
     losses = []
     for mb_ids, mb_labels in zip(ids.chunk(microbatches), labels.chunk(microbatches)):
-        loss = loss_fn(model(input_ids=mb_ids).logits, mb_labels)
+        out = model(input_ids=mb_ids, return_mtp_logits=depths > 0)
+        loss = loss_fn((out.logits, *(out.mtp_logits or [])), mb_labels)
         loss.backward()
         losses.append(float(loss.detach()))
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -27,7 +27,7 @@ def main() -> None:
     model = build_model(kind)
     ids, labels = make_batch(kind)
     run = build_pipeline(model, rank=rank, ranks=ranks, schedule=schedule, microbatches=microbatches,
-                         loss_fn=loss_fn_for(labels), device=torch.device("cpu"))
+                         loss_fn=loss_fn_for(labels, model.mtp_config.num_layers), device=torch.device("cpu"))
     losses = run.step(ids, labels)
     grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "losses": [float(x) for x in losses], "stages": run.stage_ids}, out / f"rank{rank}.pt")
