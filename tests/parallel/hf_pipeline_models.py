@@ -1,0 +1,87 @@
+"""Tiny stock transformers models and batches shared by the HF pipeline worker and the single-process reference."""
+
+from __future__ import annotations
+
+import torch
+
+from plait.models.hf import build_stock_model, to_hf_config
+from tests.parallel.pipeline_models import loss_fn_for
+
+VOCAB = 64
+IMAGE_TOKEN = 63
+SEQ = 12
+ROWS = 8
+
+
+def _llama(layers: int) -> dict:
+    return {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "tie_word_embeddings": False}
+
+
+def _mistral3(layers: int) -> dict:
+    # 16 px images, patch 4, 2x2 merge: 4 placeholder tokens per image
+    return {"model_type": "mistral3", "spatial_merge_size": 2, "vision_feature_layer": -1,
+            "multimodal_projector_bias": False, "tie_word_embeddings": False, "image_token_index": IMAGE_TOKEN,
+            "text_config": {"model_type": "ministral3", "vocab_size": VOCAB, "hidden_size": 32,
+                            "intermediate_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 64,
+                            "tie_word_embeddings": False,
+                            "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 1.0,
+                                                "original_max_position_embeddings": 64, "llama_4_scaling_beta": 0.1}},
+            "vision_config": {"model_type": "pixtral", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "head_dim": 16, "patch_size": 4,
+                              "image_size": 16}}
+
+
+CONFIGS = {"llama": _llama, "mistral3": _mistral3}
+# images per row of the batch: the first two microbatches (of 4) are text only, then one with three images
+IMAGES_PER_ROW = [0, 0, 0, 0, 1, 2, 1, 0]
+TOKENS_PER_IMAGE = 4
+
+
+def build_model(kind: str, layers: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_stock_model(to_hf_config(CONFIGS[kind](layers)), attn_implementation="sdpa")
+
+
+def make_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
+    """ids, labels and (for a VLM) the vision inputs `PipelineRun.step` takes."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, IMAGE_TOKEN, (ROWS, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, :2] = -100
+    if kind != "mistral3":
+        return ids, labels, None
+    for row, n in enumerate(IMAGES_PER_ROW):
+        ids[row, 1 : 1 + n * TOKENS_PER_IMAGE] = IMAGE_TOKEN
+        labels[row, 1 : 1 + n * TOKENS_PER_IMAGE] = -100
+    n_images = sum(IMAGES_PER_ROW)
+    pixels = torch.randn(n_images, 3, 16, 16, generator=g)
+    sizes = torch.tensor([[16, 16]] * n_images)
+    return ids, labels, {"pixel_values": pixels, "image_sizes": sizes, "images_per_row": torch.tensor(IMAGES_PER_ROW)}
+
+
+def _images_of_rows(vision: dict, rows: slice) -> dict:
+    counts = vision["images_per_row"]
+    start, stop = int(counts[: rows.start].sum()), int(counts[: rows.stop].sum())
+    if start == stop:
+        return {}
+    return {"pixel_values": vision["pixel_values"][start:stop], "image_sizes": vision["image_sizes"][start:stop]}
+
+
+def reference_step(kind: str, microbatches: int, layers: int = 4):
+    """Single process, transformers' own forward: the same microbatches as gradient accumulation."""
+    model = build_model(kind, layers)
+    ids, labels, vision = make_batch(kind)
+    loss_fn = loss_fn_for(labels)
+    per = ROWS // microbatches
+    losses = []
+    for m in range(microbatches):
+        rows = slice(m * per, (m + 1) * per)
+        images = _images_of_rows(vision, rows) if vision is not None else {}
+        loss = loss_fn(model(input_ids=ids[rows], **images).logits, labels[rows])
+        loss.backward()
+        losses.append(float(loss.detach()))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return grads, losses

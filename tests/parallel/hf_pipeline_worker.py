@@ -1,0 +1,40 @@
+"""Pipelined training steps of a tiny stock transformers model, one per schedule, in one process group.
+Run under torchrun by tests/parallel/test_hf_pipeline.py:
+
+    torchrun --nproc-per-node N tests/parallel/hf_pipeline_worker.py OUT_DIR MODEL MICROBATCHES LAYERS SCHEDULE...
+
+Each rank writes OUT_DIR/{schedule}.rank{r}.pt with its stages' parameter gradients (by full-model name)
+and the per-microbatch losses of the last stage; every schedule starts from the same freshly built model.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.parallel.hf_pipeline_models import build_model, make_batch  # noqa: E402
+from tests.parallel.pipeline_models import loss_fn_for  # noqa: E402
+from plait.parallel.hf_pipeline import build_hf_pipeline  # noqa: E402
+
+
+def main() -> None:
+    out, kind, microbatches, layers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    for schedule in sys.argv[5:]:
+        ids, labels, vision = make_batch(kind)
+        run = build_hf_pipeline(build_model(kind, layers), rank=rank, ranks=ranks, schedule=schedule,
+                                microbatches=microbatches, loss_fn=loss_fn_for(labels), device=torch.device("cpu"))
+        losses = run.step(ids, labels, vision)
+        grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
+        torch.save({"grads": grads, "losses": [float(x.detach()) for x in losses], "stages": run.stage_ids},
+                   out / f"{schedule}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Stock transformers models as pipeline stages against transformers' own single-process forward: same losses,
+same gradient for every parameter (gloo; one spawn per model family runs every schedule)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.parallel.pipeline import SCHEDULES
+from tests.parallel.hf_pipeline_models import build_model, reference_step
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+WORKER = Path(__file__).with_name("hf_pipeline_worker.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_schedules(tmp_path: Path, nproc: int, kind: str, microbatches: int, layers: int,
+                  schedules=SCHEDULES) -> dict[str, list[dict]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(tmp_path), kind,
+           str(microbatches), str(layers), *schedules]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return {s: [torch.load(tmp_path / f"{s}.rank{r}.pt") for r in range(nproc)] for s in schedules}
+
+
+def max_relative_diff(ranks: list[dict], ref_grads: dict, ref_losses: list[float]) -> float:
+    """Checks every parameter's gradient and every microbatch loss; returns the largest gradient difference
+    relative to the largest reference gradient entry of its tensor."""
+    grads, losses = {}, []
+    for r in ranks:
+        assert not (grads.keys() & r["grads"].keys()), "a parameter lives on two stages"
+        grads |= r["grads"]
+        losses += r["losses"]
+    assert grads.keys() == ref_grads.keys()
+    worst = 0.0
+    for name, g in grads.items():
+        ref = ref_grads[name]
+        scale = ref.abs().max().item() + 1e-12
+        worst = max(worst, (g - ref).abs().max().item() / scale)
+        assert torch.allclose(g, ref, rtol=1e-5, atol=1e-5 * scale), name
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral3"])
+def test_every_schedule_on_two_ranks_matches_the_single_process_step(tmp_path, kind):
+    ref_grads, ref_losses = reference_step(kind, microbatches=4)
+    for schedule, ranks in run_schedules(tmp_path, 2, kind, microbatches=4, layers=4).items():
+        worst = max_relative_diff(ranks, ref_grads, ref_losses)
+        print(f"{kind} {schedule}: max relative gradient difference {worst:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "mistral3"])
+def test_every_schedule_on_four_ranks_matches_the_single_process_step(tmp_path, kind):
+    ref_grads, ref_losses = reference_step(kind, microbatches=8, layers=8)
+    for schedule, ranks in run_schedules(tmp_path, 4, kind, microbatches=8, layers=8).items():
+        worst = max_relative_diff(ranks, ref_grads, ref_losses)
+        print(f"{kind} {schedule} x4: max relative gradient difference {worst:.2e}")
+
+
+def _stages(model, num_stages: int):
+    from plait.parallel.hf_pipeline import hf_layer_keys, make_hf_stage
+    from plait.parallel.pipeline import split_layers
+
+    split = split_layers(hf_layer_keys(model), num_stages)
+    return [make_hf_stage(model, s, split) for s in range(num_stages)]
+
+
+def test_stages_chained_in_one_process_give_transformers_logits():
+    from tests.parallel.hf_pipeline_models import _images_of_rows, make_batch
+
+    for kind in ("llama", "mistral3"):
+        model = build_model(kind)
+        ids, _, vision = make_batch(kind)
+        ref = model(input_ids=ids, **_images_of_rows(vision, slice(0, 8)) if vision else {}).logits
+        stages = _stages(model, 4)
+        hidden = stages[0](*stages[0].feed(ids, vision, 1))
+        for stage in stages[1:]:
+            hidden = stage(hidden)
+        assert torch.equal(hidden, ref), kind
+        # pruned like plait's own stages: layer keys unchanged, embedding / vision first, norm and head last
+        names = [{n for n, _ in s.model.named_parameters()} for s in stages]
+        assert set().union(*names) == {n for n, _ in model.named_parameters()}
+        assert not any(n.startswith(("model.vision_tower", "model.multi_modal_projector")) for n in names[1])
+        assert "lm_head.weight" in names[3] and "lm_head.weight" not in names[2]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 4])
+def test_the_cached_causal_mask_equals_the_rebuilt_one(sliding_window):
+    from transformers import MistralForCausalLM
+
+    from plait.models.hf import to_hf_config
+    from plait.parallel.hf_pipeline import _build_masks, _build_or_reuse_pp_causal_mask
+
+    cfg = to_hf_config({"model_type": "mistral", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "sliding_window": sliding_window, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    model = MistralForCausalLM._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    ids = torch.randint(0, 64, (2, 10))
+    ref = model(input_ids=ids).logits
+    (stage,) = _stages(model, 1)
+    embeds = torch.zeros(2, 10, 32)
+    cached = _build_or_reuse_pp_causal_mask(stage.model.model, embeds, None, None)
+    assert _build_or_reuse_pp_causal_mask(stage.model.model, embeds, None, None) is cached  # built once per stage
+    rebuilt = _build_masks(stage.model.model, embeds, torch.ones(2, 10, dtype=torch.long), None)
+    assert cached.keys() == rebuilt.keys() == {"full_attention"}
+    a, b = cached["full_attention"], rebuilt["full_attention"]
+    assert torch.equal(a.expand_as(b), b)
+    blocked = (b[0, 0] != 0)
+    assert blocked[9, 0] == (sliding_window is not None) and not blocked[9, 9] and blocked[0, 9]
+    # the whole stage: cached path, rebuilt path (explicit all-ones mask) and transformers agree
+    assert torch.equal(stage(ids), ref)
+    assert torch.equal(stage.model(ids, attention_mask=torch.ones(2, 10, dtype=torch.long)), ref)
+
+
+def test_pixel_values_are_cut_per_microbatch_even_after_text_only_microbatches():
+    from plait.parallel.hf_pipeline import _vlm_pixel_values_chunks
+
+    pixels = torch.arange(4.0).view(4, 1, 1, 1)
+    sizes = torch.tensor([[1, 1], [2, 2], [3, 3], [4, 4]])
+    chunks = _vlm_pixel_values_chunks(pixels, [0, 0, 0, 0, 1, 2, 1, 0], 4, image_sizes=sizes)
+    assert chunks[0] is None and chunks[1] is None
+    assert chunks[2]["pixel_values"].flatten().tolist() == [0.0, 1.0, 2.0]
+    assert chunks[2]["image_sizes"].tolist() == [[1, 1], [2, 2], [3, 3]]
+    assert chunks[3]["pixel_values"].flatten().tolist() == [3.0]
+    with pytest.raises(ValueError, match=r"adding up to the 4 images in pixel_values, got \[0, 0, 0, 0, 1, 2, 1, 1\]"):
+        _vlm_pixel_values_chunks(pixels, [0, 0, 0, 0, 1, 2, 1, 1], 4)
+    with pytest.raises(ValueError, match="8 rows do not split into 3 equal microbatches"):
+        _vlm_pixel_values_chunks(pixels, [0, 0, 0, 0, 1, 2, 1, 0], 3)
+    with pytest.raises(ValueError, match=r"image_sizes: expected one entry per image \(4\), got 3"):
+        _vlm_pixel_values_chunks(pixels, [0, 0, 0, 0, 1, 2, 1, 0], 4, image_sizes=sizes[:3])
+
+
+def test_what_cannot_be_pipelined_is_refused_with_the_reason():
+    from transformers import T5ForConditionalGeneration
+
+    from plait.models.hf import build_stock_model, to_hf_config
+    from plait.parallel.hf_pipeline import validate_hf_model_for_pipeline_support
+    from tests.parallel.hf_pipeline_models import CONFIGS
+
+    tied = build_stock_model(to_hf_config({**CONFIGS["llama"](2), "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="expected untied input and output embeddings"):
+        validate_hf_model_for_pipeline_support(tied)
+    t5 = T5ForConditionalGeneration._from_config(to_hf_config({"model_type": "t5", "vocab_size": 64, "d_model": 16,
+                                                               "d_ff": 32, "num_layers": 1, "num_heads": 2, "d_kv": 8}))
+    with pytest.raises(ValueError, match="encoder-decoder model; expected a decoder-only one"):
+        validate_hf_model_for_pipeline_support(t5)
+    llava = build_stock_model(to_hf_config({
+        "model_type": "llava", "text_config": {**CONFIGS["llama"](2), "model_type": "llama"},
+        "vision_config": {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+                          "num_hidden_layers": 1, "num_attention_heads": 2, "patch_size": 4, "image_size": 16}}))
+    with pytest.raises(ValueError, match="model_type 'llava' .* has no pipeline forward that routes its images"):
+        validate_hf_model_for_pipeline_support(llava)
+    type(llava)._pp_keep_self_forward = True  # a class whose own forward is stage-aware opts out
+    try:
+        validate_hf_model_for_pipeline_support(llava)
+    finally:
+        del type(llava)._pp_keep_self_forward
+    model = build_model("llama")
+    model.config.use_cache = True
+    validate_hf_model_for_pipeline_support(model)
+    assert model.config.use_cache is False  # switched off, not refused
+
+
+def test_buffers_are_recomputed_after_meta_construction():
+    from plait.parallel.hf_pipeline import init_hf_model_buffers
+    from tests.parallel.hf_pipeline_models import _images_of_rows, make_batch
+
+    ref = build_model("mistral3")
+    with torch.device("meta"):
+        model = build_model("mistral3")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    init_hf_model_buffers(model, "cpu")
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, ref_buffers[name]), name
+    ids, _, vision = make_batch("mistral3")
+    images = _images_of_rows(vision, slice(0, 8))
+    assert torch.equal(model(input_ids=ids, **images).logits, ref(input_ids=ids, **images).logits)
