@@ -33,6 +33,9 @@ MULTIMODAL_SUFFIXES = ("vision_tower", "visual", "vision_model", "image_encoder"
                        "multi_modal_projector", "multimodal_projector", "vision_projector", "audio_projector")
 # VLMs whose images are routed by a forward written for them here; other VLMs must opt out of patching
 _PP_VLM_MODEL_TYPES_WITH_DEDICATED_FORWARD: tuple[str, ...] = ("gemma4", "mistral3")
+# text-side modules that only the first stage runs (Gemma4's per-layer input embeddings beside embed_tokens)
+_FIRST_STAGE_TEXT_MODULES = ("embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection",
+                             "per_layer_projection_norm")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -324,18 +327,153 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Gemma4 (text dense and MoE, and the VLM)
+#
+# Two things cross Gemma4's stage boundaries besides the hidden states: the per-layer input embeddings
+# (computed once from the tokens on stage 0, read by every layer) and the keys / values that the last
+# `num_kv_shared_layers` layers reuse from the last earlier layer of their attention type. Both travel
+# packed behind the hidden states in the one tensor a stage sends: (B, S, H + carried widths); the
+# gradient comes back the same way. What a boundary carries is fixed by the config and the split.
+
+
+def _gemma4_carries(config, layers_per_stage: list[list[str]], boundary: int) -> list[tuple[str, int]]:
+    """(name, width) of what crosses into stage `boundary` from the stages before it; [] at the two ends."""
+    if boundary == 0 or boundary == len(layers_per_stage):
+        return []
+    carries = []
+    if config.hidden_size_per_layer_input:
+        carries.append(("per_layer_inputs", config.num_hidden_layers * config.hidden_size_per_layer_input))
+    before = {int(k) for stage in layers_per_stage[:boundary] for k in stage}
+    modes = config.kv_sharing_modes
+    for layer_type in sorted(set(config.layer_types)):
+        store = [i for i, m in enumerate(modes) if m == "store" and config.layer_types[i] == layer_type]
+        readers_after = [i for i, m in enumerate(modes)
+                         if m == "reuse" and config.layer_types[i] == layer_type and i not in before]
+        if store and store[0] in before and readers_after:
+            layer = config.per_layer_config[store[0]]
+            width = layer.num_key_value_heads * layer.head_dim
+            carries += [(f"key:{layer_type}", width), (f"value:{layer_type}", width)]
+    return carries
+
+
+def _unpack_carries(x: torch.Tensor, hidden_size: int, carries: list[tuple[str, int]], what: str):
+    expected = hidden_size + sum(w for _, w in carries)
+    if x.shape[-1] != expected:
+        raise ValueError(f"{what}: expected hidden states of width {hidden_size} + carried "
+                         f"{[name for name, _ in carries]} = {expected}, got {x.shape[-1]}")
+    pieces = x.split([hidden_size, *(w for _, w in carries)], dim=-1)
+    return pieces[0], dict(zip((name for name, _ in carries), pieces[1:]))
+
+
+def create_pipeline_forward_gemma4_text() -> Callable:
+    """Forward for `Gemma4TextModel` (dense or MoE): stage 0 embeds and computes the per-layer inputs;
+    every stage runs its layers with the mask and rotary of their layer type (sliding or full), sharing
+    keys / values as transformers does; non-last stages return the hidden states with what the next stage
+    needs packed behind them, the last its normed hidden states."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                per_layer_inputs=None, **kwargs):
+        config = self.config
+        L, D = config.num_hidden_layers, config.hidden_size_per_layer_input
+        carried = {}
+        if getattr(self, "embed_tokens", None) is not None:
+            hidden = _embed_or_hidden(self, input_ids, inputs_embeds, "Gemma4 pipeline stage")
+            if D:
+                if per_layer_inputs is None and input_ids is not None:
+                    per_layer_inputs = self.get_per_layer_inputs(input_ids, None)
+                per_layer_inputs = self.project_per_layer_inputs(hidden, per_layer_inputs)
+        else:
+            x = _embed_or_hidden(self, input_ids, inputs_embeds, "Gemma4 pipeline stage")
+            hidden, carried = _unpack_carries(x, config.hidden_size, self._pp_carries_in, "Gemma4 pipeline stage")
+            if D:
+                per_layer_inputs = carried["per_layer_inputs"].unflatten(-1, (L, D))
+        B, S = hidden.shape[:2]
+        masks = _build_or_reuse_pp_causal_mask(self, hidden, attention_mask, position_ids)
+        position_ids = _position_ids(hidden, position_ids)
+        rotary = {t: self.rotary_emb(hidden, position_ids, t) for t in set(config.layer_types)}
+        from transformers.cache_utils import KVSharingDict
+
+        shared_kv = KVSharingDict()
+        for t in set(config.layer_types):  # (B, S, kv_heads * head_dim) -> (B, kv_heads, S, head_dim)
+            if f"key:{t}" in carried:
+                shared_kv[t] = tuple(carried[f"{kind}:{t}"].unflatten(-1, (-1, config.per_layer_config[
+                    config.layer_types.index(t)].head_dim)).transpose(1, 2) for kind in ("key", "value"))
+        for index, layer in _layers(self):
+            layer_type = config.layer_types[index]
+            hidden = layer(hidden, per_layer_inputs[:, :, index, :] if D else None, shared_kv_states=shared_kv,
+                           position_embeddings=rotary[layer_type], attention_mask=masks[layer_type],
+                           position_ids=position_ids, past_key_values=None)
+        if getattr(self, "norm", None) is not None:
+            return self.norm(hidden)
+        out = [hidden]
+        for name, _ in self._pp_carries_out:
+            if name == "per_layer_inputs":
+                out.append(per_layer_inputs.flatten(-2))
+            else:
+                kind, t = name.split(":")
+                out.append(shared_kv[t][0 if kind == "key" else 1].transpose(1, 2).reshape(B, S, -1))
+        return torch.cat(out, dim=-1) if len(out) > 1 else hidden
+
+    return forward
+
+
+def create_pipeline_forward_gemma4_vlm() -> Callable:
+    """Forward for `Gemma4ForConditionalGeneration`: on stage 0, placeholder tokens embedded as padding
+    (their per-layer inputs too, as transformers does), image features from the vision tower + embedder
+    written at the placeholders; then the patched language model; lm_head and final-logit softcapping on
+    the last stage. Images attend causally, as in transformers without `mm_token_type_ids`."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                pixel_values=None, image_position_ids=None, **kwargs):
+        inner = self.model
+        decoder = inner.language_model
+        per_layer_inputs = None
+        if getattr(decoder, "embed_tokens", None) is not None and inputs_embeds is None:
+            if input_ids is None or input_ids.dtype in _FLOAT_DTYPES:
+                raise ValueError(f"Gemma4 pipeline stage 0: expected integer token ids, got "
+                                 f"{None if input_ids is None else input_ids.dtype}")
+            c = self.config
+            placeholders = (input_ids == c.image_token_id) | (input_ids == c.video_token_id) | (input_ids == c.audio_token_id)
+            text_ids = torch.where(placeholders, c.text_config.pad_token_id, input_ids)
+            inputs_embeds = decoder.embed_tokens(text_ids)
+            if c.text_config.hidden_size_per_layer_input:
+                per_layer_inputs = decoder.get_per_layer_inputs(text_ids, None)
+            if pixel_values is not None:
+                if image_position_ids is None:
+                    raise ValueError("Gemma4 pipeline stage: pixel_values given without image_position_ids")
+                features = inner.get_image_features(pixel_values, image_position_ids, return_dict=True).pooler_output
+                inputs_embeds = _merge_image_features(input_ids, inputs_embeds, torch.cat(features, dim=0),
+                                                      c.image_token_id)
+            input_ids = None
+        elif pixel_values is not None:
+            raise ValueError("Gemma4 pipeline stage: pixel_values given to a stage without the vision tower "
+                             "(images go to stage 0)")
+        hidden = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs,
+                         attention_mask=attention_mask, position_ids=position_ids)
+        return _head(self, hidden)
+
+    return forward
+
+
+# ----------------------------------------------------------------------------------------------------------
 # patching
 
 
 def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
     """Install the stage-aware forwards on `model` (the caller skips models that `model_keeps_self_forward`).
 
+    - Gemma4 VLM (by model_type): the Gemma4 text forward on `model.model.language_model`, the Gemma4 VLM
+      forward outside; Gemma4 text: the Gemma4 text forward inside, the generic causal-LM forward outside.
     - Mistral3 VLM: the generic backbone forward on `model.model.language_model`, the Mistral3 forward outside.
     - any other model with `model.model`: the generic backbone and causal-LM forwards.
     - a bare backbone: the generic backbone forward on the model itself."""
     inner = getattr(model, "model", None)
+    inner_forward = None
     if inner is None:
         outer_forward, inner_module = None, model
+    elif _is_gemma4_vlm(model):
+        outer_forward, inner_module = create_pipeline_forward_gemma4_vlm(), inner.language_model
+        inner_forward = create_pipeline_forward_gemma4_text()
     elif _is_mistral3_vlm(model):
         outer_forward, inner_module = create_pipeline_forward_mistral3_vlm(), inner.language_model
     elif _is_vlm(model):
@@ -343,8 +481,11 @@ def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patc
                          f"{_model_types(model)[0]!r}; expected one of {list(_PP_VLM_MODEL_TYPES_WITH_DEDICATED_FORWARD)}")
     else:
         outer_forward, inner_module = create_pipeline_forward_causal_lm(), inner
+        if _is_gemma4_text(model):
+            inner_forward = create_pipeline_forward_gemma4_text()
     if patch_inner_model:
-        inner_module.forward = types.MethodType(create_pipeline_forward_inner(type(inner_module).__name__), inner_module)
+        inner_forward = inner_forward or create_pipeline_forward_inner(type(inner_module).__name__)
+        inner_module.forward = types.MethodType(inner_forward, inner_module)
     if patch_causal_lm_model and outer_forward is not None:
         model.forward = types.MethodType(outer_forward, model)
 
@@ -426,7 +567,9 @@ def make_hf_stage(full_model: nn.Module, stage: int, layers_per_stage: list[list
     decoder = _decoder_of(model)
     decoder.layers = nn.ModuleDict({k: decoder.layers[int(k)] for k in layers_per_stage[stage]})
     if not first:
-        decoder.embed_tokens = None
+        for name in _FIRST_STAGE_TEXT_MODULES:
+            if getattr(decoder, name, None) is not None:
+                setattr(decoder, name, None)
         inner = getattr(model, "model", None)
         for name in MULTIMODAL_SUFFIXES:
             if inner is not None and getattr(inner, name, None) is not None:
@@ -435,6 +578,10 @@ def make_hf_stage(full_model: nn.Module, stage: int, layers_per_stage: list[list
         decoder.norm = None
         if hasattr(model, "lm_head"):
             model.lm_head = None
+    if _is_gemma4_vlm(model) or _is_gemma4_text(model):
+        config = _text_config(model)
+        decoder._pp_carries_in = _gemma4_carries(config, layers_per_stage, stage)
+        decoder._pp_carries_out = _gemma4_carries(config, layers_per_stage, stage + 1)
     if not model_keeps_self_forward(model):
         patch_hf_model_for_pp(model)
     return HFStage(model, first, last)

@@ -34,7 +34,38 @@ def _mistral3(layers: int) -> dict:
                               "image_size": 16}}
 
 
-CONFIGS = {"llama": _llama, "mistral3": _mistral3}
+def _gemma4_text(layers: int, **extra) -> dict:
+    # sliding and full layers alternate (the last is full); the last half of the layers reuse the keys / values
+    # of the last earlier layer of their type, so 2- and 4-stage splits carry them across boundaries, beside
+    # the per-layer input embeddings
+    return {"model_type": "gemma4_text", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "global_head_dim": 16, "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * (layers // 2),
+            "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": VOCAB, "num_kv_shared_layers": layers // 2,
+            "final_logit_softcapping": 30.0, "tie_word_embeddings": False, "max_position_embeddings": 64,
+            "pad_token_id": 0, **extra}
+
+
+def _gemma4_moe(layers: int) -> dict:
+    return _gemma4_text(layers, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                        hidden_size_per_layer_input=0, num_kv_shared_layers=0)
+
+
+def _gemma4_vlm(layers: int) -> dict:
+    # images of 4 x 4 patches of 4 px, pooled 2 x 2: 4 placeholder tokens per image
+    return {"model_type": "gemma4", "text_config": _gemma4_text(layers), "tie_word_embeddings": False,
+            "image_token_id": IMAGE_TOKEN, "boi_token_id": 61, "eoi_token_id": 62, "video_token_id": 60,
+            "audio_token_id": 59, "boa_token_id": 58, "eoa_token_index": 57, "audio_config": None,
+            "vision_config": {"model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                              "head_dim": 16, "patch_size": 4, "pooling_kernel_size": 2,
+                              "position_embedding_size": 64}}
+
+
+CONFIGS = {"llama": _llama, "mistral3": _mistral3, "gemma4": _gemma4_text, "gemma4_moe": _gemma4_moe,
+           "gemma4_vlm": _gemma4_vlm}
+VLMS = ("mistral3", "gemma4_vlm")
 # images per row of the batch: the first two microbatches (of 4) are text only, then one with three images
 IMAGES_PER_ROW = [0, 0, 0, 0, 1, 2, 1, 0]
 TOKENS_PER_IMAGE = 4
@@ -48,18 +79,25 @@ def build_model(kind: str, layers: int = 4) -> torch.nn.Module:
 def make_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict | None]:
     """ids, labels and (for a VLM) the vision inputs `PipelineRun.step` takes."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, IMAGE_TOKEN, (ROWS, SEQ), generator=g)
+    ids = torch.randint(1, 57, (ROWS, SEQ), generator=g)  # below Gemma4's special ids
     labels = ids.clone()
     labels[:, :2] = -100
-    if kind != "mistral3":
+    if kind not in VLMS:
         return ids, labels, None
     for row, n in enumerate(IMAGES_PER_ROW):
         ids[row, 1 : 1 + n * TOKENS_PER_IMAGE] = IMAGE_TOKEN
         labels[row, 1 : 1 + n * TOKENS_PER_IMAGE] = -100
     n_images = sum(IMAGES_PER_ROW)
-    pixels = torch.randn(n_images, 3, 16, 16, generator=g)
-    sizes = torch.tensor([[16, 16]] * n_images)
-    return ids, labels, {"pixel_values": pixels, "image_sizes": sizes, "images_per_row": torch.tensor(IMAGES_PER_ROW)}
+    per_row = torch.tensor(IMAGES_PER_ROW)
+    if kind == "mistral3":  # (n, 3, H, W) images and their sizes in pixels
+        pixels = torch.randn(n_images, 3, 16, 16, generator=g)
+        return ids, labels, {"pixel_values": pixels, "image_sizes": torch.tensor([[16, 16]] * n_images),
+                             "images_per_row": per_row}
+    # Gemma4: (n, patches, 3 * 4 * 4) patch rows and their (x, y) positions
+    ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    positions = torch.stack([xs.flatten(), ys.flatten()], -1).expand(n_images, -1, -1).contiguous()
+    return ids, labels, {"pixel_values": torch.randn(n_images, 16, 48, generator=g), "image_position_ids": positions,
+                         "images_per_row": per_row}
 
 
 def _images_of_rows(vision: dict, rows: slice) -> dict:
@@ -67,7 +105,7 @@ def _images_of_rows(vision: dict, rows: slice) -> dict:
     start, stop = int(counts[: rows.start].sum()), int(counts[: rows.stop].sum())
     if start == stop:
         return {}
-    return {"pixel_values": vision["pixel_values"][start:stop], "image_sizes": vision["image_sizes"][start:stop]}
+    return {k: v[start:stop] for k, v in vision.items() if k != "images_per_row"}
 
 
 def reference_step(kind: str, microbatches: int, layers: int = 4):

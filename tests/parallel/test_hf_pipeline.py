@@ -46,7 +46,7 @@ def max_relative_diff(ranks: list[dict], ref_grads: dict, ref_losses: list[float
     return worst
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral3", "gemma4", "gemma4_moe", "gemma4_vlm"])
 def test_every_schedule_on_two_ranks_matches_the_single_process_step(tmp_path, kind):
     ref_grads, ref_losses = reference_step(kind, microbatches=4)
     for schedule, ranks in run_schedules(tmp_path, 2, kind, microbatches=4, layers=4).items():
@@ -55,7 +55,7 @@ def test_every_schedule_on_two_ranks_matches_the_single_process_step(tmp_path, k
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["llama", "mistral3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral3", "gemma4", "gemma4_moe", "gemma4_vlm"])
 def test_every_schedule_on_four_ranks_matches_the_single_process_step(tmp_path, kind):
     ref_grads, ref_losses = reference_step(kind, microbatches=8, layers=8)
     for schedule, ranks in run_schedules(tmp_path, 4, kind, microbatches=8, layers=8).items():
