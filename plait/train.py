@@ -264,11 +264,25 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
-def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: torch.device, step_total: dict,
-                    example: dict):
-    """This rank's pipeline stages, warmed up on a batch of the training shape. The loss on the last stage is
-    normalised over the whole step's targets."""
+def _pipeline_vision(run: Run, batch: dict) -> dict | None:
+    """Stage 0's image inputs for a pipelined step: the model's pixel inputs and one image per row (a
+    captioning sample holds one image); None for text-only models."""
+    inputs = run.vision_inputs(normalize(batch["images"]))
+    if not inputs:
+        return None
+    return {**inputs, "images_per_row": torch.ones(batch["input_ids"].shape[0], dtype=torch.long)}
+
+
+def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict, example: dict):
+    """This rank's pipeline stages (plait's own stages for native models, patched transformers stages for
+    stock ones), warmed up on a batch of the training shape. The loss on the last stage is normalised over
+    the whole step's targets."""
+    from plait.models import NATIVE_MODELS
+    from plait.parallel.hf_pipeline import build_hf_pipeline
     from plait.parallel.pipeline import build_pipeline
+
+    model, device = run.model, run.device
+    build = build_pipeline if type(model) in set(NATIVE_MODELS.values()) else build_hf_pipeline
 
     scale = {"value": 1.0}
 
@@ -276,10 +290,9 @@ def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: 
         return causal_lm_loss_sum(logits, labels) / step_total["targets"] * scale["value"]
 
     p = cfg.parallel
-    pipe = build_pipeline(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
-                          loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
-                          virtual_stages=p.virtual_stages)
-    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale)
+    pipe = build(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
+                 loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage, virtual_stages=p.virtual_stages)
+    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example))
     return pipe
 
 
@@ -336,7 +349,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         pad_to = train_set.max_length()
         example = collate_padded([train_set[i] for i in range(tcfg.batch_size // tcfg.grad_accum)],
                                  train_set.pad_id, pad_to)
-        pipe = _build_pipeline(cfg, model, ctx, device, step_total, example)
+        pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
     local = nn.ModuleList([m.model for m in pipe.modules]) if pipe is not None else model
     replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
@@ -407,7 +420,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 for b in batches:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
-                        losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device))
+                        losses = pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b))
                     lm_sum += sum(float(x.detach()) for x in losses)
                 lm_sum = ctx.sum_over_world(lm_sum)
             else:

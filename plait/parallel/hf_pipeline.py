@@ -20,6 +20,7 @@ microbatch gets exactly its own images whatever the schedule's order and whichev
 from __future__ import annotations
 
 import copy
+import inspect
 import types
 from collections.abc import Callable, MutableMapping
 
@@ -236,6 +237,17 @@ def _position_ids(hidden: torch.Tensor, position_ids):
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+def _rotary_by_layer_type(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                          layer_types: list[str] | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) for each layer type: per type where the rotary takes one (MiMo-V2-Flash, Gemma4: other
+    bases, head dims), else one pair shared by every layer."""
+    types_ = set(layer_types or ["full_attention"])
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return {t: rotary(hidden, position_ids, layer_type=t) for t in types_}
+    shared = rotary(hidden, position_ids=position_ids)
+    return dict.fromkeys(types_, shared)
+
+
 def _softcap(logits: torch.Tensor, config) -> torch.Tensor:
     cap = getattr(config, "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -246,20 +258,21 @@ def _softcap(logits: torch.Tensor, config) -> torch.Tensor:
 
 
 def create_pipeline_forward_inner(model_class_name: str) -> Callable:
-    """Forward for a decoder backbone (`LlamaModel`, `Ministral3Model`, ...): embed if this stage holds
-    `embed_tokens`, run this stage's layers with the mask of their layer type, norm if present.
+    """Forward for a decoder backbone (`LlamaModel`, `Ministral3Model`, `MiMoV2FlashModel`, ...): embed if this
+    stage holds `embed_tokens`, run this stage's layers with the mask and rotary of their layer type, norm if
+    present.
     Returns the hidden states. `model_class_name` names the backbone in error messages."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
         hidden = _embed_or_hidden(self, input_ids, inputs_embeds, f"{model_class_name} pipeline stage")
         masks = _build_or_reuse_pp_causal_mask(self, hidden, attention_mask, position_ids)
         position_ids = _position_ids(hidden, position_ids)
-        position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         types_ = _layer_types(self.config)
+        rotary = _rotary_by_layer_type(self.rotary_emb, hidden, position_ids, types_)
         for index, layer in _layers(self):
-            mask = masks[types_[index] if types_ is not None else "full_attention"]
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=None,
-                        use_cache=False, position_embeddings=position_embeddings)
+            layer_type = types_[index] if types_ is not None else "full_attention"
+            out = layer(hidden, attention_mask=masks[layer_type], position_ids=position_ids, past_key_values=None,
+                        use_cache=False, position_embeddings=rotary[layer_type])
             hidden = out[0] if isinstance(out, tuple) else out
         if getattr(self, "norm", None) is not None:
             hidden = self.norm(hidden)
@@ -390,7 +403,7 @@ def create_pipeline_forward_gemma4_text() -> Callable:
         B, S = hidden.shape[:2]
         masks = _build_or_reuse_pp_causal_mask(self, hidden, attention_mask, position_ids)
         position_ids = _position_ids(hidden, position_ids)
-        rotary = {t: self.rotary_emb(hidden, position_ids, t) for t in set(config.layer_types)}
+        rotary = _rotary_by_layer_type(self.rotary_emb, hidden, position_ids, config.layer_types)
         from transformers.cache_utils import KVSharingDict
 
         shared_kv = KVSharingDict()

@@ -200,13 +200,13 @@ class PipelineRun:
         for m in self.modules:
             yield from m.model.named_parameters()
 
-    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict) -> None:
+    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict, vision: dict | None = None) -> None:
         """torch's pipeline infers the stages' shapes with extra forwards on its first step. Run that first
         step here, on a batch of the training shape with the loss scaled to zero, then drop what it left:
         gradients and MoE expert counts. Shapes must stay fixed afterwards (pad batches to one length)."""
         loss_scale["value"] = 0.0
         try:
-            self.step(input_ids, labels)
+            self.step(input_ids, labels, vision)
         finally:
             loss_scale["value"] = 1.0
         for m in self.modules:

@@ -63,7 +63,17 @@ def _gemma4_vlm(layers: int) -> dict:
                               "position_embedding_size": 64}}
 
 
-CONFIGS = {"llama": _llama, "mistral3": _mistral3, "gemma4": _gemma4_text, "gemma4_moe": _gemma4_moe,
+def _mimo_v2_flash(layers: int) -> dict:
+    """transformers' own MiMo-V2-Flash (eager attention only): sliding and full layers with their own rotary."""
+    from plait.models.presets import preset_dict
+
+    return preset_dict("tiny-mimo-v2-flash", {
+        "vocab_size": VOCAB, "num_hidden_layers": layers, "pad_token_id": 0,
+        "layer_types": ["full_attention", "sliding_attention"] * (layers // 2),
+        "mlp_layer_types": ["dense"] + ["sparse"] * (layers - 1)})
+
+
+CONFIGS = {"llama": _llama, "mimo_v2_flash": _mimo_v2_flash, "mistral3": _mistral3, "gemma4": _gemma4_text, "gemma4_moe": _gemma4_moe,
            "gemma4_vlm": _gemma4_vlm}
 VLMS = ("mistral3", "gemma4_vlm")
 # images per row of the batch: the first two microbatches (of 4) are text only, then one with three images
@@ -73,7 +83,8 @@ TOKENS_PER_IMAGE = 4
 
 def build_model(kind: str, layers: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_stock_model(to_hf_config(CONFIGS[kind](layers)), attn_implementation="sdpa")
+    attn = "eager" if kind == "mimo_v2_flash" else "sdpa"
+    return build_stock_model(to_hf_config(CONFIGS[kind](layers)), attn_implementation=attn)
 
 
 def make_batch(kind: str) -> tuple[torch.Tensor, torch.Tensor, dict | None]:

@@ -74,7 +74,7 @@ def _stages(model, num_stages: int):
 def test_stages_chained_in_one_process_give_transformers_logits():
     from tests.parallel.hf_pipeline_models import _images_of_rows, make_batch
 
-    for kind in ("llama", "mistral3"):
+    for kind in ("llama", "mimo_v2_flash", "mistral3", "gemma4", "gemma4_vlm"):
         model = build_model(kind)
         ids, _, vision = make_batch(kind)
         ref = model(input_ids=ids, **_images_of_rows(vision, slice(0, 8)) if vision else {}).logits
@@ -184,3 +184,64 @@ def test_buffers_are_recomputed_after_meta_construction():
     ids, _, vision = make_batch("mistral3")
     images = _images_of_rows(vision, slice(0, 8))
     assert torch.equal(model(input_ids=ids, **images).logits, ref(input_ids=ids, **images).logits)
+
+
+STOCK_RUNS = {
+    # the default VLM preset as stock transformers Mistral3 (untied: the head lives on the last stage only)
+    "tiny-mistral3": ("configs/default.yaml", ["model.preset=tiny-mistral3", "model.config.tie_word_embeddings=false",
+                                               "model.config.text_config.tie_word_embeddings=false"], "1f1b", "sdpa"),
+    # a stock text LM: transformers' own MiMo-V2-Flash (sliding + full layers, MoE), two stages per rank
+    "stock-mimo-v2-flash": ("configs/mimo_v2_flash_tiny.yaml", ["model.attn_implementation=eager"], "interleaved_1f1b",
+                            "eager"),
+}
+
+
+@pytest.mark.parametrize("run", sorted(STOCK_RUNS))
+def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_path, data_cache, run):
+    from rich.console import Console
+
+    import plait
+    from plait.config import load_config
+    from plait.metrics import read_metrics
+    from plait.train import train
+    from tests.conftest import SMALL_DATA
+
+    config, model_overrides, schedule, attn = STOCK_RUNS[run]
+    common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=2", "train.batch_size=8",
+              "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
+              "eval.max_new_tokens=8", "model.implementation=transformers", *model_overrides]
+    single = load_config(config, [f"output_dir={tmp_path / 'single'}", "train.num_threads=1", *common])
+    train(single, console=Console(quiet=True))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
+           f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
+           f"parallel.schedule={schedule}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
+    ref = [r for r in read_metrics(single.output_dir / "metrics.jsonl") if "lm_loss" in r]
+    assert len(ours) == len(ref) == 2
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # rank 0 gathers every stage into one stock model dir that loads in a single process
+    whole, alone = (plait.from_pretrained(d / "checkpoints" / "step_2", attn_implementation=attn,
+                                          implementation="transformers") for d in (tmp_path / "pp2", single.output_dir))
+    ref_state = alone.state_dict()
+    assert whole.state_dict().keys() == ref_state.keys()
+    for name, a in whole.state_dict().items():
+        assert torch.allclose(a, ref_state[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_tied_stock_model_is_refused_before_any_stage_is_built(tmp_path, data_cache):
+    from tests.conftest import SMALL_DATA
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", "configs/default.yaml",
+           f"output_dir={tmp_path / 'tied'}", f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=1",
+           "train.batch_size=8", "train.progress=false", "model.preset=tiny-mistral3",
+           "model.implementation=transformers", "parallel.pp=2", "parallel.microbatches=2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode != 0
+    assert "expected untied input and output embeddings (tie_word_embeddings=false)" in res.stderr + res.stdout
+    assert not (tmp_path / "tied").exists()
