@@ -120,7 +120,17 @@ def _images_of_rows(vision: dict, rows: slice) -> dict:
 
 
 def reference_step(kind: str, microbatches: int, layers: int = 4):
-    """Single process, transformers' own forward: the same microbatches as gradient accumulation."""
+    """Single process, transformers' own forward: the same microbatches as gradient accumulation, on one
+    thread like the workers (two-thread MoE backward on CPU is not bitwise repeatable)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_step(kind, microbatches, layers)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_step(kind: str, microbatches: int, layers: int):
     model = build_model(kind, layers)
     ids, labels, vision = make_batch(kind)
     loss_fn = loss_fn_for(labels)
