@@ -33,6 +33,7 @@ def main() -> None:
         grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
         torch.save({"grads": grads, "losses": [float(x.detach()) for x in losses], "stages": run.stage_ids},
                    out / f"{schedule}.rank{rank}.pt")
+    dist.barrier()  # no rank tears gloo down while a neighbour's last transfers are in flight
     dist.destroy_process_group()
 
 
