@@ -1,10 +1,10 @@
-"""Pipelined training steps of a tiny stock transformers model, one per schedule, in one process group.
-Run under torchrun by tests/parallel/test_hf_pipeline.py:
+"""Pipelined training steps of tiny stock transformers models, one per model family and schedule, in one
+process group (one launch covers them all). Run under torchrun by tests/parallel/test_hf_pipeline.py:
 
-    torchrun --nproc-per-node N tests/parallel/hf_pipeline_worker.py OUT_DIR MODEL MICROBATCHES LAYERS SCHEDULE...
+    torchrun --nproc-per-node N tests/parallel/hf_pipeline_worker.py OUT_DIR MICROBATCHES LAYERS MODEL,... SCHEDULE...
 
-Each rank writes OUT_DIR/{schedule}.rank{r}.pt with its stages' parameter gradients (by full-model name)
-and the per-microbatch losses of the last stage; every schedule starts from the same freshly built model.
+Each rank writes OUT_DIR/{model}.{schedule}.rank{r}.pt with its stages' parameter gradients (by full-model
+name) and the per-microbatch losses of the last stage; every run starts from the same freshly built model.
 """
 
 import sys
@@ -21,18 +21,18 @@ from plait.parallel.hf_pipeline import build_hf_pipeline  # noqa: E402
 
 
 def main() -> None:
-    out, kind, microbatches, layers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    out, microbatches, layers, kinds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
-    for schedule in sys.argv[5:]:
+    for kind, schedule in [(k, s) for k in kinds for s in sys.argv[5:]]:
         ids, labels, vision = make_batch(kind)
         run = build_hf_pipeline(build_model(kind, layers), rank=rank, ranks=ranks, schedule=schedule,
                                 microbatches=microbatches, loss_fn=loss_fn_for(labels), device=torch.device("cpu"))
         losses = run.step(ids, labels, vision)
         grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
         torch.save({"grads": grads, "losses": [float(x.detach()) for x in losses], "stages": run.stage_ids},
-                   out / f"{schedule}.rank{rank}.pt")
+                   out / f"{kind}.{schedule}.rank{rank}.pt")
     dist.barrier()  # no rank tears gloo down while a neighbour's last transfers are in flight
     dist.destroy_process_group()
 
