@@ -201,13 +201,14 @@ STOCK_RUNS = {
     "tiny-mistral3": ("configs/default.yaml", ["model.preset=tiny-mistral3", "model.config.tie_word_embeddings=false",
                                                "model.config.text_config.tie_word_embeddings=false"], "1f1b", "sdpa"),
     # a stock text LM: transformers' own MiMo-V2-Flash (sliding + full layers, MoE), two stages per rank
-    "stock-mimo-v2-flash": ("configs/mimo_v2_flash_tiny.yaml", ["model.attn_implementation=eager"], "interleaved_1f1b",
-                            "eager"),
+    "stock-mimo-v2-flash": ("configs/mimo_v2_flash_tiny.yaml", [], "interleaved_1f1b", "eager"),
 }
 
 
 @pytest.mark.parametrize("run", sorted(STOCK_RUNS))
 def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_path, data_cache, run):
+    """A single-process checkpoint trained on by a pipelined run and by a single process: same losses, and the
+    pipelined export loads in a single process with the same weights (checkpoints go both ways)."""
     from rich.console import Console
 
     import plait
@@ -216,11 +217,16 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     from plait.train import train
     from tests.conftest import SMALL_DATA
 
-    config, model_overrides, schedule, attn = STOCK_RUNS[run]
+    config, preset_overrides, schedule, attn = STOCK_RUNS[run]
     common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=2", "train.batch_size=8",
               "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
-              "eval.max_new_tokens=8", "model.implementation=transformers", *model_overrides]
-    single = load_config(config, [f"output_dir={tmp_path / 'single'}", "train.num_threads=1", *common])
+              "eval.max_new_tokens=8", "model.implementation=transformers", f"model.attn_implementation={attn}"]
+    start = train(load_config(config, [f"output_dir={tmp_path / 'start'}", "train.num_threads=1", *common,
+                                       *preset_overrides]), console=Console(quiet=True)).checkpoint_dir
+    common += ["model.preset=null", f"model.pretrained={start}"]
+    # the single process accumulates the pipeline's 4 microbatches (same sums in the same order)
+    single = load_config(config, [f"output_dir={tmp_path / 'single'}", "train.num_threads=1", "train.grad_accum=4",
+                                  *common])
     train(single, console=Console(quiet=True))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
@@ -234,13 +240,18 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     for a, b in zip(ours, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    # rank 0 gathers every stage into one stock model dir that loads in a single process
-    whole, alone = (plait.from_pretrained(d / "checkpoints" / "step_2", attn_implementation=attn,
-                                          implementation="transformers") for d in (tmp_path / "pp2", single.output_dir))
-    ref_state = alone.state_dict()
-    assert whole.state_dict().keys() == ref_state.keys()
-    for name, a in whole.state_dict().items():
-        assert torch.allclose(a, ref_state[name], rtol=1e-4, atol=1e-6), name
+    # rank 0 gathers every stage into one stock model dir that loads in a single process. The two runs clip with
+    # norms equal to ~1e-7 and AdamW divides each gradient entry by its own RMS, so entries with near-zero
+    # gradients (an expert that saw few tokens) move apart by up to ~2e-6 (measured). Each tensor moved by
+    # ~1.5e-3 over the two steps: a stage left out of the gather, or trained wrongly, differs by that much.
+    whole, alone, before = (plait.from_pretrained(d / "checkpoints" / "step_2", attn_implementation=attn,
+                                                  implementation="transformers")
+                            for d in (tmp_path / "pp2", single.output_dir, tmp_path / "start"))
+    ref, start = alone.state_dict(), before.state_dict()
+    assert whole.state_dict().keys() == ref.keys()
+    for name, a in whole.named_parameters():
+        assert (a - ref[name]).abs().max() < 1e-5, name
+        assert (ref[name] - start[name]).abs().max() > 1e-3, name
 
 
 def test_a_tied_stock_model_is_refused_before_any_stage_is_built(tmp_path, data_cache):
