@@ -150,7 +150,11 @@ def init_hf_model_buffers(model: nn.Module, device: torch.device | str) -> None:
             if hasattr(module, "scalar_embed_scale"):  # scaled word embeddings: the scale is the only buffer
                 fresh = {"embed_scale": torch.tensor(module.scalar_embed_scale)}
             elif getattr(module, "config", None) is not None:
-                fresh = dict(type(module)(module.config).named_buffers(recurse=False))
+                try:
+                    fresh = dict(type(module)(module.config).named_buffers(recurse=False))
+                except TypeError as e:
+                    raise ValueError(f"init_hf_model_buffers: {name} ({type(module).__name__}) has non-persistent "
+                                     f"buffers {buffers} and cannot be rebuilt from its config alone: {e}") from None
             else:
                 raise ValueError(f"init_hf_model_buffers: {name or 'model'} ({type(module).__name__}) has "
                                  f"non-persistent buffers {buffers} and no config to rebuild them from")
@@ -223,6 +227,14 @@ def _embed_or_hidden(module: nn.Module, input_ids, inputs_embeds, what: str) -> 
     return input_ids
 
 
+def _refuse_extra(kwargs: dict, what: str) -> None:
+    """A stage forward takes what a training pipeline passes; anything else would be silently dropped."""
+    extra = sorted(k for k, v in kwargs.items() if v is not None and not (k == "use_cache" and not v))
+    if extra:
+        raise ValueError(f"{what}: unexpected arguments {extra}; a pipeline stage takes input_ids (or hidden "
+                         "states), attention_mask, position_ids, inputs_embeds and its model's image inputs")
+
+
 def _layers(module: nn.Module) -> list[tuple[int, nn.Module]]:
     """(original index, layer) for a pruned ModuleDict or a whole ModuleList."""
     layers = module.layers
@@ -264,6 +276,7 @@ def create_pipeline_forward_inner(model_class_name: str) -> Callable:
     Returns the hidden states. `model_class_name` names the backbone in error messages."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        _refuse_extra(kwargs, f"{model_class_name} pipeline stage")
         hidden = _embed_or_hidden(self, input_ids, inputs_embeds, f"{model_class_name} pipeline stage")
         masks = _build_or_reuse_pp_causal_mask(self, hidden, attention_mask, position_ids)
         position_ids = _position_ids(hidden, position_ids)
@@ -292,6 +305,7 @@ def create_pipeline_forward_causal_lm() -> Callable:
     """Forward for a `...ForCausalLM`: the patched `self.model`, then lm_head on the last stage."""
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, **kwargs):
+        _refuse_extra(kwargs, f"{type(self).__name__} pipeline stage")
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             inputs_embeds=inputs_embeds)
         return _head(self, hidden)
@@ -320,6 +334,7 @@ def create_pipeline_forward_mistral3_vlm() -> Callable:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 pixel_values=None, image_sizes=None, **kwargs):
+        _refuse_extra(kwargs, "Mistral3 pipeline stage")
         inner = self.model
         decoder = inner.language_model
         hidden = _embed_or_hidden(decoder, input_ids, inputs_embeds, "Mistral3 pipeline stage")
@@ -386,6 +401,7 @@ def create_pipeline_forward_gemma4_text() -> Callable:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 per_layer_inputs=None, **kwargs):
+        _refuse_extra(kwargs, "Gemma4 pipeline stage")
         config = self.config
         L, D = config.num_hidden_layers, config.hidden_size_per_layer_input
         carried = {}
@@ -438,6 +454,7 @@ def create_pipeline_forward_gemma4_vlm() -> Callable:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 pixel_values=None, image_position_ids=None, **kwargs):
+        _refuse_extra(kwargs, "Gemma4 pipeline stage")
         inner = self.model
         decoder = inner.language_model
         per_layer_inputs = None

@@ -266,3 +266,16 @@ def test_a_tied_stock_model_is_refused_before_any_stage_is_built(tmp_path, data_
     assert res.returncode != 0
     assert "expected untied input and output embeddings (tie_word_embeddings=false)" in res.stderr + res.stdout
     assert not (tmp_path / "tied").exists()
+
+
+def test_a_stage_refuses_what_it_would_drop_and_input_of_the_wrong_kind():
+    stages = _stages(build_model("llama"), 2)
+    ids = torch.randint(0, 50, (2, 6))
+    with pytest.raises(ValueError, match=r"unexpected arguments \['labels'\]"):
+        stages[0].model(ids, labels=ids)
+    with pytest.raises(ValueError, match="expected integer token ids, got torch.float32"):
+        stages[0](torch.zeros(2, 6, 32))
+    with pytest.raises(ValueError, match=r"expected hidden states \(B, S, H\) in a float dtype, got \(2, 6\) torch.int64"):
+        stages[1](ids)
+    with pytest.raises(ValueError, match="LlamaForCausalLM is a text model, got images"):
+        stages[0].feed(ids, {"pixel_values": torch.zeros(1, 3, 4, 4), "images_per_row": [1, 0]}, 1)
