@@ -178,20 +178,21 @@ def test_what_cannot_be_pipelined_is_refused_with_the_reason():
     assert model.config.use_cache is False  # switched off, not refused
 
 
-def test_buffers_are_recomputed_after_meta_construction():
+@pytest.mark.parametrize("kind", ["mistral3", "gemma4_vlm"])  # YaRN + vision rotary; per-type rotary + embed scales
+def test_buffers_are_recomputed_after_meta_construction(kind):
     from plait.parallel.hf_pipeline import init_hf_model_buffers
     from tests.parallel.hf_pipeline_models import _images_of_rows, make_batch
 
-    ref = build_model("mistral3")
+    ref = build_model(kind)
     with torch.device("meta"):
-        model = build_model("mistral3")
+        model = build_model(kind)
     model = model.to_empty(device="cpu")
     model.load_state_dict(ref.state_dict())
     init_hf_model_buffers(model, "cpu")
     ref_buffers = dict(ref.named_buffers())
     for name, b in model.named_buffers():
         assert torch.equal(b, ref_buffers[name]), name
-    ids, _, vision = make_batch("mistral3")
+    ids, _, vision = make_batch(kind)
     images = _images_of_rows(vision, slice(0, 8))
     assert torch.equal(model(input_ids=ids, **images).logits, ref(input_ids=ids, **images).logits)
 
