@@ -134,7 +134,8 @@ class CheckpointSettings(_Section):
 
 class ParallelSettings(_Section):
     dp: int = Field(1, gt=0, description="data-parallel replicas")
-    pp: int = Field(1, gt=0, description="pipeline stages' ranks (native text models)")
+    pp: int = Field(1, gt=0, description="pipeline stages' ranks (native text models; with "
+                                         "model.implementation=transformers, text LMs and Mistral3)")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
     microbatches: int = Field(1, gt=0, description="pipeline microbatches per (accumulation) batch")
     layers_per_stage: list[int] | None = Field(None, description="decoder layers of each stage; even split if unset")

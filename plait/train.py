@@ -264,12 +264,26 @@ def _progress(console: Console, enabled: bool) -> Progress:
     )
 
 
-def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: torch.device, step_total: dict,
-                    example: dict):
-    """This rank's pipeline stages, warmed up on a batch of the training shape. The loss on the last stage is
-    normalised over the whole step's targets (each MTP depth's over its own), and its parts are recorded in
+def _pipeline_vision(run: Run, batch: dict) -> dict | None:
+    """Stage 0's image inputs for a pipelined step: the model's pixel inputs and one image per row (a
+    captioning sample holds one image); None for text-only models."""
+    inputs = run.vision_inputs(normalize(batch["images"]))
+    if not inputs:
+        return None
+    return {**inputs, "images_per_row": torch.ones(batch["input_ids"].shape[0], dtype=torch.long)}
+
+
+def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict, example: dict):
+    """This rank's pipeline stages (plait's own stages for native models, patched transformers stages for
+    stock ones), warmed up on a batch of the training shape. The loss on the last stage is normalised over
+    the whole step's targets (each MTP depth's over its own), and its parts are recorded in
     step_total["record"] for the log."""
+    from plait.models import NATIVE_MODELS
+    from plait.parallel.hf_pipeline import build_hf_pipeline
     from plait.parallel.pipeline import build_pipeline, lm_and_mtp_loss
+
+    model, device = run.model, run.device
+    build = build_pipeline if type(model) in set(NATIVE_MODELS.values()) else build_hf_pipeline
 
     scale = {"value": 1.0}
     mtp_cfg = getattr(model, "mtp_config", None)
@@ -282,10 +296,9 @@ def _build_pipeline(cfg: RunConfig, model: nn.Module, ctx: DistContext, device: 
         return loss * scale["value"]
 
     p = cfg.parallel
-    pipe = build_pipeline(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
-                          loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
-                          virtual_stages=p.virtual_stages)
-    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale)
+    pipe = build(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
+                 loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage, virtual_stages=p.virtual_stages)
+    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example))
     return pipe
 
 
@@ -362,7 +375,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         pad_to = train_set.max_length()
         example = collate_padded([train_set[i] for i in range(tcfg.batch_size // tcfg.grad_accum)],
                                  train_set.pad_id, pad_to)
-        pipe = _build_pipeline(cfg, model, ctx, device, step_total, example)
+        pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
     local = nn.ModuleList([m.model for m in pipe.modules]) if pipe is not None else model
     replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
@@ -436,7 +449,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 for b in batches:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
-                        pipe.step(b["input_ids"].to(device), b["labels"].to(device))
+                        pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b))
                 record = step_total["record"]
                 lm_sum = ctx.sum_over_world(record.get("lm", 0.0))
                 depth_sums = [ctx.sum_over_world(x) for x in record.get("depths", [0.0] * mtp_depths)]

@@ -1,1 +1,2 @@
-"""Parallelism applied from outside the models: data parallel today; pipeline stages next."""
+"""Parallelism applied from outside the models: data parallel, and pipeline stages for plait's native models
+(pipeline.py) and for stock transformers models (hf_pipeline.py)."""

@@ -223,6 +223,7 @@ class PipelineRun:
     modules: list[StageModule]
     stage_ids: list[int]
     num_stages: int
+    microbatches: int = 1
 
     @property
     def has_first(self) -> bool:
@@ -240,13 +241,13 @@ class PipelineRun:
         for m in self.modules:
             yield from m.model.named_parameters()
 
-    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict) -> None:
+    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict, vision: dict | None = None) -> None:
         """torch's pipeline infers the stages' shapes with extra forwards on its first step. Run that first
         step here, on a batch of the training shape with the loss scaled to zero, then drop what it left:
         gradients and MoE expert counts. Shapes must stay fixed afterwards (pad batches to one length)."""
         loss_scale["value"] = 0.0
         try:
-            self.step(input_ids, labels)
+            self.step(input_ids, labels, vision)
         finally:
             loss_scale["value"] = 1.0
         for m in self.modules:
@@ -256,21 +257,31 @@ class PipelineRun:
                 if counts is not None:
                     counts.zero_()
 
-    def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None) -> list[torch.Tensor]:
-        """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids`, ranks
-        holding the last stage pass `labels`; returns the per-microbatch losses there (else [])."""
+    def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
+             vision: dict | None = None) -> list[torch.Tensor]:
+        """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids` (and a VLM's
+        `vision` inputs: pixel_values, images_per_row and per-image tensors), ranks holding the last stage pass
+        `labels`; returns the per-microbatch losses there (else [])."""
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first else ()
+        first = self.modules[self.stage_ids.index(0)] if self.has_first else None
+        if hasattr(first, "feed"):  # stages that take more than the ids (stock VLMs) say what stage 0 gets
+            args = first.feed(input_ids, vision, self.microbatches)
+        elif first is not None and vision is not None:
+            raise ValueError(f"vision: this pipeline's first stage ({type(first).__name__}) takes token ids only")
         self.schedule.step(*args, target=labels if self.has_last else None, losses=losses)
         return losses
 
 
 def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: str, microbatches: int,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
-                   layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None) -> PipelineRun:
+                   layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None,
+                   make_stage: Callable[[nn.Module, int, list[list[str]]], nn.Module] = make_stage_module,
+                   layer_keys: list[str] | None = None) -> PipelineRun:
     """This rank's stages of `full_model` and the schedule that runs them. Every rank calls it with the same
     full model (same weights) and arguments. What cannot be pipelined is refused when the first stage is
-    cut (`make_stage_module`), before any stage joins the schedule."""
+    cut (`make_stage`), before any stage joins the schedule. `make_stage` and `layer_keys` default to plait's
+    native models; `hf_pipeline.build_hf_pipeline` passes those of stock transformers models."""
     from torch.distributed.pipelining import PipelineStage
 
     if microbatches < 1:
@@ -279,11 +290,11 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
     num_stages = ranks * stages_per_rank(schedule, virtual_stages)
     if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
         raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
-    keys = list(text_model_of(full_model).layers.keys())
+    keys = layer_keys if layer_keys is not None else list(text_model_of(full_model).layers.keys())
     split = split_layers(keys, num_stages, layers_per_stage)
-    modules = [make_stage_module(full_model, s, split).to(device) for s in ids]
+    modules = [make_stage(full_model, s, split).to(device) for s in ids]
     stages = [PipelineStage(m, s, num_stages, device, group=group) for m, s in zip(modules, ids)]
     cls = _schedule_class(schedule)
     kwargs = dict(n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
     sched = cls(stages[0], **kwargs) if schedule in SINGLE_STAGE_SCHEDULES else cls(stages, **kwargs)
-    return PipelineRun(sched, modules, ids, num_stages)
+    return PipelineRun(sched, modules, ids, num_stages, microbatches)

@@ -23,3 +23,14 @@ def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     rows = results.get("cases") or results.get("shapes")
     assert rows
+
+
+def test_pipeline_bubble_script_runs_and_writes_results(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bubble.py"), "--quick", "--out", str(tmp_path),
+                    "--schedules", "1f1b", "zbv"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    results = json.loads((tmp_path / "pipeline_bubble-cpu-quick.json").read_text())
+    runs = results["processes"]["2"]
+    assert runs.keys() == {"1f1b", "zbv"}
+    assert runs["1f1b"]["bubble_theoretical"] == pytest.approx(1 / 9)  # 2 ranks, 8 microbatches
+    assert all(0.0 <= r["bubble"] < 1.0 for run in runs.values() for r in run["ranks"])
+    assert (tmp_path / "pipeline_bubble-cpu-quick.png").stat().st_size > 0

@@ -31,6 +31,7 @@ def main() -> None:
     losses = run.step(ids, labels)
     grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "losses": [float(x) for x in losses], "stages": run.stage_ids}, out / f"rank{rank}.pt")
+    dist.barrier()  # torch's schedules may return with the last sends still in flight
     dist.destroy_process_group()
 
 
