@@ -71,7 +71,8 @@ def new_token_count(tokens: torch.Tensor, eos: int) -> int:
     return int(((is_eos.cumsum(dim=1) - is_eos) == 0).sum())
 
 
-def run_benchmark(checkpoint: Path | None, quick: bool, samples: int, batch_sizes: list[int], repeats: int) -> dict:
+def run_benchmark(checkpoint: Path | None, quick: bool, samples: int, batch_sizes: list[int], repeats: int,
+                  max_new_tokens: int | None = None) -> dict:
     from plait.data.collate import collate_padded
     from plait.data.images import normalize
     from plait.generate import generate
@@ -84,7 +85,8 @@ def run_benchmark(checkpoint: Path | None, quick: bool, samples: int, batch_size
     samples = min(samples, len(dataset))
     depths = model.mtp_config.num_layers
     prompt = dataset.prompt_ids()
-    eos, pad, max_new = dataset.eos_id, dataset.pad_id, cfg.eval.max_new_tokens
+    eos, pad = dataset.eos_id, dataset.pad_id
+    max_new = max_new_tokens or cfg.eval.max_new_tokens
     methods = ["plain"] + [f"speculative_{k}" for k in range(1, depths + 1)] + (["transformers"] if stock else [])
     results = {"checkpoint": str(checkpoint) if checkpoint else None, "quick": quick, "samples": samples,
                "mtp_depths": depths, "threads": torch.get_num_threads(), "max_new_tokens": max_new, "cases": []}
@@ -181,12 +183,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if (args.checkpoint is None) != args.quick:
         parser.error("pass --checkpoint DIR, or --quick")
     samples = min(args.samples, 16) if args.quick else args.samples
-    results = run_benchmark(args.checkpoint, args.quick, samples, args.batch_sizes, 1 if args.quick else args.repeats)
+    results = run_benchmark(args.checkpoint, args.quick, samples, args.batch_sizes, 1 if args.quick else args.repeats,
+                            args.max_new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "speculative-cpu" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))

@@ -34,3 +34,18 @@ def test_pipeline_bubble_script_runs_and_writes_results(tmp_path):
     assert runs["1f1b"]["bubble_theoretical"] == pytest.approx(1 / 9)  # 2 ranks, 8 microbatches
     assert all(0.0 <= r["bubble"] < 1.0 for run in runs.values() for r in run["ranks"])
     assert (tmp_path / "pipeline_bubble-cpu-quick.png").stat().st_size > 0
+
+
+def test_speculative_benchmark_runs_and_checks_outputs(tmp_path):
+    """Quick mode: a random model with MTP depths; every method's captions must equal plain greedy ones."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculative.py"), "--quick", "--out", str(tmp_path),
+                    "--samples", "4", "--batch-sizes", "1", "4", "--max-new-tokens", "6"],
+                   check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    results = json.loads((tmp_path / "speculative-cpu-quick.json").read_text())
+    assert [c["batch_size"] for c in results["cases"]] == [1, 4]
+    for case in results["cases"]:
+        methods = case["methods"]
+        assert set(methods) == {"plain", "speculative_1", "speculative_2"}
+        assert all(m["equal_to_plain"] for m in methods.values())
+        assert len(methods["speculative_2"]["acceptance_rate"]) == 2
+    assert (tmp_path / "speculative-cpu-quick.png").stat().st_size > 0
