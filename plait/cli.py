@@ -204,7 +204,7 @@ def inspect(
         console.print(f"mlp layer types: {', '.join(info['mlp_layer_types'])}")
 
 
-BENCHMARKS = ("blocks", "train_step", "pipeline_bubble")
+BENCHMARKS = ("blocks", "train_step", "pipeline_bubble", "speculative")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -44,7 +44,7 @@ from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
 from plait.mtp import mtp_labels
 from plait.nn.attention import AttentionMask
-from plait.nn.moe import load_imbalance, update_expert_bias
+from plait.nn.moe import load_imbalance, pop_logged_aux_loss, route_aux_loss_through_backward, update_expert_bias
 from plait.parallel.data_parallel import DistContext, init_data_parallel, wrap_data_parallel
 
 RUN_CONFIG_FILE = "plait_run.yaml"
@@ -367,6 +367,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     train_set = run.datasets["train"]
     if cfg.model.mtp.train_only:  # before DDP and the pipeline take stock of what needs gradients
         freeze_all_but(model, model.mtp_backbone.mtp)
+    # an MoE aux loss is the mean over the step's forwards (micro-batches, pipeline microbatches), its gradient
+    # added by each MoE layer itself: no stage needs another stage's aux loss
+    forwards = tcfg.grad_accum * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1)
+    route_aux_loss_through_backward(model, 1.0 / forwards)
     # the pipeline's loss function reads the current step's target counts and records the loss parts
     step_total = {"targets": 1.0, "record": {}}
     pipe = None
@@ -432,6 +436,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         return metrics
 
     set_train_mode(model, trained)
+    pop_logged_aux_loss(trained)  # what the pipeline's shape-inference forwards left
     with _progress(console, tcfg.progress) as progress:
         task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, tcfg.steps + 1):
@@ -472,7 +477,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                     lm_sum += float(lm.detach())
             lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
             depth_sums = [ctx.sum(x) for x in depth_sums]
-            loss_sum = lm_sum + mtp_scale * sum(depth_sums)
+            # DDP averages the aux loss's gradients over replicas; pipeline stages each hold their own layers'
+            aux = pop_logged_aux_loss(trained)
+            aux = ctx.sum_over_world(aux) if pipe is not None else ctx.sum(aux) / ctx.replicas
+            loss_sum = lm_sum + mtp_scale * sum(depth_sums) + aux
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
                          if pipe is None else _clip_pipeline_grads(local, tcfg.grad_clip, ctx))
             lr = scheduler.get_last_lr()[0]
@@ -488,6 +496,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 row.update({f"mtp_loss_{d + 1}": x for d, x in enumerate(depth_sums)})
                 if expert_loads:
                     row["moe_load_imbalance"] = load_imbalance(expert_loads)
+                if aux:
+                    row["moe_aux_loss"] = aux
                 log.log(row)
             progress.update(task, advance=1, loss=loss_sum, tps=tps)
             if step % tcfg.log_every == 0 and not console.is_terminal:

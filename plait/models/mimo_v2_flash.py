@@ -47,7 +47,7 @@ from plait.models.native import (
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig
+from plait.nn.moe import MoE, MoEConfig, collect_aux_loss
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import rotary_per_layer_type
 
@@ -93,8 +93,10 @@ def moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfi
         norm_topk_prob=config.norm_topk_prob,
         routed_scaling_factor=config.routed_scaling_factor or 1.0,
         score_correction_bias=True,
-        # plait's own key (transformers keeps unknown config keys): the aux-loss-free balancing rate
+        # plait's own keys (transformers keeps unknown config keys): the aux-loss-free balancing rate, and an
+        # optional Switch-style aux loss
         bias_update_rate=float(getattr(config, "router_bias_update_rate", 0.0) or 0.0),
+        aux_loss_coef=float(getattr(config, "moe_aux_loss_coef", 0.0) or 0.0),
         experts_impl=experts_impl,
     )
 
@@ -260,6 +262,9 @@ class MiMoV2FlashForCausalLM(nn.Module):
             if mtp_hidden is not None:
                 add_mtp_losses(out, mtp_hidden, self.lm_head.weight, labels, trunk.mask.documents,
                                self.mtp_config.loss_scaling_factor)
+            aux = collect_aux_loss(self)
+            if aux is not None:
+                out.loss = out.loss + aux
         return out
 
     # --- construction, weights, checkpoints -------------------------------------------------

@@ -186,6 +186,10 @@ class MoE(nn.Module):
                                if cfg.shared_intermediate_size else None)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        # None: the aux loss is left in `aux_loss` for the model's loss. A number: the trainer's way, see
+        # `route_aux_loss_through_backward`; `aux_loss_logged` then sums weight x aux loss for the log.
+        self.aux_loss_weight: float | None = None
+        self.aux_loss_logged = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -203,8 +207,46 @@ class MoE(nn.Module):
                 self.tokens_per_expert += torch.bincount(routing.indices.reshape(-1), minlength=self.cfg.num_experts)
         self.aux_loss = None
         if self.training and self.cfg.aux_loss_coef > 0:
-            self.aux_loss = self.cfg.aux_loss_coef * load_balancing_loss(routing.logits, routing.indices)
+            aux = self.cfg.aux_loss_coef * load_balancing_loss(routing.logits, routing.indices)
+            if self.aux_loss_weight is None:
+                self.aux_loss = aux
+            else:
+                out = _AuxLossInBackward.apply(out, aux, self.aux_loss_weight)
+                self.aux_loss_logged += self.aux_loss_weight * float(aux.detach())
         return out.view(shape)
+
+
+class _AuxLossInBackward(torch.autograd.Function):
+    """Identity on the MoE output whose backward also gives the aux loss the gradient `weight`: the aux loss
+    joins the backward pass wherever this layer's output gradient arrives, even on a pipeline stage that
+    never sees the loss (Megatron-Core's MoEAuxLossAutoScaler does the same)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, aux: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.save_for_backward(aux)
+        ctx.weight = weight
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.full_like(aux, ctx.weight), None
+
+
+def route_aux_loss_through_backward(model: nn.Module, weight: float | None) -> None:
+    """Make every MoE layer of `model` add `weight` x its aux loss to the gradients itself (the trainer passes
+    1 / forwards per optimizer step, so the step minimises the mean aux loss of its micro-batches, as
+    Megatron-Core does); None gives the aux loss back to the model's own loss."""
+    for m in moe_layers(model).values():
+        m.aux_loss_weight = weight
+
+
+def pop_logged_aux_loss(model: nn.Module) -> float:
+    """Sum of weight x aux loss since the last call, over `model`'s MoE layers (0.0 without an aux loss)."""
+    total = 0.0
+    for m in moe_layers(model).values():
+        total, m.aux_loss_logged = total + m.aux_loss_logged, 0.0
+    return total
 
 
 def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -145,9 +145,6 @@ def check_pipelinable(model: nn.Module) -> None:
                          "yet; text-only native models are")
     if getattr(model, "tied_embeddings", False):
         raise ValueError("pipeline parallelism needs untied input and output embeddings (tie_word_embeddings=false)")
-    for module in model.modules():
-        if getattr(getattr(module, "cfg", None), "aux_loss_coef", 0.0):
-            raise ValueError("pipeline parallelism with an MoE auxiliary loss is not supported yet")
 
 
 class StageModule(nn.Module):

@@ -66,3 +66,14 @@ def test_mtp_on_a_stock_model_is_a_clear_error(small_config):
 
     with pytest.raises(ValueError, match="multi-token prediction needs a native plait model"):
         prepare_run(small_config("model.mtp.num_layers=1", "model.implementation=transformers"))
+
+
+def test_moe_aux_loss_is_trained_and_logged(tmp_path, data_cache):
+    """`moe_aux_loss_coef` in the model config: the step minimises the mean aux loss of its micro-batches too."""
+    cfg = _config(tmp_path, data_cache, "model.config.moe_aux_loss_coef=0.05", "train.grad_accum=2", "train.steps=3")
+    rows = [r for r in _rows(train(cfg, console=Console(quiet=True)).output_dir) if "lm_loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        # 0.05 x E x sum_e f_e P_e per layer, with sum_e f_e = top-k: about 0.05 x top-k per MoE layer when balanced
+        assert 0.0 < r["moe_aux_loss"] < 1.0
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["moe_aux_loss"], rel=1e-6)

@@ -8,7 +8,16 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
 )
 
 from plait.nn.mlp import Activation
-from plait.nn.moe import MoE, MoEConfig, Router, collect_aux_loss, load_imbalance, update_expert_bias
+from plait.nn.moe import (
+    MoE,
+    MoEConfig,
+    Router,
+    collect_aux_loss,
+    load_imbalance,
+    pop_logged_aux_loss,
+    route_aux_loss_through_backward,
+    update_expert_bias,
+)
 from tests.nn.reference import assert_close, assert_grads_close, m3_text_config, mimo_config, randomize_
 
 
@@ -182,6 +191,34 @@ def test_aux_loss_matches_transformers_and_reaches_the_gradients():
     moe.eval()
     moe(x)
     assert collect_aux_loss(moe) is None
+
+
+def test_aux_loss_routed_through_backward_gives_the_gradients_of_adding_it_to_the_loss():
+    """The trainer's way (each layer adds weight x aux to the backward itself) equals loss + weight x aux."""
+    cfg = m3_text_config()
+    x = torch.randn(2, 10, cfg.hidden_size)
+    grads = []
+    for routed in (False, True):
+        moe = MoE(m3_moe_config(cfg, aux_loss_coef=0.05))
+        randomize_(moe, seed=9)
+        moe.train()
+        route_aux_loss_through_backward(moe, 0.25 if routed else None)
+        loss = moe(x).square().mean()
+        if not routed:
+            loss = loss + 0.25 * collect_aux_loss(moe)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in moe.named_parameters()})
+        if routed:
+            assert collect_aux_loss(moe) is None  # nothing left for a model to add twice
+            assert pop_logged_aux_loss(moe) > 0 and pop_logged_aux_loss(moe) == 0.0
+    for name, g in grads[0].items():
+        assert_close(grads[1][name], g, tol=1e-7, name=name)
+    # the aux loss moves the router: without it the router's gradient is another one
+    moe = MoE(m3_moe_config(cfg))
+    randomize_(moe, seed=9)
+    moe.train()
+    moe(x).square().mean().backward()
+    assert (moe.gate.weight.grad - grads[0]["gate.weight"]).abs().max() > 1e-6
 
 
 @pytest.mark.parametrize("kw, match", [

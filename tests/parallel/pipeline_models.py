@@ -6,6 +6,7 @@ from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
 from plait.models.minimax_m3 import MiniMaxM3SparseForCausalLM
 from plait.mtp import mtp_labels
 from plait.nn.loss import count_targets
+from plait.nn.moe import route_aux_loss_through_backward
 from plait.parallel.pipeline import lm_and_mtp_loss
 from tests.nn.reference import m3_text_config, mimo_config
 
@@ -13,19 +14,21 @@ MTP_SCALE = 0.3
 
 
 def build_model(kind: str):
-    """kind: "mimo" or "m3", with "_mtp" for two MTP depths (on the last stage when pipelined)."""
+    """kind: "mimo" or "m3", with "_mtp" for two MTP depths (on the last stage when pipelined) and "_aux" for an
+    MoE aux loss."""
     torch.manual_seed(0)
-    kind, _, mtp = kind.partition("_")
-    depths = {"num_mtp_layers": 2, "mtp_loss_scaling_factor": MTP_SCALE} if mtp else {}
+    kind, *extras = kind.split("_")
+    depths = {"num_mtp_layers": 2, "mtp_loss_scaling_factor": MTP_SCALE} if "mtp" in extras else {}
+    aux = {"moe_aux_loss_coef": 0.05} if "aux" in extras else {}
     if kind == "mimo":
         cfg = mimo_config(num_hidden_layers=4, layer_types=["full_attention", "sliding_attention", "sliding_attention",
                                                               "full_attention"],
-                          mlp_layer_types=["dense", "sparse", "sparse", "sparse"])
+                          mlp_layer_types=["dense", "sparse", "sparse", "sparse"], **aux)
         return MiMoV2FlashForCausalLM.from_config(cfg, **depths)
     cfg = m3_text_config(num_hidden_layers=4, layer_types=["full_attention", "minimax_m3_sparse", "full_attention",
                                                            "minimax_m3_sparse"],
                          mlp_layer_types=["dense", "sparse", "sparse", "dense"], index_block_size=4,
-                         index_topk_blocks=2, index_head_dim=16, index_n_heads=2)
+                         index_topk_blocks=2, index_head_dim=16, index_n_heads=2, **aux)
     return MiniMaxM3SparseForCausalLM.from_config(cfg, **depths)
 
 
@@ -48,6 +51,7 @@ def loss_fn_for(labels: torch.Tensor, depths: int = 0):
 def reference_step(kind: str, microbatches: int):
     """Single process: the same microbatches as gradient accumulation."""
     model = build_model(kind)
+    route_aux_loss_through_backward(model, 1.0 / microbatches)  # the aux loss is a mean over microbatches
     ids, labels = make_batch(kind)
     depths = model.mtp_config.num_layers
     loss_fn = loss_fn_for(labels, depths)

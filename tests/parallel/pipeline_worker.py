@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.parallel.pipeline_models import build_model, make_batch, loss_fn_for  # noqa: E402
+from plait.nn.moe import route_aux_loss_through_backward  # noqa: E402
 from plait.parallel.pipeline import build_pipeline  # noqa: E402
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
     model = build_model(kind)
+    route_aux_loss_through_backward(model, 1.0 / microbatches)
     ids, labels = make_batch(kind)
     run = build_pipeline(model, rank=rank, ranks=ranks, schedule=schedule, microbatches=microbatches,
                          loss_fn=loss_fn_for(labels, model.mtp_config.num_layers), device=torch.device("cpu"))

@@ -35,6 +35,9 @@ def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, k
     ("mimo_mtp", "1f1b", 4),
     ("mimo_mtp", "zbv", 2),
     ("m3_mtp", "gpipe", 2),
+    # an MoE aux loss on every stage: each MoE layer adds its gradient in the stage's own backward
+    ("mimo_aux", "1f1b", 4),
+    ("m3_mtp_aux", "zbv", 2),
 ])
 def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, microbatches):
     ranks = run_pipeline(tmp_path, 2, schedule, microbatches, kind)
