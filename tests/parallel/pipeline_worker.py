@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.parallel.pipeline_models import build_model, make_batch, loss_fn_for  # noqa: E402
+from tests.parallel.pipeline_models import build_model, first_stage_inputs, make_batch, loss_fn_for  # noqa: E402
 from plait.parallel.pipeline import build_pipeline  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     ids, labels = make_batch(kind)
     run = build_pipeline(model, rank=rank, ranks=ranks, schedule=schedule, microbatches=microbatches,
                          loss_fn=loss_fn_for(labels), device=torch.device("cpu"))
-    losses = run.step(ids, labels)
+    losses = run.step(ids, labels, **first_stage_inputs(kind))
     grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "losses": [float(x) for x in losses], "stages": run.stage_ids}, out / f"rank{rank}.pt")
     dist.destroy_process_group()

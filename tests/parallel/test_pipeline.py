@@ -31,6 +31,7 @@ def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, k
     ("mimo", "interleaved_1f1b", 4),
     ("mimo", "zbv", 4),
     ("m3", "1f1b", 2),
+    ("mimo-composition", "1f1b", 4),
 ])
 def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, microbatches):
     ranks = run_pipeline(tmp_path, 2, schedule, microbatches, kind)
