@@ -39,7 +39,7 @@ from plait.data.sources import load_audio_splits, load_splits
 from plait.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from plait.evaluate import evaluate_dataset
 from plait.metrics import MetricsLog, plot_loss_curve
-from plait.models.build import build_model
+from plait.models.build import MODALITY_PLACEHOLDERS, build_model
 from plait.models.mimo import MimoForCausalLM
 from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
@@ -141,8 +141,7 @@ class Run:
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict:
         """The keyword inputs a collated batch's items become for this model (beside the token ids), on its device."""
         if isinstance(self.model, MimoForCausalLM):
-            items = {key: (normalize(batch[key]) if key == "images" else batch[key]).to(self.device)
-                     for key in BATCH_KEYS.values() if key in batch}
+            items = {key: _model_ready(key, batch[key]).to(self.device) for key in BATCH_KEYS.values() if key in batch}
             return {"modality_inputs": self.model.mimo.batch_inputs(items)}
         return {k: v.to(self.device) for k, v in self.vision_inputs(normalize(batch["images"])).items()}
 
@@ -179,6 +178,11 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     return Run(cfg, tokenizer, datasets, model.to(device), device)
 
 
+def _model_ready(key: str, items: torch.Tensor) -> torch.Tensor:
+    """Images travel as uint8 and are normalised per batch; audio features are stored ready."""
+    return normalize(items) if key == "images" else items
+
+
 def _mimo_datasets(model: MimoForCausalLM, splits_per_modality: dict, tokenizer, prompt: str) -> dict:
     """Per split, one captioning set per modality of the MIMO model (its items become as many placeholder
     tokens as its encoders give rows for one item), served together."""
@@ -188,9 +192,8 @@ def _mimo_datasets(model: MimoForCausalLM, splits_per_modality: dict, tokenizer,
         splits = splits_per_modality.get(modality)
         if splits is None:
             raise ValueError(f"model.mimo.modalities: {modality!r} needs its data (data.audio for 'audio'), got none")
-        role = next(r for r, key in BATCH_KEYS.items() if key == modality)
-        first = splits["train"].items[0]
-        tokens = mimo.tokens_per_item(modality, normalize(first) if modality == "images" else first)
+        tokens = mimo.tokens_per_item(modality, _model_ready(modality, splits["train"].items[0]))
+        role = MODALITY_PLACEHOLDERS[modality]
         for name, split in splits.items():
             parts.setdefault(name, {})[modality] = CaptionDataset(split, tokenizer, tokens, prompt, placeholder=role)
     return {name: MixedCaptionDataset(p) for name, p in parts.items()}
