@@ -36,7 +36,7 @@ def _checkpoint_run_config(ckpt: Path, overrides: list[str]):
 
     check_model_dir(ckpt)
     saved = ckpt / RUN_CONFIG_FILE
-    base = ["model.preset=null", f"model.pretrained={ckpt}", "model.config={}"]
+    base = ["model.preset=null", f"model.pretrained={ckpt}", "model.config={}", "model.mimo=null"]
     return load_config(saved if saved.is_file() else None, base + overrides)
 
 
@@ -70,11 +70,11 @@ def evaluate(
     try:
         cfg = _checkpoint_run_config(checkpoint, overrides or [])
         from plait.data.tokenizer import load_tokenizer
-        from plait.evaluate import evaluate_captions
+        from plait.evaluate import evaluate_dataset
         from plait.train import autocast_for, prepare_run, report_eval
 
         run = prepare_run(cfg, tokenizer=load_tokenizer(checkpoint))
-        metrics = evaluate_captions(run.model, run.datasets[cfg.eval.split], run.vision_inputs, run.tokenizer,
+        metrics = evaluate_dataset(run.model, run.datasets[cfg.eval.split], run.model_inputs, run.tokenizer,
                                     num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
                                     max_new_tokens=cfg.eval.max_new_tokens, device=run.device,
                                     autocast=autocast_for(run.device, cfg.train.autocast))

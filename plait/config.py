@@ -47,9 +47,20 @@ class ModelSettings(_Section):
     implementation: Literal["native", "transformers"] = Field(
         "native", description="plait's own model where one exists, or the stock transformers classes (for comparison)")
     mtp: MTPSettings = Field(default_factory=MTPSettings)
+    mimo: dict[str, Any] | None = Field(
+        None, description="a MIMO composition (plait.models.mimo.MimoModelConfig): encoders per modality and a "
+                          "language model; vocabulary and special token ids come from the run's tokenizer")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSettings":
+        if self.mimo is not None:
+            if self.preset is not None or self.pretrained is not None:
+                raise ValueError(f"model.mimo: set model.preset and model.pretrained to null with it, got "
+                                 f"preset={self.preset!r} and pretrained={self.pretrained!r}")
+            if self.config or self.mtp.num_layers or self.implementation != "native":
+                raise ValueError("model.mimo: model.config, model.mtp and model.implementation do not apply to a MIMO "
+                                 "composition (its language_model and encoders carry their own configs)")
+            return self
         if (self.preset is None) == (self.pretrained is None):
             raise ValueError(
                 f"exactly one of model.preset and model.pretrained must be set, got preset={self.preset!r} "
@@ -59,6 +70,17 @@ class ModelSettings(_Section):
             raise ValueError("model.mtp.train_only=true trains new MTP depths on a trained model: set model.pretrained "
                              f"to its dir (got preset={self.preset!r})")
         return self
+
+
+class AudioDataSettings(_Section):
+    """The bundled tones-and-chords set (plait.data.audio), fed to a MIMO model's "audio" encoders."""
+
+    num_train: int = Field(6000, ge=1)
+    num_val: int = Field(200, ge=1)
+    num_test: int = Field(200, ge=1)
+    seed: int = 0
+    n_mels: int = Field(32, ge=4, description="mel bands of the log-mel features")
+    hop_length: int = Field(256, ge=16, description="samples between feature frames (8 kHz audio)")
 
 
 class DataSettings(_Section):
@@ -79,6 +101,7 @@ class DataSettings(_Section):
     vocab_size: int = Field(1000, ge=16, description="bpe only")
     packing: bool = False
     pack_length: int | None = Field(None, ge=8, description="tokens per packed row (packing only)")
+    audio: AudioDataSettings | None = Field(None, description="audio clips beside the images (MIMO runs only)")
 
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
@@ -173,6 +196,12 @@ class RunConfig(_Section):
             if self.data.packing:
                 raise ValueError("data.packing with parallel.pp > 1: not supported yet (stages pass hidden states "
                                  "only, not the packed position ids)")
+        if self.data.audio is not None and self.model.preset is not None:
+            raise ValueError(f"data.audio: audio clips are fed to MIMO models only (model.mimo, or a saved MIMO "
+                             f"model as model.pretrained), got model.preset={self.model.preset!r}")
+        if self.model.mimo is not None and (self.parallel.pp > 1 or self.data.packing):
+            raise ValueError(f"model.mimo with parallel.pp={self.parallel.pp}, data.packing={self.data.packing}: "
+                             "pipelined and packed MIMO training are not supported by the trainer yet")
         per_step = self.train.grad_accum * self.parallel.dp
         if self.train.batch_size % per_step:
             raise ValueError(

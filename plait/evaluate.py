@@ -1,7 +1,9 @@
 """Held-out quality of a captioning model: teacher-forced loss and exact-match accuracy of greedy captions.
 
 For the bundled shapes sets (any data whose references all parse as shapes captions) it also reports
-per-attribute accuracy: which of shape, colour, size and position the model gets right.
+per-attribute accuracy: which of shape, colour, size and position the model gets right; likewise kind,
+pitch, length and loudness for the bundled audio set. A set of several modalities (a MIMO run) is
+scored per modality.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from typing import Callable
 import torch
 
 from plait.data.collate import collate_padded
-from plait.data.dataset import CaptionDataset
-from plait.data.images import normalize
+from plait.data.dataset import CaptionDataset, MixedCaptionDataset
 from plait.generate import generate
 from plait.nn.loss import causal_lm_loss_sum, count_targets
 
-VisionInputs = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+# a collated batch -> the model's keyword inputs beside the token ids (pixels, modality inputs), on its device
+ModelInputs = Callable[[dict[str, torch.Tensor]], dict]
 
 
 def _batches(n: int, batch_size: int):
@@ -26,24 +28,22 @@ def _batches(n: int, batch_size: int):
 
 
 @torch.no_grad()
-def caption_batch(model, dataset: CaptionDataset, images: torch.Tensor, vision_inputs: VisionInputs, tokenizer,
+def caption_batch(model, dataset: CaptionDataset, batch: dict[str, torch.Tensor], model_inputs: ModelInputs, tokenizer,
                   max_new_tokens: int, device: torch.device, temperature: float = 0.0,
                   generator: torch.Generator | None = None) -> list[str]:
-    """Caption uint8 images (B, H, W, 3) with the dataset's prompt."""
+    """Caption the items of a collated batch (images, audio clips) with the dataset's prompt."""
     prompt = dataset.prompt_ids()
-    input_ids = prompt.expand(images.shape[0], -1).to(device)
-    extra = {k: v.to(device) for k, v in vision_inputs(normalize(images)).items()}
+    input_ids = prompt.expand(batch["input_ids"].shape[0], -1).to(device)
+    extra = model_inputs(batch)
     new = generate(model, input_ids, max_new_tokens=max_new_tokens, eos_token_id=dataset.eos_id,
                    pad_token_id=dataset.pad_id, temperature=temperature, generator=generator, **extra)
     return [t.strip() for t in tokenizer.batch_decode(new.cpu(), skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def evaluate_captions(model, dataset: CaptionDataset, vision_inputs: VisionInputs, tokenizer, *,
+def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs, tokenizer, *,
                       num_samples: int | None, batch_size: int, max_new_tokens: int, device: torch.device,
                       autocast=nullcontext) -> dict[str, float]:
-    from plait.data.shapes import parse_caption, score_captions
-
     was_training = model.training
     model.eval()
     n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
@@ -53,17 +53,45 @@ def evaluate_captions(model, dataset: CaptionDataset, vision_inputs: VisionInput
         batch = collate_padded([dataset[i] for i in idx], dataset.pad_id)
         with autocast():
             out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False, **{k: v.to(device) for k, v in vision_inputs(normalize(batch["images"])).items()})
+                        use_cache=False, **model_inputs(batch))
             loss_sum += float(causal_lm_loss_sum(out.logits, batch["labels"].to(device)))
-            predictions += caption_batch(model, dataset, batch["images"], vision_inputs, tokenizer, max_new_tokens, device)
+            predictions += caption_batch(model, dataset, batch, model_inputs, tokenizer, max_new_tokens, device)
         targets += count_targets(batch["labels"])
     model.train(was_training)
     # Compare with the references as the tokenizer sees them (a word-level tokenizer lowercases and
     # splits punctuation), so a caption is not wrong for spacing the model cannot produce.
     references = [t.strip() for t in tokenizer.batch_decode([a[:-1] for a in dataset.answers[:n]], skip_special_tokens=True)]
     metrics = {"loss": loss_sum / max(targets, 1), "samples": float(n)}
-    if all(parse_caption(r) is not None for r in references):
-        metrics.update(score_captions(predictions, references))
+    for parse, score in _scorers():
+        if all(parse(r) is not None for r in references):
+            metrics.update(score(predictions, references))
+            break
     else:
         metrics["exact_match"] = sum(p == r for p, r in zip(predictions, references)) / n
+    return metrics
+
+
+def _scorers():
+    """(parse, score) of each bundled caption language; a set whose references all parse is scored by it."""
+    from plait.data import audio, shapes
+
+    return ((shapes.parse_caption, shapes.score_captions), (audio.parse_caption, audio.score_audio_captions))
+
+
+def evaluate_dataset(model, dataset: CaptionDataset | MixedCaptionDataset, model_inputs: ModelInputs, tokenizer, *,
+                     num_samples: int | None, **kwargs) -> dict[str, float]:
+    """`evaluate_captions` on a set; a set of several modalities is evaluated per modality (up to `num_samples`
+    each), its figures kept as `{modality}_{metric}`, with `exact_match` and `loss` over all its samples
+    (the loss as the sample-weighted mean of the modalities' per-token means)."""
+    if not isinstance(dataset, MixedCaptionDataset):
+        return evaluate_captions(model, dataset, model_inputs, tokenizer, num_samples=num_samples, **kwargs)
+    metrics: dict[str, float] = {}
+    parts = {name: evaluate_captions(model, part, model_inputs, tokenizer, num_samples=num_samples, **kwargs)
+             for name, part in dataset.parts.items()}
+    total = sum(m["samples"] for m in parts.values())
+    for name, m in parts.items():
+        metrics.update({f"{name}_{k}": v for k, v in m.items()})
+    for key in ("loss", "exact_match"):
+        metrics[key] = sum(m[key] * m["samples"] for m in parts.values()) / total
+    metrics["samples"] = total
     return metrics

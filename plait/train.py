@@ -33,13 +33,14 @@ from plait.checkpoint import (
 )
 from plait.config import RunConfig, TrainSettings
 from plait.data.collate import collate_packed, collate_padded
-from plait.data.dataset import CaptionDataset
+from plait.data.dataset import BATCH_KEYS, CaptionDataset, MixedCaptionDataset
 from plait.data.images import normalize
-from plait.data.sources import load_splits
+from plait.data.sources import load_audio_splits, load_splits
 from plait.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
-from plait.evaluate import evaluate_captions
+from plait.evaluate import evaluate_dataset
 from plait.metrics import MetricsLog, plot_loss_curve
-from plait.models.build import build_model
+from plait.models.build import MODALITY_PLACEHOLDERS, build_model
+from plait.models.mimo import MimoForCausalLM
 from plait.models.vlm import vlm_spec
 from plait.nn.loss import causal_lm_loss_sum, count_targets
 from plait.mtp import mtp_labels
@@ -130,12 +131,19 @@ class Run:
 
     cfg: RunConfig
     tokenizer: object
-    datasets: dict[str, CaptionDataset]
+    datasets: dict[str, CaptionDataset | MixedCaptionDataset]
     model: torch.nn.Module
     device: torch.device
 
     def vision_inputs(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         return vlm_spec(self.model.config.model_type).vision_inputs(self.model.config, pixel_values)
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict:
+        """The keyword inputs a collated batch's items become for this model (beside the token ids), on its device."""
+        if isinstance(self.model, MimoForCausalLM):
+            items = {key: _model_ready(key, batch[key]).to(self.device) for key in BATCH_KEYS.values() if key in batch}
+            return {"modality_inputs": self.model.mimo.batch_inputs(items)}
+        return {k: v.to(self.device) for k, v in self.vision_inputs(normalize(batch["images"])).items()}
 
 
 def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
@@ -144,23 +152,51 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
     splits = load_splits(cfg.data)
+    audio = load_audio_splits(cfg.data.audio) if cfg.data.audio is not None else None
     if tokenizer is None:
         if cfg.model.pretrained is not None:
             tokenizer = load_tokenizer(cfg.model.pretrained)
         else:
-            texts = splits["train"].captions + ([cfg.data.prompt] if cfg.data.prompt else [])
+            texts = splits["train"].captions + (audio["train"].captions if audio else [])
+            texts += [cfg.data.prompt] if cfg.data.prompt else []
             tokenizer = train_tokenizer(texts, kind=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size)
     ids = special_token_ids(tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, len(tokenizer), ids, cfg.data.image_size)
-    image_tokens = vlm_spec(model.config.model_type).image_token_count(model.config, cfg.data.image_size)
-    datasets = {name: CaptionDataset(split, tokenizer, image_tokens, cfg.data.prompt) for name, split in splits.items()}
+    if isinstance(model, MimoForCausalLM):
+        datasets = _mimo_datasets(model, {"images": splits, "audio": audio}, tokenizer, cfg.data.prompt)
+    else:
+        if audio is not None:
+            raise ValueError(f"data.audio: audio clips are fed to MIMO models only, got a {model.config.model_type} model")
+        image_tokens = vlm_spec(model.config.model_type).image_token_count(model.config, cfg.data.image_size)
+        datasets = {name: CaptionDataset(split, tokenizer, image_tokens, cfg.data.prompt) for name, split in splits.items()}
     if cfg.data.packing and cfg.data.pack_length < datasets["train"].max_length():
         raise ValueError(
             f"data.pack_length: {cfg.data.pack_length} is shorter than the longest training sample "
             f"({datasets['train'].max_length()} tokens)"
         )
     return Run(cfg, tokenizer, datasets, model.to(device), device)
+
+
+def _model_ready(key: str, items: torch.Tensor) -> torch.Tensor:
+    """Images travel as uint8 and are normalised per batch; audio features are stored ready."""
+    return normalize(items) if key == "images" else items
+
+
+def _mimo_datasets(model: MimoForCausalLM, splits_per_modality: dict, tokenizer, prompt: str) -> dict:
+    """Per split, one captioning set per modality of the MIMO model (its items become as many placeholder
+    tokens as its encoders give rows for one item), served together."""
+    mimo = model.mimo
+    parts: dict[str, dict[str, CaptionDataset]] = {}
+    for modality in mimo.encoders:
+        splits = splits_per_modality.get(modality)
+        if splits is None:
+            raise ValueError(f"model.mimo.modalities: {modality!r} needs its data (data.audio for 'audio'), got none")
+        tokens = mimo.tokens_per_item(modality, _model_ready(modality, splits["train"].items[0]))
+        role = MODALITY_PLACEHOLDERS[modality]
+        for name, split in splits.items():
+            parts.setdefault(name, {})[modality] = CaptionDataset(split, tokenizer, tokens, prompt, placeholder=role)
+    return {name: MixedCaptionDataset(p) for name, p in parts.items()}
 
 
 def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None) -> None:
@@ -427,7 +463,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         if pipe is not None:
             _gather_stages(pipe, model, ctx)
         if ctx.is_main:
-            metrics = evaluate_captions(model, run.datasets[split], run.vision_inputs, run.tokenizer,
+            metrics = evaluate_dataset(model, run.datasets[split], run.model_inputs, run.tokenizer,
                                         num_samples=num_samples, batch_size=cfg.eval.batch_size,
                                         max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
             log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
@@ -464,8 +500,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                     if mtp_depths:
                         inputs["return_mtp_logits"] = True
                     with autocast():
-                        out = replica(**inputs, use_cache=False,
-                                      **{k: v.to(device) for k, v in run.vision_inputs(normalize(b["images"])).items()})
+                        out = replica(**inputs, use_cache=False, **run.model_inputs(b))
                         lm = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
                         loss = lm
                         for d in range(mtp_depths):
@@ -535,4 +570,10 @@ def report_eval(console: Console, metrics: dict[str, float], split: str) -> None
     attrs = [k for k in ("shape", "colour", "size", "position") if k in metrics]
     if attrs:
         console.print("held-out attribute accuracy: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in attrs), highlight=False)
+    for modality in BATCH_KEYS.values():  # a MIMO run: each modality's own figures
+        figures = {k.removeprefix(f"{modality}_"): v for k, v in metrics.items() if k.startswith(f"{modality}_")}
+        if figures:
+            rest = ", ".join(f"{k} {v:.4f}" for k, v in figures.items() if k not in ("samples", "loss", "exact_match"))
+            console.print(f"held-out {modality} ({int(figures['samples'])} samples): loss {figures['loss']:.4f}, "
+                          f"exact match {figures['exact_match']:.4f}" + (f"; {rest}" if rest else ""), highlight=False)
     console.print(f"held-out accuracy: {metrics['exact_match']:.4f}", highlight=False)

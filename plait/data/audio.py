@@ -125,3 +125,9 @@ def score_audio_captions(predictions: Sequence[str], references: Sequence[str]) 
             for attr in ("kind", "pitch", "length", "loudness"):
                 totals[attr] += getattr(p, attr) == getattr(r, attr)
     return {k: v / len(references) for k, v in totals.items()}
+
+
+def audio_features(waveforms: torch.Tensor, n_mels: int, hop_length: int, n_fft: int = 256) -> torch.Tensor:
+    """The model's input features: log-mel (N, frames, n_mels), shifted and scaled to about unit range the way
+    Whisper scales its own log-mels ((x + 4) / 4), so encoders start from well-conditioned inputs."""
+    return (log_mel(waveforms, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels) + 4.0) / 4.0

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import torch
 
+from plait.data.dataset import BATCH_KEYS
+
 IGNORE_INDEX = -100
+
+
+def _stack_items(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Each kind of item (images, audio clips) stacked in sample order, which is the order its placeholder
+    tokens appear in the (row-major) batch; a kind no sample carries is absent."""
+    out = {}
+    for role, key in BATCH_KEYS.items():
+        items = [s[role] for s in samples if role in s]
+        if items:
+            out[key] = torch.stack(items)
+    return out
 
 
 def _labels(sample: dict) -> torch.Tensor:
@@ -41,7 +54,7 @@ def collate_padded(samples: list[dict], pad_id: int, pad_to: int | None = None) 
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
-        "images": torch.stack([s["image"] for s in samples]),
+        **_stack_items(samples),
     }
 
 
@@ -87,5 +100,5 @@ def collate_packed(samples: list[dict], pad_id: int, pack_length: int) -> dict[s
         "labels": labels,
         "position_ids": position_ids,
         "cu_seqlens": cu_seqlens,
-        "images": torch.stack([s["image"] for s in samples]),
+        **_stack_items(samples),
     }

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from plait.config import DataSettings
-from plait.data.types import CaptionSplit
+from plait.config import AudioDataSettings, DataSettings
+from plait.data.types import AudioSplit, CaptionSplit
 
 SPLITS = ("train", "val", "test")
 
@@ -28,3 +28,12 @@ def load_splits(settings: DataSettings) -> dict[str, CaptionSplit]:
         if name not in splits or len(splits[name]) == 0:
             raise ValueError(f"data: the {name!r} split of {settings.dataset!r} is empty")
     return splits
+
+
+def load_audio_splits(settings: AudioDataSettings) -> dict[str, AudioSplit]:
+    """The bundled tones-and-chords set as model-ready features; generated in memory (a few seconds), not cached."""
+    from plait.data.audio import audio_features, generate_audio
+
+    clips = generate_audio(settings.num_train, settings.num_val, settings.num_test, seed=settings.seed)
+    return {name: AudioSplit(audio_features(waves, settings.n_mels, settings.hop_length), captions)
+            for name, (waves, captions) in clips.items()}

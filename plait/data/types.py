@@ -37,3 +37,30 @@ class CaptionSplit:
 
     def __len__(self) -> int:
         return len(self.captions)
+
+    @property
+    def items(self) -> torch.Tensor:
+        """What each caption describes (here the images), one row per caption."""
+        return self.images
+
+
+@dataclass
+class AudioSplit:
+    """One split of an audio-captioning data set: log-mel features (N, frames, n_mels), float32."""
+
+    features: torch.Tensor
+    captions: list[str]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, torch.Tensor) or self.features.ndim != 3:
+            got = list(self.features.shape) if isinstance(self.features, torch.Tensor) else type(self.features).__name__
+            raise ValueError(f"features: expected a tensor (N, frames, n_mels), got {got}")
+        if len(self.captions) != self.features.shape[0]:
+            raise ValueError(f"captions: expected one caption per clip ({self.features.shape[0]}), got {len(self.captions)}")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def items(self) -> torch.Tensor:
+        return self.features

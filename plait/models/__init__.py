@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from plait.checkpoint import check_model_dir
+from plait.checkpoint import CONFIG_FILE, check_model_dir
 from plait.models.hf import build_stock_model, load_stock_model, to_hf_config  # noqa: F401  (re-exported)
 
+from plait.models.mimo import MIMO_MODEL_TYPE, MimoModel
 from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
 from plait.models.minimax_m3 import MiniMaxM3SparseForCausalLM, MiniMaxM3SparseForConditionalGeneration
 
@@ -32,9 +34,15 @@ def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: 
     return build_stock_model(hf_config, attn_implementation)
 
 
+def _model_type(path: Path) -> str:
+    return json.loads((path / CONFIG_FILE).read_text())["model_type"]  # check_model_dir has read it once
+
+
 def from_pretrained(path: str | Path, attn_implementation: str = "sdpa", implementation: str = "native") -> torch.nn.Module:
     """Load a local HF-format model dir (config.json + safetensors). Nothing is downloaded."""
     path = check_model_dir(path)
+    if _model_type(path) == MIMO_MODEL_TYPE:  # plait's own composition, unknown to transformers
+        return MimoModel.from_pretrained(path)
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     native = NATIVE_MODELS.get(hf_config.model_type) if implementation == "native" else None
     if native is not None:

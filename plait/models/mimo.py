@@ -11,20 +11,28 @@ local checkpoint). Encoders: plait's MiniMax-M3 vision tower, a transformers mod
 models, the Whisper encoder, ...) from a config or a local dir, or any nn.Module given by import path.
 The semantics follow Megatron-Core's `models/mimo`; the layout is plait's (batch-first inside, the
 sequence-first `(S, B, H)` contract kept at `align_embeddings_by_token_positions`).
+
+Under pipeline parallelism (plait.parallel.pipeline) the first stage holds the encoders, projections and
+the LM's embedding; later stages receive the previous stage's hidden states through `set_input_tensor`.
+A saved MIMO model is one dir: `config.json` (model_type "plait_mimo", the whole composition with every
+config inline) + `model.safetensors`, loadable by `plait.from_pretrained`.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 TEXT = "text"
+LANGUAGE_MODEL = "language_model"
+MIMO_MODEL_TYPE = "plait_mimo"
 
 
 class EncoderSpec(BaseModel):
@@ -51,6 +59,7 @@ class MimoModelConfig(BaseModel):
     """YAML-configurable composition: the language model, encoders per modality, special token ids."""
 
     model_config = ConfigDict(extra="forbid")
+    model_type: ClassVar[str] = MIMO_MODEL_TYPE
     language_model: dict[str, Any] | None = Field(None, description="HF config dict with model_type")
     language_model_pretrained: Path | None = None
     modalities: dict[str, dict[str, EncoderSpec]] = Field(default_factory=dict)
@@ -91,6 +100,14 @@ class _M3VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         return self.tower(pixel_values, grid_thw)
 
+    def batch_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images (n, C, H, W) -> this tower's keyword inputs (patches and grid)."""
+        from plait.models.vlm import m3_patches
+
+        c = self.tower.config
+        patches, grid = m3_patches(images, c.patch_size, c.spatial_merge_size, c.temporal_patch_size)
+        return {"pixel_values": patches, "grid_thw": grid}
+
 
 class _TransformersEncoder(nn.Module):
     """A stock transformers encoder (CLIPVisionModel, SiglipVisionModel, WhisperEncoder, ...): its
@@ -114,6 +131,25 @@ class _TransformersEncoder(nn.Module):
     def forward(self, **inputs) -> torch.Tensor:
         hidden = self.model(**inputs).last_hidden_state
         return hidden.reshape(-1, hidden.shape[-1])
+
+    def batch_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch of raw items -> this model's main input: normalised images (n, C, H, W) as `pixel_values`,
+        or log-mel features (n, frames, mels) as `input_features` (n, mels, frames)."""
+        name, c = self.model.main_input_name, self.model.config
+        if name == "pixel_values":
+            return {name: items}
+        if name == "input_features":
+            feats = items.transpose(1, 2)  # (n, frames, mels) -> (n, mels, frames)
+            if feats.shape[1] != c.num_mel_bins:
+                raise ValueError(f"audio features: the {c.model_type} encoder takes {c.num_mel_bins} mel bands, "
+                                 f"got {feats.shape[1]} (data.audio.n_mels)")
+            # Whisper-style encoders take a fixed number of frames: two per source position (a stride-2 conv)
+            frames = 2 * getattr(c, "max_source_positions", feats.shape[-1] // 2)
+            if feats.shape[-1] != frames:
+                raise ValueError(f"audio features: the {c.model_type} encoder takes {frames} frames "
+                                 f"(2 x max_source_positions), got {feats.shape[-1]} (set data.audio.hop_length)")
+            return {name: feats}
+        raise ValueError(f"encoder {c.model_type}: plait cannot feed its main input {name!r} from images or audio")
 
 
 def _imported_encoder(spec: EncoderSpec) -> nn.Module:
@@ -211,7 +247,8 @@ class MimoModel(nn.Module):
             self.language_model = plait.from_pretrained(mimo_config.language_model_pretrained)
         else:
             self.language_model = plait.from_config(dict(mimo_config.language_model))
-        hidden = self.language_model.get_input_embeddings().embedding_dim
+        self.hidden_size = hidden = self.language_model.get_input_embeddings().embedding_dim
+        self._input_tensors: dict[str, torch.Tensor] = {}  # set_input_tensor: what stands in for own inputs
         self.encoders = nn.ModuleDict()
         self.projections = nn.ModuleDict()
         for modality, encoders in mimo_config.modalities.items():
@@ -257,22 +294,67 @@ class MimoModel(nn.Module):
                 out[modality] = torch.cat(rows, dim=0)
         return out
 
-    def forward(self, input_ids: torch.Tensor, position_ids=None, attention_mask=None, loss_mask=None, labels=None,
-                modality_inputs=None, packing_kwargs: dict | None = None):
-        """-> (the language model's output, loss_mask). Labels follow the transformers convention
-        (unshifted, -100 ignored); positions where `loss_mask` is 0 carry no loss."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids: expected (B, S), got shape {list(input_ids.shape)}")
-        B, S = input_ids.shape
-        embeddings = self._forward_encoders(modality_inputs, input_ids)
+    def set_input_tensor(self, input_tensor) -> None:
+        """What stands in for this rank's own inputs under pipeline parallelism, until set again.
+
+        - a tensor (B, S, H), or a list holding one (as pipeline schedules hand them over): the previous
+          stage's hidden states, fed to the language model in place of the embeddings;
+        - a dict per module: "language_model" -> those hidden states; a modality name -> its projected
+          embeddings (N, H), computed elsewhere (an encoder-only rank), used in place of running its encoders;
+        - None clears it."""
+        if input_tensor is None:
+            self._input_tensors = {}
+            return
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"input_tensor: expected a list of one tensor (the previous stage's output), "
+                                 f"got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        if isinstance(input_tensor, torch.Tensor):
+            input_tensor = {LANGUAGE_MODEL: input_tensor}
+        if not isinstance(input_tensor, dict):
+            raise ValueError(f"input_tensor: expected a tensor, a list of one, or a dict per module, "
+                             f"got {type(input_tensor).__name__}")
+        modules = [LANGUAGE_MODEL, *self.special_token_ids]
+        for name, t in input_tensor.items():
+            if name not in modules:
+                raise ValueError(f"input_tensor: unknown module {name!r}; expected one of {modules}")
+            ndim = 3 if name == LANGUAGE_MODEL else 2
+            if not isinstance(t, torch.Tensor) or t.ndim != ndim or t.shape[-1] != self.hidden_size:
+                want = "(B, S, H)" if ndim == 3 else "(N, H)"
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"input_tensor[{name!r}]: expected a tensor {want} with H={self.hidden_size}, got {got}")
+        self._input_tensors = dict(input_tensor)
+
+    def _input_embeddings(self, input_ids, position_ids, modality_inputs) -> torch.Tensor:
+        """(B, S, H): every modality's embeddings at its special tokens, text embeddings elsewhere."""
+        if input_ids is None or input_ids.ndim != 2:
+            got = None if input_ids is None else list(input_ids.shape)
+            raise ValueError(f"input_ids: expected (B, S), got {got}")
+        given = {k: v for k, v in self._input_tensors.items() if k != LANGUAGE_MODEL}
+        both = sorted(set(given) & set(modality_inputs or {}))
+        if both:
+            raise ValueError(f"modality_inputs: {both} also given as input tensors (set_input_tensor); pass one")
+        embeddings = {**self._forward_encoders(modality_inputs, input_ids), **given}
         embeddings[TEXT] = self.get_text_embeddings(input_ids, position_ids, self.special_token_ids)
-        inputs_embeds = align_embeddings_by_token_positions(embeddings, input_ids, self.special_token_ids).transpose(0, 1)
-        extra = {}
+        return align_embeddings_by_token_positions(embeddings, input_ids, self.special_token_ids).transpose(0, 1)
+
+    def forward(self, input_ids: torch.Tensor | None, position_ids=None, attention_mask=None, loss_mask=None,
+                labels=None, modality_inputs=None, packing_kwargs: dict | None = None, **lm_kwargs):
+        """-> (the language model's output, loss_mask). Labels follow the transformers convention
+        (unshifted, -100 ignored); positions where `loss_mask` is 0 carry no loss. `lm_kwargs` go to the
+        language model as they are (`use_cache`, `past_key_values` for decoding). On a later pipeline stage
+        (hidden states set with `set_input_tensor`) `input_ids` may be None."""
+        inputs_embeds = self._input_tensors.get(LANGUAGE_MODEL)
+        if inputs_embeds is None:
+            inputs_embeds = self._input_embeddings(input_ids, position_ids, modality_inputs)
+        B, S = inputs_embeds.shape[:2]
+        extra = dict(lm_kwargs)
         if packing_kwargs:
             cu = packing_kwargs.get("cu_seqlens_q", packing_kwargs.get("cu_seqlens"))
             if cu is None:
                 raise ValueError(f"packing_kwargs: expected cu_seqlens_q, got {sorted(packing_kwargs)}")
-            position_ids = position_ids_from_cu_seqlens(cu, B, S).to(input_ids.device)
+            position_ids = position_ids_from_cu_seqlens(cu, B, S).to(inputs_embeds.device)
             if "cu_seqlens" in inspect.signature(self.language_model.forward).parameters:  # native models
                 extra["cu_seqlens"] = cu
             attention_mask = None  # documents are marked by the restarting positions
@@ -284,6 +366,73 @@ class MimoModel(nn.Module):
                                   labels=labels, **extra)
         return out, loss_mask
 
+    # --- feeding raw batches (the trainer) -------------------------------------------------------
+
+    def batch_inputs(self, items: dict[str, torch.Tensor]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+        """Raw items per modality (normalised images (n, C, H, W), audio features (n, frames, mels)) ->
+        `modality_inputs` for forward: every encoder of the modality gets the same items in its own form."""
+        out = {}
+        for modality, batch in items.items():
+            if modality not in self.encoders:
+                raise ValueError(f"items: no encoder for modality {modality!r}; configured: {sorted(self.encoders)}")
+            out[modality] = {}
+            for name, encoder in self.encoders[modality].items():
+                if not hasattr(encoder, "batch_inputs"):
+                    raise ValueError(f"encoder {modality}.{name} ({type(encoder).__name__}): plait cannot build its "
+                                     "inputs from raw items (an imported module); call forward with modality_inputs")
+                out[modality][name] = encoder.batch_inputs(batch)
+        return out
+
+    @torch.no_grad()
+    def tokens_per_item(self, modality: str, item: torch.Tensor) -> int:
+        """How many special tokens one item (an image, a clip) becomes: the rows its encoders give for it,
+        found by encoding it once."""
+        inputs = self.batch_inputs({modality: item.unsqueeze(0)})[modality]
+        return sum(int(enc(**inputs[name]).shape[0]) for name, enc in self.encoders[modality].items())
+
+    # --- saving and loading ------------------------------------------------------------------------
+
+    def self_contained_config(self) -> dict[str, Any]:
+        """The composition with every config inline (local dirs it was built from replaced by their configs),
+        so a saved model needs nothing but its own dir."""
+        data = self.config.model_dump(mode="json")
+        if data.pop("language_model_pretrained") is not None:
+            data["language_model"] = self.language_model.config.to_dict()
+        for modality, specs in data["modalities"].items():
+            for name, spec in specs.items():
+                if spec["kind"] == "transformers" and spec.get("pretrained") is not None:
+                    spec["config"], spec["pretrained"] = self.encoders[modality][name].model.config.to_dict(), None
+        return data
+
+    def save_pretrained(self, path: str | Path) -> None:
+        from safetensors.torch import save_model
+
+        from plait.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": MIMO_MODEL_TYPE, "mimo": self.self_contained_config()}
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_model(self, str(path / WEIGHTS_FILE))  # shared (tied) tensors are stored once
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "MimoModel":
+        from safetensors.torch import load_model
+
+        from plait.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_model_dir
+
+        path = check_model_dir(path)
+        config = json.loads((path / CONFIG_FILE).read_text())
+        if config.get("model_type") != MIMO_MODEL_TYPE or not isinstance(config.get("mimo"), dict):
+            raise ValueError(f"{path / CONFIG_FILE}: expected model_type {MIMO_MODEL_TYPE!r} with a 'mimo' section, "
+                             f"got model_type {config.get('model_type')!r}")
+        model = cls(MimoModelConfig.model_validate(config["mimo"]))
+        try:
+            load_model(model, str(path / WEIGHTS_FILE), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"model dir {str(path)!r}: weights do not fit the saved composition: {e}") from None
+        return model
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict[str, torch.Tensor]:
         """The state for torch.distributed.checkpoint: one process holds every tensor whole."""
         if sharded_offsets:
@@ -292,3 +441,26 @@ class MimoModel(nn.Module):
 
     def destroy(self) -> None:
         """MimoModel creates no process groups; nothing to release."""
+
+
+class MimoForCausalLM(nn.Module):
+    """A MIMO model behind the transformers calling convention: `model(input_ids=..., attention_mask=...,
+    modality_inputs=..., use_cache=...)` returns the language model's output (`.logits`, `.past_key_values`),
+    so plait's trainer, evaluation and decoding drive it like any captioning model. Saving saves the MIMO
+    model itself."""
+
+    def __init__(self, mimo: MimoModel):
+        super().__init__()
+        self.mimo = mimo
+        self.config = mimo.config
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, modality_inputs=None, **lm_kwargs):
+        out, _ = self.mimo(input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=labels,
+                           modality_inputs=modality_inputs, **lm_kwargs)
+        return out
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.mimo.language_model.get_input_embeddings()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.mimo.save_pretrained(path)

@@ -18,6 +18,10 @@ MTP depths run on the last stage. They read the embeddings of the ids rolled lef
 stage 0 can compute: stage 0 sends them on beside the hidden states, middle stages pass them through,
 and their gradients flow back to stage 0's embedding like the hidden states' do. The last stage returns
 (logits, depth 1 logits, ..., depth D logits), and `lm_and_mtp_loss` scores them.
+
+A MIMO model (plait.models.mimo) is split the same way through its language model: the first stage also
+holds the encoders and projections and takes the modality inputs as flat keyword tensors
+(`mimo_stage_kwargs`); later stages hand their input to the model with `set_input_tensor`.
 """
 
 from __future__ import annotations
@@ -128,6 +132,13 @@ def _balanced_counts(costs: list[float], stages: int, first_extra: float, last_e
     return counts[::-1]
 
 
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The causal LM whose decoder layers a model is split by: the model itself, or a MIMO model's LM."""
+    from plait.models.mimo import MimoModel
+
+    return model.language_model if isinstance(model, MimoModel) else model
+
+
 def text_model_of(model: nn.Module) -> nn.Module:
     """The part of a native causal LM that holds embed_tokens / layers / norm."""
     for name in ("model", "language_model"):
@@ -192,12 +203,51 @@ def lm_and_mtp_loss(output: torch.Tensor | tuple[torch.Tensor, ...], labels: tor
     return loss
 
 
-def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[list[str]]) -> StageModule:
-    """A copy of `full_model` pruned to stage `stage`: its layers (keys unchanged), plus the embedding on the
-    first stage and the final norm and LM head on the last."""
-    check_pipelinable(full_model)
+MODALITY_KWARG_SEPARATOR = "."
+
+
+def mimo_stage_kwargs(modality_inputs: dict[str, dict[str, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """`{modality: {encoder: {kwarg: tensor}}}` -> flat `{"modality.encoder.kwarg": tensor}`: the schedule splits
+    flat tensors into microbatches along dim 0 (so every row of a tensor must belong to one sample, in order)."""
+    flat = {}
+    for modality, encoders in modality_inputs.items():
+        for encoder, kwargs in encoders.items():
+            for name, tensor in kwargs.items():
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"modality_inputs[{modality!r}][{encoder!r}][{name!r}]: pipeline stages take "
+                                     f"tensors, got {type(tensor).__name__}")
+                flat[MODALITY_KWARG_SEPARATOR.join((modality, encoder, name))] = tensor
+    return flat
+
+
+class MimoStageModule(nn.Module):
+    """One pipeline stage of a MIMO model. The first takes token ids and the flat modality inputs, runs the
+    encoders, projections, embedding and its layers; later stages take the previous hidden states, which
+    they hand to the model with `set_input_tensor`."""
+
+    def __init__(self, model: nn.Module, first: bool, last: bool):
+        super().__init__()
+        self.model = model
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor, **flat_modality_inputs: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            nested: dict = {}
+            for key, tensor in flat_modality_inputs.items():
+                modality, encoder, name = key.split(MODALITY_KWARG_SEPARATOR)
+                nested.setdefault(modality, {}).setdefault(encoder, {})[name] = tensor
+            self.model.set_input_tensor(None)
+            out, _ = self.model(x, modality_inputs=nested)
+        else:
+            self.model.set_input_tensor(x)
+            out, _ = self.model(None)
+        return out.logits if self.last else out.hidden_states
+
+
+def _prune_to_stage(model: nn.Module, stage: int, layers_per_stage: list[list[str]]) -> None:
+    """In place: keep stage `stage`'s decoder layers (keys unchanged), the embedding on the first stage and the
+    final norm and LM head on the last."""
     n = len(layers_per_stage)
-    model = copy.deepcopy(full_model)
     inner = text_model_of(model)
     keep = set(layers_per_stage[stage])
     for key in list(inner.layers.keys()):
@@ -208,16 +258,32 @@ def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[
     if stage != n - 1:
         inner.norm = None
         model.lm_head = None
-    mtp_depths = inner.mtp.num_depths if getattr(inner, "mtp", None) is not None else 0
-    if stage != n - 1:
-        inner.mtp = None  # the depths run on the last stage
-    return StageModule(model, first=stage == 0, last=stage == n - 1, mtp_depths=mtp_depths)
+        if getattr(inner, "mtp", None) is not None:
+            inner.mtp = None  # MTP depths run on the last stage
+
+
+def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[list[str]]) -> nn.Module:
+    """A copy of `full_model` pruned to stage `stage`. A MIMO model keeps its encoders and projections on the
+    first stage only."""
+    lm = causal_lm_of(full_model)
+    check_pipelinable(lm)
+    first, last = stage == 0, stage == len(layers_per_stage) - 1
+    model = copy.deepcopy(full_model)
+    mtp = getattr(text_model_of(causal_lm_of(model)), "mtp", None)
+    _prune_to_stage(causal_lm_of(model), stage, layers_per_stage)
+    if lm is full_model:
+        return StageModule(model, first, last, mtp_depths=mtp.num_depths if mtp is not None else 0)
+    if mtp is not None:
+        raise ValueError("pipeline stages for a MIMO model whose language model has MTP depths: not supported yet")
+    if not first:  # encoders only where the embeddings are made
+        model.encoders, model.projections = nn.ModuleDict(), nn.ModuleDict()
+    return MimoStageModule(model, first, last)
 
 
 @dataclass
 class PipelineRun:
     schedule: object
-    modules: list[StageModule]
+    modules: list[StageModule | MimoStageModule]
     stage_ids: list[int]
     num_stages: int
     microbatches: int = 1
@@ -255,18 +321,20 @@ class PipelineRun:
                     counts.zero_()
 
     def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
-             vision: dict | None = None) -> list[torch.Tensor]:
+             vision: dict | None = None, **first_stage_inputs: torch.Tensor) -> list[torch.Tensor]:
         """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids` (and a VLM's
-        `vision` inputs: pixel_values, images_per_row and per-image tensors), ranks holding the last stage pass
-        `labels`; returns the per-microbatch losses there (else [])."""
+        `vision` inputs: pixel_values, images_per_row and per-image tensors; or a MIMO model's flat modality
+        inputs, `mimo_stage_kwargs`), ranks holding the last stage pass `labels`; returns the per-microbatch
+        losses there (else [])."""
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first else ()
+        kwargs = first_stage_inputs if self.has_first else {}
         first = self.modules[self.stage_ids.index(0)] if self.has_first else None
         if hasattr(first, "feed"):  # stages that take more than the ids (stock VLMs) say what stage 0 gets
             args = first.feed(input_ids, vision, self.microbatches)
         elif first is not None and vision is not None:
             raise ValueError(f"vision: this pipeline's first stage ({type(first).__name__}) takes token ids only")
-        self.schedule.step(*args, target=labels if self.has_last else None, losses=losses)
+        self.schedule.step(*args, target=labels if self.has_last else None, losses=losses, **kwargs)
         return losses
 
 
@@ -287,7 +355,7 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
     num_stages = ranks * stages_per_rank(schedule, virtual_stages)
     if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
         raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
-    keys = layer_keys if layer_keys is not None else list(text_model_of(full_model).layers.keys())
+    keys = layer_keys if layer_keys is not None else list(text_model_of(causal_lm_of(full_model)).layers.keys())
     split = split_layers(keys, num_stages, layers_per_stage)
     modules = [make_stage(full_model, s, split).to(device) for s in ids]
     stages = [PipelineStage(m, s, num_stages, device, group=group) for m, s in zip(modules, ids)]

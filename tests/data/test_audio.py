@@ -61,3 +61,29 @@ def test_bad_input_is_a_clear_error():
         generate_audio(4, 0, 1)
     with pytest.raises(ValueError, match="waveforms"):
         log_mel(torch.zeros(8000))
+
+
+def test_a_mixed_caption_set_serves_both_modalities_with_their_placeholders():
+    from plait.data.audio import audio_features
+    from plait.data.dataset import CaptionDataset, MixedCaptionDataset
+    from plait.data.tokenizer import special_token_ids, train_tokenizer
+    from plait.data.types import AudioSplit, CaptionSplit
+
+    waves, captions = generate_audio(4, 1, 1)["train"]
+    audio = AudioSplit(audio_features(waves, n_mels=16, hop_length=512), captions)
+    assert audio.features.shape == (4, 16, 16) and audio.features.abs().max() < 5  # about unit range
+    images = CaptionSplit(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), ["a red circle", "a blue square"])
+    tok = train_tokenizer(captions + images.captions)
+    ids = special_token_ids(tok)
+    mixed = MixedCaptionDataset({"images": CaptionDataset(images, tok, 3),
+                                 "audio": CaptionDataset(audio, tok, 2, placeholder="audio")})
+    assert len(mixed) == 6
+    assert mixed[1]["input_ids"][:4].tolist() == [ids["bos"], ids["image"], ids["image"], ids["image"]]
+    assert mixed[2]["input_ids"][:4].tolist() == [ids["bos"], ids["audio"], ids["audio"], tok("a")["input_ids"][0]]
+    assert torch.equal(mixed[5]["audio"], audio.features[3]) and "image" not in mixed[5]
+    with pytest.raises(IndexError):
+        mixed[6]
+    with pytest.raises(ValueError, match="placeholder: expected one of"):
+        CaptionDataset(audio, tok, 2, placeholder="video")
+    with pytest.raises(ValueError, match="captions: expected one caption per clip"):
+        AudioSplit(audio.features, captions[:2])

@@ -45,3 +45,13 @@ def test_empty_batch_is_an_error():
         collate_padded([], pad_id=0)
     with pytest.raises(ValueError, match="empty batch"):
         collate_packed([], pad_id=0, pack_length=8)
+
+
+def test_mixed_batches_stack_each_kind_of_item_in_sample_order():
+    clip = lambda v: torch.full((3, 2), float(v))
+    samples = [sample(3, 2), {"input_ids": torch.arange(4), "answer_start": 2, "audio": clip(1)},
+               sample(2, 2, 30), {"input_ids": torch.arange(5), "answer_start": 3, "audio": clip(2)}]
+    for batch in (collate_padded(samples, pad_id=0), collate_packed(samples, pad_id=0, pack_length=10)):
+        assert batch["images"].shape == (2, 4, 4, 3)
+        assert batch["audio"][:, 0, 0].tolist() == [1.0, 2.0]
+    assert "audio" not in collate_padded([sample(3, 2)], pad_id=0)

@@ -156,3 +156,57 @@ def test_a_mixed_image_and_audio_batch_with_the_bundled_audio_features():
     out.loss.backward()
     assert model.projections["audio"]["frames"][0].weight.grad.abs().sum() > 0
     assert captions[0].startswith("a ")
+
+
+def test_set_input_tensor_feeds_hidden_states_and_modality_embeddings_and_rejects_bad_input():
+    model = _model()
+    pixels, audio = torch.randn(1, 3, 16, 16), torch.randn(2, 4)
+    ids = torch.tensor([[1] + [IMG] * 5 + [2, AUD, AUD, 3]])
+    inputs = {"images": {"clip": {"pixel_values": pixels}}, "audio": {"proj": {"input": audio}}}
+    with torch.no_grad():
+        ref = model(ids, modality_inputs=inputs)[0].logits
+        embeds = model._input_embeddings(ids, None, inputs)
+        # the language model's input given whole (a later pipeline stage, here a one-stage LM): same logits
+        for given in (embeds, [embeds], {"language_model": embeds}):
+            model.set_input_tensor(given)
+            assert torch.allclose(model(None)[0].logits, ref, atol=1e-6)
+        # a modality's projected embeddings computed elsewhere stand in for running its encoders
+        img = model.projections["images"]["clip"](model.encoders["images"]["clip"](pixel_values=pixels))
+        model.set_input_tensor({"images": img})
+        assert torch.allclose(model(ids, modality_inputs={"audio": inputs["audio"]})[0].logits, ref, atol=1e-6)
+        with pytest.raises(ValueError, match=r"\['images'\] also given as input tensors"):
+            model(ids, modality_inputs=inputs)
+        model.set_input_tensor(None)
+        assert torch.allclose(model(ids, modality_inputs=inputs)[0].logits, ref, atol=1e-6)
+    model.set_input_tensor({"images": img})
+    for bad, match in [([embeds, embeds], "expected a list of one tensor"), ({"video": img}, "unknown module 'video'"),
+                       (embeds[0], r"input_tensor\['language_model'\]: expected a tensor \(B, S, H\) with H=32"),
+                       ({"audio": torch.zeros(2, 5)}, r"input_tensor\['audio'\]: expected a tensor \(N, H\)"),
+                       ("x", "got str")]:
+        with pytest.raises(ValueError, match=match):
+            model.set_input_tensor(bad)
+    assert list(model._input_tensors) == ["images"]  # a refused input leaves the previous one in place
+
+
+def test_save_and_from_pretrained_keep_the_composition_and_the_logits(tmp_path):
+    import plait
+    from transformers import AutoConfig, AutoModel
+
+    cfg = dict(CLIP)
+    AutoModel.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(tmp_path / "clip")
+    model = _model(images={"clip": {"kind": "transformers", "pretrained": str(tmp_path / "clip")}})
+    model.save_pretrained(tmp_path / "mimo")
+    (tmp_path / "clip" / "model.safetensors").unlink()  # the saved model needs nothing outside its own dir
+    again = plait.from_pretrained(tmp_path / "mimo")
+    assert isinstance(again, MimoModel) and again.config.modalities["images"]["clip"].pretrained is None
+    ids = torch.tensor([[1] + [IMG] * 5 + [2]])
+    inputs = {"images": {"clip": {"pixel_values": torch.randn(1, 3, 16, 16)}}}
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ids, modality_inputs=inputs)[0].logits, model(ids, modality_inputs=inputs)[0].logits)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "mimo" / "model.safetensors")
+    weights.pop("projections.images.clip.0.weight")
+    save_file(weights, tmp_path / "mimo" / "model.safetensors")
+    with pytest.raises(ValueError, match="weights do not fit the saved composition"):
+        plait.from_pretrained(tmp_path / "mimo")

@@ -14,7 +14,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.parallel.pipeline_models import build_model, make_batch, loss_fn_for  # noqa: E402
+from tests.parallel.pipeline_models import (  # noqa: E402
+    build_model,
+    first_stage_inputs,
+    loss_fn_for,
+    make_batch,
+    mtp_depths_of,
+)
 from plait.nn.moe import route_aux_loss_through_backward  # noqa: E402
 from plait.parallel.pipeline import build_pipeline  # noqa: E402
 
@@ -29,8 +35,8 @@ def main() -> None:
     route_aux_loss_through_backward(model, 1.0 / microbatches)
     ids, labels = make_batch(kind)
     run = build_pipeline(model, rank=rank, ranks=ranks, schedule=schedule, microbatches=microbatches,
-                         loss_fn=loss_fn_for(labels, model.mtp_config.num_layers), device=torch.device("cpu"))
-    losses = run.step(ids, labels)
+                         loss_fn=loss_fn_for(labels, mtp_depths_of(model)), device=torch.device("cpu"))
+    losses = run.step(ids, labels, **first_stage_inputs(kind))
     grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "losses": [float(x) for x in losses], "stages": run.stage_ids}, out / f"rank{rank}.pt")
     dist.barrier()  # torch's schedules may return with the last sends still in flight

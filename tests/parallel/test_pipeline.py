@@ -38,6 +38,7 @@ def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, k
     # an MoE aux loss on every stage: each MoE layer adds its gradient in the stage's own backward
     ("mimo_aux", "1f1b", 4),
     ("m3_mtp_aux", "zbv", 2),
+    ("mimo-composition", "1f1b", 4),
 ])
 def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, microbatches):
     ranks = run_pipeline(tmp_path, 2, schedule, microbatches, kind)
