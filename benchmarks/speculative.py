@@ -15,7 +15,8 @@ decoding the acceptance rate per depth (the fraction of verification forwards wh
 kept) and the new tokens per verification forward. Methods run interleaved, --repeats times; the median
 time counts. One process, float32, the threads torch is given.
 
-Writes benchmarks/results/speculative-cpu.json and .png (suffix -quick in quick mode).
+Writes benchmarks/results/speculative-cpu.json and .png (speculative-<tag>-cpu with --tag, suffix -quick in
+quick mode).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tag", default="", help="results go to speculative-<tag>-cpu.json (default: speculative-cpu)")
     args = parser.parse_args()
     if (args.checkpoint is None) != args.quick:
         parser.error("pass --checkpoint DIR, or --quick")
@@ -192,7 +194,7 @@ def main() -> None:
     results = run_benchmark(args.checkpoint, args.quick, samples, args.batch_sizes, 1 if args.quick else args.repeats,
                             args.max_new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "speculative-cpu" + ("-quick" if args.quick else "")
+    stem = f"speculative-{args.tag + '-' if args.tag else ''}cpu" + ("-quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / (stem + '.json')} and .png")
