@@ -235,3 +235,24 @@ def test_minimax_m3_vl_mtp_depths_train_save_and_load(tmp_path):
         by_forward = again(input_ids=text_ids, return_mtp_logits=True).mtp_logits
     for a, b in zip(by_method, by_forward):
         assert_close(a, b, tol=1e-6)
+
+
+def test_moe_layers_inside_mtp_depths_balance_like_the_trunk():
+    """M3's depths take the MLP kind of the last trunk layer: a sparse one counts expert loads in training and
+    moves its correction bias in the same update as the trunk's MoE layers."""
+    from plait.models.minimax_m3 import MiniMaxM3SparseForCausalLM
+    from plait.nn.moe import moe_layers, update_expert_bias
+    from tests.nn.reference import m3_text_config
+
+    torch.manual_seed(0)
+    cfg = m3_text_config(mlp_layer_types=["dense", "sparse"], router_bias_update_rate=0.01)
+    model = MiniMaxM3SparseForCausalLM.from_config(cfg, num_mtp_layers=2).train()
+    ids = torch.randint(3, 64, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    names = [n for n in moe_layers(model) if ".mtp." in n]
+    assert len(names) == 2
+    loads = update_expert_bias(model)
+    for name in names:
+        assert loads[name].sum() == 2 * 12 * cfg.num_experts_per_tok  # every token routed to top-k experts
+        bias = dict(model.named_buffers())[f"{name}.gate.e_score_correction_bias"]
+        assert bias.abs().max() > 0
