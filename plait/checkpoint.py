@@ -179,10 +179,38 @@ def _dcp_state(model, optimizer) -> dict:
 _SINGLE_PROCESS_WARNING = ".*torch.distributed is disabled.*"
 
 
+def _give_every_parameter_optimizer_state(optimizer) -> None:
+    """A parameter that never had a gradient (an unused head, say) has no optimizer state, while a resumed run's
+    optimizer is laid out by torch's zero-gradient initialisation, with state for every parameter: loading would
+    miss its keys. Initialise those the same way before saving: a zero gradient at lr 0, so no weight moves, and
+    parameters that already have state are left alone (their gradients are set aside for the step)."""
+    import torch
+
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    missing = {id(p) for p in params if p not in optimizer.state}
+    if not missing:
+        return
+    grads = {p: p.grad for p in params}
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    try:
+        for p in params:
+            p.grad = torch.zeros_like(p) if id(p) in missing else None
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(0.0) if isinstance(group["lr"], torch.Tensor) else 0.0
+        with torch.no_grad():
+            optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        for p, g in grads.items():
+            p.grad = g
+
+
 def save_training_state(target: Path, model, optimizer, trainer_state: dict, write_trainer_state: bool = True) -> None:
     """Collective under a process group: every rank calls it; one rank (`write_trainer_state`) writes the JSON."""
     import torch.distributed.checkpoint as dcp
 
+    _give_every_parameter_optimizer_state(optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
         dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(target / TRAINING_STATE_DIR))

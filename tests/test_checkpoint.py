@@ -109,3 +109,37 @@ def test_atomic_write_leaves_nothing_on_a_crash(tmp_path):
     assert (target / "a.txt").read_text() == "1"  # the previous complete dir survives a failed replace
     write_dir_atomically(target, lambda d: (d / "b.txt").write_text("2"))
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+
+
+def test_training_state_of_a_model_with_a_never_used_parameter_resumes(tmp_path):
+    """A parameter that never gets a gradient has no AdamW state; the saved state still loads into a fresh
+    optimizer, and the used parameters' states come back exactly."""
+    import torch
+    from torch import nn
+
+    from plait.checkpoint import load_training_state, save_training_state
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+    model, optimizer = build()
+    model["used"](torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    (tmp_path / "step_1").mkdir()
+    save_training_state(tmp_path / "step_1", model, optimizer, {"step": 1})
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())  # saving moved nothing
+    (tmp_path / "step_1" / "config.json").write_text('{"model_type": "llama"}')  # what check_model_dir reads
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "step_1" / "model.safetensors")
+    again, fresh = build()
+    load_training_state(tmp_path / "step_1", again, fresh)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    used = optimizer.state[model["used"].weight]
+    restored = fresh.state[again["used"].weight]
+    assert torch.equal(restored["exp_avg"], used["exp_avg"]) and torch.equal(restored["exp_avg_sq"], used["exp_avg_sq"])
