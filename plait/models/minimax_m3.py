@@ -452,7 +452,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
-                **unused):
+                mtp_depth_embeds=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
         if inputs_embeds is None:
             if input_ids is None:
@@ -470,7 +470,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
         return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                         return_logits, return_mtp_logits, use_cache)
+                         return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
 
 
 def splice_multimodal(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,

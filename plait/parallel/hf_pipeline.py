@@ -27,6 +27,8 @@ from collections.abc import Callable, MutableMapping
 import torch
 from torch import nn
 
+from plait.parallel.pipeline import ImageFeedingStage, _vlm_pixel_values_chunks  # noqa: F401 (part of this API)
+
 TEXT_MODULE_ATTRS = ("language_model", "text_model", "text_decoder")
 # children of a VLM's inner model that only the first stage runs
 MULTIMODAL_SUFFIXES = ("vision_tower", "visual", "vision_model", "image_encoder", "vision_encoder", "embed_vision",
@@ -524,64 +526,18 @@ def patch_hf_model_for_pp(model: nn.Module, patch_inner_model: bool = True, patc
 # stages
 
 
-def _vlm_pixel_values_chunks(pixel_values: torch.Tensor, images_per_row: torch.Tensor | list[int], microbatches: int,
-                             **per_image: torch.Tensor) -> list[dict[str, torch.Tensor] | None]:
-    """One entry per microbatch: its rows' images (`pixel_values` and every per-image tensor in `per_image`,
-    e.g. `image_sizes`), or None when its rows hold no image. Rows split into equal microbatches in order,
-    as torch's pipeline splits the token ids."""
-    counts = torch.as_tensor(images_per_row, dtype=torch.long).flatten()
-    rows = counts.numel()
-    if microbatches < 1 or rows % microbatches:
-        raise ValueError(f"images_per_row: {rows} rows do not split into {microbatches} equal microbatches")
-    if int(counts.min()) < 0 or int(counts.sum()) != pixel_values.shape[0]:
-        raise ValueError(f"images_per_row: expected non-negative counts adding up to the {pixel_values.shape[0]} "
-                         f"images in pixel_values, got {counts.tolist()}")
-    for key, t in per_image.items():
-        if t.shape[0] != pixel_values.shape[0]:
-            raise ValueError(f"{key}: expected one entry per image ({pixel_values.shape[0]}), got {t.shape[0]}")
-    per_mb = counts.view(microbatches, -1).sum(1).tolist()
-    out, start = [], 0
-    for n in per_mb:
-        out.append(None if n == 0 else {"pixel_values": pixel_values[start : start + n],
-                                        **{k: t[start : start + n] for k, t in per_image.items()}})
-        start += n
-    return out
-
-
-class HFStage(nn.Module):
+class HFStage(ImageFeedingStage):
     """One pipeline stage of a stock transformers model: token ids (stage 0) or hidden states in, hidden
     states or logits out. Stage 0 of a VLM also takes the index of the microbatch it runs (a (rows,) long
     tensor, chunked by the schedule like the ids) and looks up that microbatch's images."""
 
     def __init__(self, model: nn.Module, first: bool, last: bool):
-        super().__init__()
+        super().__init__(takes_images=first and _is_vlm(model))
         self.model = model
         self.first, self.last = first, last
-        self.takes_images = first and _is_vlm(model)
-        self.vision_chunks: list[dict | None] | None = None
-
-    def feed(self, input_ids: torch.Tensor, vision: dict | None, microbatches: int) -> tuple[torch.Tensor, ...]:
-        """Stage 0's inputs for one step: the ids, and for a VLM its microbatch indices (images kept here)."""
-        if not self.takes_images:
-            if vision is not None:
-                raise ValueError(f"vision: {type(self.model).__name__} is a text model, got images")
-            return (input_ids,)
-        if vision is None:
-            self.vision_chunks = [None] * microbatches
-        else:
-            vision = dict(vision)
-            self.vision_chunks = _vlm_pixel_values_chunks(vision.pop("pixel_values"), vision.pop("images_per_row"),
-                                                          microbatches, **vision)
-        rows = input_ids.shape[0]
-        index = torch.arange(microbatches, device=input_ids.device).repeat_interleave(rows // microbatches)
-        return input_ids, index
 
     def forward(self, x: torch.Tensor, microbatch: torch.Tensor | None = None) -> torch.Tensor:
-        images = {}
-        if microbatch is not None:
-            chunk = self.vision_chunks[int(microbatch[0])]
-            images = {k: v.to(x.device) for k, v in chunk.items()} if chunk is not None else {}
-        return self.model(x, **images)
+        return self.model(x, **self.images_for(microbatch, x.device))
 
 
 def hf_layer_keys(model: nn.Module) -> list[str]:

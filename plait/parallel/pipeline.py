@@ -151,28 +151,97 @@ def text_model_of(model: nn.Module) -> nn.Module:
 def check_pipelinable(model: nn.Module) -> None:
     """A `ValueError` for what this pipeline cannot split yet, before any process-group work."""
     text_model_of(model)
-    if getattr(model, "vision_tower", None) is not None:
-        raise ValueError(f"pipeline parallelism for vision-language models ({type(model).__name__}) is not supported "
-                         "yet; text-only native models are")
     if getattr(model, "tied_embeddings", False):
         raise ValueError("pipeline parallelism needs untied input and output embeddings (tie_word_embeddings=false)")
 
 
-class StageModule(nn.Module):
-    """One pipeline stage of a native causal LM: ids or hidden states in, hidden states or logits out.
-    With `mtp_depths`, the MTP depths' token embeddings travel beside the hidden states (made on stage 0)
-    and the last stage returns the logits of every depth after the model's."""
+def _vlm_pixel_values_chunks(pixel_values: torch.Tensor, images_per_row: torch.Tensor | list[int], microbatches: int,
+                             pixel_rows_per_image: torch.Tensor | None = None,
+                             **per_image: torch.Tensor) -> list[dict[str, torch.Tensor] | None]:
+    """One entry per microbatch: its rows' images (`pixel_values` and every per-image tensor in `per_image`,
+    e.g. `image_sizes` or `image_grid_thw`), or None when its rows hold no image. Rows split into equal
+    microbatches in order, as torch's pipeline splits the token ids. `pixel_values` holds one entry per image,
+    or, with `pixel_rows_per_image`, that many rows (patches) per image."""
+    counts = torch.as_tensor(images_per_row, dtype=torch.long).flatten()
+    rows = counts.numel()
+    n_images = pixel_values.shape[0] if pixel_rows_per_image is None else pixel_rows_per_image.numel()
+    if microbatches < 1 or rows % microbatches:
+        raise ValueError(f"images_per_row: {rows} rows do not split into {microbatches} equal microbatches")
+    if int(counts.min()) < 0 or int(counts.sum()) != n_images:
+        raise ValueError(f"images_per_row: expected non-negative counts adding up to the {n_images} "
+                         f"images in pixel_values, got {counts.tolist()}")
+    if pixel_rows_per_image is not None and int(pixel_rows_per_image.sum()) != pixel_values.shape[0]:
+        raise ValueError(f"pixel_rows_per_image: expected counts adding up to the {pixel_values.shape[0]} rows of "
+                         f"pixel_values, got {pixel_rows_per_image.tolist()}")
+    for key, t in per_image.items():
+        if t.shape[0] != n_images:
+            raise ValueError(f"{key}: expected one entry per image ({n_images}), got {t.shape[0]}")
+    pixel_rows = (torch.ones(n_images, dtype=torch.long) if pixel_rows_per_image is None
+                  else pixel_rows_per_image.to(torch.long).cpu())
+    out, start, pixel_start = [], 0, 0
+    for n in counts.view(microbatches, -1).sum(1).tolist():
+        n_rows = int(pixel_rows[start : start + n].sum())
+        out.append(None if n == 0 else {"pixel_values": pixel_values[pixel_start : pixel_start + n_rows],
+                                        **{k: t[start : start + n] for k, t in per_image.items()}})
+        start, pixel_start = start + n, pixel_start + n_rows
+    return out
+
+
+class ImageFeedingStage(nn.Module):
+    """What stage 0 of a vision-language model adds: the schedule splits only batch-major tensors into
+    microbatches, so `feed` keeps the step's images here, cut per microbatch, and hands the schedule the ids
+    plus each row's microbatch index; the stage looks its images up with `images_for`."""
+
+    def __init__(self, takes_images: bool):
+        super().__init__()
+        self.takes_images = takes_images
+        self.vision_chunks: list[dict | None] | None = None
+
+    def feed(self, input_ids: torch.Tensor, vision: dict | None, microbatches: int) -> tuple[torch.Tensor, ...]:
+        """Stage 0's inputs for one step: the ids, and for a VLM its microbatch indices (images kept here).
+        `vision` holds the model's pixel inputs and `images_per_row`; patch-flattened pixels (a per-image
+        `image_grid_thw`) are cut by each image's patch count."""
+        if not self.takes_images:
+            if vision is not None:
+                raise ValueError(f"vision: {type(self.model).__name__} is a text model, got images")
+            return (input_ids,)
+        if vision is None:
+            self.vision_chunks = [None] * microbatches
+        else:
+            vision = dict(vision)
+            grid = vision.get("image_grid_thw")
+            self.vision_chunks = _vlm_pixel_values_chunks(
+                vision.pop("pixel_values"), vision.pop("images_per_row"), microbatches,
+                pixel_rows_per_image=grid.prod(-1) if grid is not None else None, **vision)
+        rows = input_ids.shape[0]
+        index = torch.arange(microbatches, device=input_ids.device).repeat_interleave(rows // microbatches)
+        return input_ids, index
+
+    def images_for(self, microbatch: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
+        if microbatch is None:
+            return {}
+        chunk = self.vision_chunks[int(microbatch[0])]
+        return {k: v.to(device) for k, v in chunk.items()} if chunk is not None else {}
+
+
+class StageModule(ImageFeedingStage):
+    """One pipeline stage of a native causal LM or VLM: ids (with a VLM's images) or hidden states in, hidden
+    states or logits out. With `mtp_depths`, the MTP depths' token embeddings travel beside the hidden states
+    (made on stage 0) and the last stage returns the logits of every depth after the model's."""
 
     def __init__(self, model: nn.Module, first: bool, last: bool, mtp_depths: int = 0):
-        super().__init__()
+        super().__init__(takes_images=first and getattr(model, "vision_tower", None) is not None)
         self.model = model
         self.first, self.last = first, last
         self.mtp_depths = mtp_depths
 
-    def forward(self, x: torch.Tensor, *depth_embeds: torch.Tensor):
-        if self.first and self.mtp_depths:
-            depth_embeds = tuple(rolled_token_embeddings(x, self.model.get_input_embeddings(), self.mtp_depths))
-        inputs = {"input_ids": x} if self.first else {"inputs_embeds": x}
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
+        if self.first:  # stage 0 takes the ids and, for a VLM, the microbatch index of its images
+            inputs = {"input_ids": x, **self.images_for(extra[0] if extra else None, x.device)}
+            depth_embeds = (tuple(rolled_token_embeddings(x, self.model.get_input_embeddings(), self.mtp_depths))
+                            if self.mtp_depths else ())
+        else:  # later stages take the hidden states and the MTP depths' embeddings
+            inputs, depth_embeds = {"inputs_embeds": x}, extra
         if self.last and self.mtp_depths:
             out = self.model(**inputs, return_mtp_logits=True, mtp_depth_embeds=list(depth_embeds))
             return (out.logits, *out.mtp_logits)
@@ -255,6 +324,9 @@ def _prune_to_stage(model: nn.Module, stage: int, layers_per_stage: list[list[st
             del inner.layers[key]
     if stage != 0:
         inner.embed_tokens = None
+        for name in ("vision_tower", "multi_modal_projector"):  # a VLM's images enter on the first stage
+            if getattr(model, name, None) is not None:
+                setattr(model, name, None)
     if stage != n - 1:
         inner.norm = None
         model.lm_head = None

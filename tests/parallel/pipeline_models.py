@@ -21,6 +21,7 @@ MTP_SCALE = 0.3
 
 
 IMG, AUD = 60, 61
+M3VL_IMAGE = 4
 IMAGE_PATCHES, CLIP_FRAMES, CLIP_TOKENS = 4, 8, 4
 MIMO_ENCODERS = {
     "images": {"m3": {"kind": "minimax_m3_vision", "config": {
@@ -47,6 +48,12 @@ def build_model(kind: str):
     kind, *extras = kind.split("_")
     depths = {"num_mtp_layers": 2, "mtp_loss_scaling_factor": MTP_SCALE} if "mtp" in extras else {}
     aux = {"moe_aux_loss_coef": 0.05} if "aux" in extras else {}
+    if kind == "m3vl":  # MiniMax-M3-VL: the vision tower and projector on the first stage
+        from plait.models.hf import to_hf_config
+        from plait.models.minimax_m3 import MiniMaxM3SparseForConditionalGeneration
+        from tests.models.test_minimax_m3 import vl_config
+
+        return MiniMaxM3SparseForConditionalGeneration.from_config(to_hf_config(vl_config("sparse")), **depths)
     if kind == "mimo":
         cfg = mimo_config(num_hidden_layers=4, layer_types=["full_attention", "sliding_attention", "sliding_attention",
                                                               "full_attention"],
@@ -61,7 +68,10 @@ def build_model(kind: str):
 
 def make_batch(kind: str, batch: int = 8, seq: int = 12):
     g = torch.Generator().manual_seed(1)
-    if kind != "mimo-composition":
+    if kind.startswith("m3vl"):  # <bos> <image>*9 text (a 48 px image is 9 tokens): vocabulary 40, image id 4
+        ids = torch.randint(6, 40, (batch, seq), generator=g)
+        ids[:, 0], ids[:, 1:10] = 1, M3VL_IMAGE
+    elif kind != "mimo-composition":
         ids = torch.randint(1, 64, (batch, seq), generator=g)
     else:  # <bos> <image>*4 <audio>*4 text: one image and one clip per sample
         ids = torch.randint(1, IMG, (batch, seq + 4), generator=g)
@@ -70,6 +80,16 @@ def make_batch(kind: str, batch: int = 8, seq: int = 12):
     labels = ids.clone()
     labels[:, : 1 + IMAGE_PATCHES + CLIP_TOKENS if kind == "mimo-composition" else 3] = -100  # a prompt without loss
     return ids, labels
+
+
+def vision_inputs(model, kind: str, batch: int = 8) -> dict[str, torch.Tensor] | None:
+    """A VLM's images for the batch, as the trainer hands them to a pipeline (one image per row); else None."""
+    if not kind.startswith("m3vl"):
+        return None
+    from plait.models.vlm import _m3_inputs
+
+    pixels = torch.rand(batch, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    return {**_m3_inputs(model.config, pixels), "images_per_row": torch.ones(batch, dtype=torch.long)}
 
 
 def first_stage_inputs(kind: str, batch: int = 8) -> dict[str, torch.Tensor]:
@@ -83,11 +103,11 @@ def first_stage_inputs(kind: str, batch: int = 8) -> dict[str, torch.Tensor]:
                               "audio": {"whisper": {"input_features": clips}}})
 
 
-def outputs_of(model, ids: torch.Tensor, flat_inputs: dict[str, torch.Tensor], depths: int):
+def outputs_of(model, ids: torch.Tensor, flat_inputs: dict[str, torch.Tensor], depths: int, images: dict | None = None):
     """A whole-model forward: the logits (and the MTP depths' after them); MIMO models take their modality
     inputs nested again."""
     if not isinstance(model, MimoModel):
-        out = model(input_ids=ids, return_mtp_logits=depths > 0)
+        out = model(input_ids=ids, return_mtp_logits=depths > 0, **(images or {}))
         return (out.logits, *(out.mtp_logits or [])) if depths else out.logits
     nested: dict = {}
     for key, tensor in flat_inputs.items():
@@ -116,11 +136,17 @@ def reference_step(kind: str, microbatches: int):
     ids, labels = make_batch(kind)
     depths = mtp_depths_of(model)
     flat = first_stage_inputs(kind)
+    vision = vision_inputs(model, kind)
     loss_fn = loss_fn_for(labels, depths)
     losses = []
     for i, (mb_ids, mb_labels) in enumerate(zip(ids.chunk(microbatches), labels.chunk(microbatches))):
         mb_inputs = {k: v.chunk(microbatches)[i] for k, v in flat.items()}
-        loss = loss_fn(outputs_of(model, mb_ids, mb_inputs, depths), mb_labels)
+        images = None
+        if vision is not None:  # this microbatch's rows' images, cut by hand: equal-sized images, one per row
+            rows, patches = mb_ids.shape[0], int(vision["image_grid_thw"][0].prod())
+            images = {"pixel_values": vision["pixel_values"][i * rows * patches : (i + 1) * rows * patches],
+                      "image_grid_thw": vision["image_grid_thw"][i * rows : (i + 1) * rows]}
+        loss = loss_fn(outputs_of(model, mb_ids, mb_inputs, depths, images), mb_labels)
         loss.backward()
         losses.append(float(loss.detach()))
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

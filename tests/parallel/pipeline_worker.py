@@ -20,6 +20,7 @@ from tests.parallel.pipeline_models import (  # noqa: E402
     loss_fn_for,
     make_batch,
     mtp_depths_of,
+    vision_inputs,
 )
 from plait.nn.moe import route_aux_loss_through_backward  # noqa: E402
 from plait.parallel.pipeline import build_pipeline  # noqa: E402
@@ -36,7 +37,7 @@ def main() -> None:
     ids, labels = make_batch(kind)
     run = build_pipeline(model, rank=rank, ranks=ranks, schedule=schedule, microbatches=microbatches,
                          loss_fn=loss_fn_for(labels, mtp_depths_of(model)), device=torch.device("cpu"))
-    losses = run.step(ids, labels, **first_stage_inputs(kind))
+    losses = run.step(ids, labels, vision_inputs(model, kind), **first_stage_inputs(kind))
     grads = {name: p.grad.clone() for name, p in run.named_parameters() if p.grad is not None}
     torch.save({"grads": grads, "losses": [float(x) for x in losses], "stages": run.stage_ids}, out / f"rank{rank}.pt")
     dist.barrier()  # torch's schedules may return with the last sends still in flight

@@ -39,6 +39,9 @@ def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, k
     ("mimo_aux", "1f1b", 4),
     ("m3_mtp_aux", "zbv", 2),
     ("mimo-composition", "1f1b", 4),
+    # MiniMax-M3-VL: vision tower and projector on stage 0, each microbatch fed its own images; MTP on the last
+    ("m3vl_mtp", "1f1b", 4),
+    ("m3vl", "gpipe", 2),
 ])
 def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, microbatches):
     ranks = run_pipeline(tmp_path, 2, schedule, microbatches, kind)
@@ -83,8 +86,12 @@ def test_unsupported_models_are_refused_before_any_process_group_work():
     assert build_model("mimo") is not None
 
 
-def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache):
-    """With two MTP depths: they train on the last stage, and their losses match too."""
+@pytest.mark.parametrize("config, depths", [
+    ("configs/mimo_v2_flash_tiny.yaml", 2),  # two MTP depths train on the last stage; their losses match too
+    ("configs/default.yaml", 0),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
+])
+def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
+                                                                                      depths):
     from rich.console import Console
 
     import plait
@@ -95,11 +102,11 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
 
     common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=4", "train.batch_size=16",
               "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=16",
-              "eval.max_new_tokens=16", "checkpoint.every_steps=2", "model.mtp.num_layers=2"]
-    single = load_config("configs/mimo_v2_flash_tiny.yaml", [f"output_dir={tmp_path / 'single'}", *common])
+              "eval.max_new_tokens=16", "checkpoint.every_steps=2", f"model.mtp.num_layers={depths}"]
+    single = load_config(config, [f"output_dir={tmp_path / 'single'}", *common])
     train(single, console=Console(quiet=True))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", "configs/mimo_v2_flash_tiny.yaml",
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
            f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
            "parallel.schedule=1f1b"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
@@ -108,7 +115,7 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
     ref = [r for r in read_metrics(single.output_dir / "metrics.jsonl") if "lm_loss" in r]
     assert len(ours) == len(ref) == 4
     for a, b in zip(ours, ref):
-        for key in ("loss", "lm_loss", "mtp_loss_1", "mtp_loss_2"):
+        for key in ("loss", "lm_loss", *(f"mtp_loss_{d}" for d in range(1, depths + 1))):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     # rank 0 exports the whole model (every stage's weights), loadable in one process
@@ -119,3 +126,16 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
     for (name, a), (_, b) in zip(whole.state_dict().items(), alone.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()) + 1e-8), name
     assert res.stdout.count("held-out accuracy: ") == 1
+
+
+def test_patch_flattened_images_are_cut_per_microbatch():
+    """M3-style pixels (one row per patch, a grid per image): each microbatch gets exactly its rows' patches."""
+    from plait.parallel.pipeline import _vlm_pixel_values_chunks
+
+    grid = torch.tensor([[1, 2, 2], [1, 2, 3], [1, 1, 2]])  # 4, 6 and 2 patches
+    pixels = torch.arange(12).float().unsqueeze(1)
+    chunks = _vlm_pixel_values_chunks(pixels, [0, 1, 0, 2], 2, pixel_rows_per_image=grid.prod(-1), image_grid_thw=grid)
+    assert torch.equal(chunks[0]["pixel_values"], pixels[:4]) and torch.equal(chunks[0]["image_grid_thw"], grid[:1])
+    assert torch.equal(chunks[1]["pixel_values"], pixels[4:]) and torch.equal(chunks[1]["image_grid_thw"], grid[1:])
+    with pytest.raises(ValueError, match="pixel_rows_per_image: expected counts adding up to the 12 rows"):
+        _vlm_pixel_values_chunks(pixels, [0, 1, 0, 2], 2, pixel_rows_per_image=torch.tensor([4, 6, 1]))
