@@ -157,20 +157,28 @@ class CheckpointSettings(_Section):
 
 class ParallelSettings(_Section):
     dp: int = Field(1, gt=0, description="data-parallel replicas")
-    pp: int = Field(1, gt=0, description="pipeline stages' ranks (native text models; with "
+    pp: int = Field(1, gt=0, description="pipeline stages' ranks (native models; with "
                                          "model.implementation=transformers, text LMs and Mistral3)")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
     microbatches: int = Field(1, gt=0, description="pipeline microbatches per (accumulation) batch")
-    layers_per_stage: list[int] | None = Field(None, description="decoder layers of each stage; even split if unset")
+    layers_per_stage: list[int] | None = Field(None, description="decoder layers of each stage; else by `split`")
+    split: Literal["even", "balanced"] = Field(
+        "even", description="without layers_per_stage: equal layer counts, or balanced by estimated compute per layer "
+                            "(active parameters; vision tower to the first stage, head and MTP depths to the last)")
     virtual_stages: int = Field(1, gt=0, description="stages per rank for the looped interleaved schedules")
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelSettings":
-        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None or self.virtual_stages != 1):
+        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None or self.virtual_stages != 1
+                             or self.split != "even"):
             raise ValueError(
                 f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}, "
-                f"parallel.virtual_stages={self.virtual_stages}: only used with parallel.pp > 1"
+                f"parallel.virtual_stages={self.virtual_stages}, parallel.split={self.split!r}: only used with "
+                "parallel.pp > 1"
             )
+        if self.layers_per_stage is not None and self.split != "even":
+            raise ValueError(f"parallel.split={self.split!r} with parallel.layers_per_stage={self.layers_per_stage}: "
+                             "set one of them")
         if self.pp > 1 and self.dp > 1:
             raise ValueError(f"parallel.dp={self.dp} with parallel.pp={self.pp}: data and pipeline parallelism "
                              "together are not supported yet; use one of them")

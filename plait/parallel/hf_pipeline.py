@@ -578,4 +578,7 @@ def build_hf_pipeline(full_model: nn.Module, **kwargs):
     from plait.parallel.pipeline import build_pipeline
 
     validate_hf_model_for_pipeline_support(full_model)
+    if kwargs.get("split", "even") != "even":
+        raise ValueError(f"parallel.split={kwargs['split']!r}: the cost estimate covers plait's native models; stock "
+                         "models split evenly or by parallel.layers_per_stage")
     return build_pipeline(full_model, make_stage=make_hf_stage, layer_keys=hf_layer_keys(full_model), **kwargs)

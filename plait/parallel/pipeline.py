@@ -104,6 +104,38 @@ def split_layers(layer_keys: list[str], num_stages: int, layers_per_stage: list[
     return out
 
 
+def active_parameters(module: nn.Module | None) -> float:
+    """Parameters one token passes through: a routed expert bank counts top_k / num_experts of its weight."""
+    if module is None:
+        return 0.0
+    from plait.nn.moe import MoE
+
+    total = float(sum(p.numel() for p in module.parameters()))
+    for m in module.modules():
+        if isinstance(m, MoE):
+            routed = sum(p.numel() for p in m.experts.parameters())
+            total -= routed * (1 - m.cfg.top_k / m.cfg.num_experts)
+    return total
+
+
+def estimated_stage_costs(model: nn.Module) -> tuple[list[float], float, float]:
+    """(cost per decoder layer, extra cost of the first stage, extra cost of the last stage) for a balanced
+    split: a layer's compute per token is about 2 x its active parameters. The first stage also runs the
+    vision tower and projector (embedding lookups cost nothing); the last runs the final norm, the LM head and
+    the MTP depths (each with the head again)."""
+    lm = causal_lm_of(model)
+    inner = text_model_of(lm)
+    layers = [active_parameters(layer) for layer in inner.layers.values()]
+    first = sum(active_parameters(getattr(lm, name, None)) for name in ("vision_tower", "multi_modal_projector"))
+    head = active_parameters(getattr(lm, "lm_head", None))
+    mtp = getattr(inner, "mtp", None)
+    last = head + active_parameters(getattr(inner, "norm", None))
+    if mtp is not None:
+        per_depth = active_parameters(mtp) / max(mtp.mtp_config.num_physical_depths, 1)
+        last += mtp.num_depths * (per_depth + head)
+    return layers, first, last
+
+
 def _balanced_counts(costs: list[float], stages: int, first_extra: float, last_extra: float) -> list[int]:
     """Contiguous split with the smallest maximum stage cost (exact dynamic programme; L and stages are small)."""
     n = len(costs)
@@ -414,7 +446,7 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
                    layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None,
                    make_stage: Callable[[nn.Module, int, list[list[str]]], nn.Module] = make_stage_module,
-                   layer_keys: list[str] | None = None) -> PipelineRun:
+                   layer_keys: list[str] | None = None, split: str = "even") -> PipelineRun:
     """This rank's stages of `full_model` and the schedule that runs them. Every rank calls it with the same
     full model (same weights) and arguments. What cannot be pipelined is refused when the first stage is
     cut (`make_stage`), before any stage joins the schedule. `make_stage` and `layer_keys` default to plait's
@@ -428,7 +460,13 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
     if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
         raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
     keys = layer_keys if layer_keys is not None else list(text_model_of(causal_lm_of(full_model)).layers.keys())
-    split = split_layers(keys, num_stages, layers_per_stage)
+    costs = {}
+    if split == "balanced" and layers_per_stage is None:
+        layer_costs, first_extra, last_extra = estimated_stage_costs(full_model)
+        costs = dict(layer_costs=layer_costs, first_extra=first_extra, last_extra=last_extra)
+    elif split not in ("even", "balanced"):
+        raise ValueError(f"parallel.split: expected 'even' or 'balanced', got {split!r}")
+    split = split_layers(keys, num_stages, layers_per_stage, **costs)
     modules = [make_stage(full_model, s, split).to(device) for s in ids]
     stages = [PipelineStage(m, s, num_stages, device, group=group) for m, s in zip(modules, ids)]
     cls = _schedule_class(schedule)

@@ -86,12 +86,13 @@ def test_unsupported_models_are_refused_before_any_process_group_work():
     assert build_model("mimo") is not None
 
 
-@pytest.mark.parametrize("config, depths", [
-    ("configs/mimo_v2_flash_tiny.yaml", 2),  # two MTP depths train on the last stage; their losses match too
-    ("configs/default.yaml", 0),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
+@pytest.mark.parametrize("config, depths, split", [
+    # two MTP depths train on the last stage (their losses match too); layers split by estimated compute
+    ("configs/mimo_v2_flash_tiny.yaml", 2, "balanced"),
+    ("configs/default.yaml", 0, "even"),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
 ])
 def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
-                                                                                      depths):
+                                                                                      depths, split):
     from rich.console import Console
 
     import plait
@@ -108,7 +109,7 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
            f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
-           "parallel.schedule=1f1b"]
+           "parallel.schedule=1f1b", f"parallel.split={split}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
     ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
@@ -139,3 +140,38 @@ def test_patch_flattened_images_are_cut_per_microbatch():
     assert torch.equal(chunks[1]["pixel_values"], pixels[4:]) and torch.equal(chunks[1]["image_grid_thw"], grid[1:])
     with pytest.raises(ValueError, match="pixel_rows_per_image: expected counts adding up to the 12 rows"):
         _vlm_pixel_values_chunks(pixels, [0, 1, 0, 2], 2, pixel_rows_per_image=torch.tensor([4, 6, 1]))
+
+
+def test_balanced_split_weighs_active_parameters_and_the_first_and_last_stage_extras():
+    """MoE layers count top_k / num_experts of their experts; the vision tower goes to the first stage's bill,
+    the head and the MTP depths to the last's."""
+    from plait.nn.moe import MoE
+    from plait.parallel.pipeline import active_parameters, estimated_stage_costs
+    from tests.parallel.pipeline_models import build_model
+
+    model = build_model("m3vl_mtp")
+    layer = model.language_model.layers["1"]
+    moe = next(m for m in layer.modules() if isinstance(m, MoE))
+    experts = sum(p.numel() for p in moe.experts.parameters())
+    total = sum(p.numel() for p in layer.parameters())
+    assert active_parameters(layer) == pytest.approx(total - experts * (1 - moe.cfg.top_k / moe.cfg.num_experts))
+    costs, first, last = estimated_stage_costs(model)
+    assert len(costs) == len(model.language_model.layers)
+    head = model.lm_head.weight.numel()
+    assert first == pytest.approx(active_parameters(model.vision_tower) + active_parameters(model.multi_modal_projector))
+    assert last > 2 * head  # the head, plus the head again for each of the two MTP depths
+    # MiMo-V2-Flash with two MTP depths: the head-heavy last stage gets one of the four layers, not two
+    mimo = build_model("mimo_mtp")
+    costs, first, last = estimated_stage_costs(mimo)
+    assert first == 0.0 and last > sum(costs[-2:])
+    assert split_layers(list(mimo.model.layers.keys()), 2, layer_costs=costs, first_extra=first,
+                        last_extra=last) == [["0", "1", "2"], ["3"]]
+
+
+def test_split_settings_are_checked():
+    from plait.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="set one of them"):
+        load_config("configs/default.yaml", ["parallel.pp=2", "parallel.split=balanced", "parallel.layers_per_stage=[1,1]"])
+    with pytest.raises(ConfigError, match="only used with parallel.pp > 1"):
+        load_config("configs/default.yaml", ["parallel.split=balanced"])
