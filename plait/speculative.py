@@ -122,10 +122,8 @@ def generate_speculative(
             settled_now = n - d  # slot t reads x[t + d + 1], which is accepted for t < n - d
             depth_caches[d].crop(settled_now)
             if d + 1 < D:
-                full = torch.cat([carry[d], h], dim=1)  # slots [settled[d + 1], n)
-                h_in = full
-                first_next = settled[d + 1]
-                carry[d] = full[:, settled_now - 1 - first_next : settled_now - first_next]
+                h_in = torch.cat([carry[d], h], dim=1)  # slots [settled[d + 1], n): what depth d + 1 reads
+                carry[d] = h_in[:, settled_now - 1 - settled[d + 1] : settled_now - settled[d + 1]]
             settled[d] = settled_now
         proposal = torch.stack(drafts, dim=1)  # (B, D): x[n + 1 .. n + D]
         verify = torch.cat([nxt[:, None], proposal], dim=1)  # slots n..n + D

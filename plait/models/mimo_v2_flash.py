@@ -33,12 +33,11 @@ from plait.checkpoint import check_model_dir
 from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
-    add_mtp_losses,
     check_forward_kwargs,
     check_layer_lists,
     init_reference_weights,
+    lm_output,
     load_checkpoint_into,
-    mean_ce,
     mtp_decode_step,
     mtp_layers_in_checkpoint,
     positions_and_mask,
@@ -47,7 +46,7 @@ from plait.models.native import (
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.attention import Attention, AttentionMask, KVCache
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig, collect_aux_loss
+from plait.nn.moe import MoE, MoEConfig
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import rotary_per_layer_type
 
@@ -247,25 +246,10 @@ class MiMoV2FlashForCausalLM(nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
-        h = trunk.hidden_states
         if self.lm_head is None:  # a non-last pipeline stage
-            return CausalLMOutput(logits=None, hidden_states=h, past_key_values=past_key_values)
-        run_mtp = (self.model.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
-                   and past_key_values is None and (labels is not None or return_mtp_logits))
-        mtp_hidden = self.model.mtp_hidden_states(input_ids, trunk, cu_seqlens, mtp_depth_embeds) if run_mtp else None
-        out = CausalLMOutput(logits=self.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
-                             past_key_values=past_key_values if use_cache else None, pre_norm_hidden_states=trunk.pre_norm)
-        if mtp_hidden is not None and (return_logits or return_mtp_logits):
-            out.mtp_per_depth_logits = [self.lm_head(x) for x in mtp_hidden]
-        if labels is not None:
-            out.lm_loss = out.loss = mean_ce(h, self.lm_head.weight, labels)
-            if mtp_hidden is not None:
-                add_mtp_losses(out, mtp_hidden, self.lm_head.weight, labels, trunk.mask.documents,
-                               self.mtp_config.loss_scaling_factor)
-            aux = collect_aux_loss(self)
-            if aux is not None:
-                out.loss = out.loss + aux
-        return out
+            return CausalLMOutput(logits=None, hidden_states=trunk.hidden_states, past_key_values=past_key_values)
+        return lm_output(self, self.model, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
+                         past_key_values, use_cache, mtp_depth_embeds)
 
     # --- construction, weights, checkpoints -------------------------------------------------
 

@@ -21,7 +21,7 @@ from plait.checkpoint import read_model_weights, write_model_weights
 from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache
-from plait.nn.moe import MoE, Router
+from plait.nn.moe import MoE, Router, collect_aux_loss
 from plait.nn.norm import RMSNorm
 
 
@@ -224,12 +224,34 @@ def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) ->
     return loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def add_mtp_losses(out: CausalLMOutput, mtp_hidden: list[torch.Tensor], weight: torch.Tensor, labels: torch.Tensor,
-                   documents: torch.Tensor | None, loss_scaling_factor: float) -> None:
-    """out.loss = main CE + loss_scaling_factor / D x sum of the per-depth CEs (depth d's labels are the
-    labels rolled left by d, masked at row and document ends); per-depth values in out.mtp_losses."""
-    out.mtp_losses = [mean_ce(h, weight, mtp_labels(labels, d, documents)) for d, h in enumerate(mtp_hidden, start=1)]
-    out.loss = out.lm_loss + loss_scaling_factor / len(mtp_hidden) * torch.stack(out.mtp_losses).sum()
+def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_ids, cu_seqlens, labels,
+              return_logits: bool, return_mtp_logits: bool, past_key_values: KVCache | None, use_cache: bool,
+              mtp_depth_embeds=None, output_cls: type[CausalLMOutput] = CausalLMOutput) -> CausalLMOutput:
+    """What a native LM makes of its trunk's output: the head's logits and, with `labels`, the loss = main CE
+    (+ loss_scaling_factor / D x the sum of the per-depth CEs, depth d's labels rolled left by d and masked at
+    row and document ends; per-depth values in out.mtp_losses) (+ the MoE aux loss left on the layers). MTP
+    depths run when labels are given or `return_mtp_logits` is set, never with a cache; they embed the rolled
+    `input_ids` or read `mtp_depth_embeds`."""
+    h = trunk.hidden_states
+    run_mtp = (backbone.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
+               and past_key_values is None and (labels is not None or return_mtp_logits))
+    mtp_hidden = backbone.mtp_hidden_states(input_ids, trunk, cu_seqlens, mtp_depth_embeds) if run_mtp else None
+    out = output_cls(logits=model.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
+                     past_key_values=past_key_values if use_cache else None, pre_norm_hidden_states=trunk.pre_norm)
+    if mtp_hidden is not None and (return_logits or return_mtp_logits):
+        out.mtp_per_depth_logits = [model.lm_head(x) for x in mtp_hidden]
+    if labels is not None:
+        weight = model.lm_head.weight
+        out.lm_loss = out.loss = mean_ce(h, weight, labels)
+        if mtp_hidden is not None:
+            documents = trunk.mask.documents
+            out.mtp_losses = [mean_ce(x, weight, mtp_labels(labels, d, documents)) for d, x in enumerate(mtp_hidden, 1)]
+            scale = model.mtp_config.loss_scaling_factor / len(mtp_hidden)
+            out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
+        aux = collect_aux_loss(model)
+        if aux is not None:
+            out.loss = out.loss + aux
+    return out
 
 
 def mtp_layers_in_checkpoint(hf_state: dict, prefix: str) -> int:
