@@ -44,7 +44,7 @@ from plait.models.native import (
     positions_and_mask,
     save_checkpoint,
 )
-from plait.nn.attention import Attention, AttentionMask, KVCache
+from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
 from plait.nn.moe import MoE, MoEConfig
@@ -61,7 +61,7 @@ FULL, SPARSE = "full_attention", "minimax_m3_sparse"
 
 
 class LightningIndexer(nn.Module):
-    """Per query and indexer head, the key blocks to attend: (B, heads, Sq, Sk) bool."""
+    """Per query and indexer head, the key blocks to attend (KeyBlocks: (B, heads, Sq, key blocks) bool)."""
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -106,7 +106,7 @@ class LightningIndexer(nn.Module):
         keep = torch.zeros(B, self.num_heads, S, n_blocks + 1, dtype=torch.bool, device=x.device)
         chosen = order.masked_fill(ranked == float("-inf"), n_blocks)  # empty picks -> a spare column
         keep.scatter_(-1, chosen, True)
-        return keep[..., :n_blocks].repeat_interleave(self.block_size, dim=-1)[..., :Sk]
+        return KeyBlocks(keep[..., :n_blocks], self.block_size)
 
 
 class IndexedAttention(Attention):
@@ -118,10 +118,7 @@ class IndexedAttention(Attention):
         self.indexer = LightningIndexer(config) if sparse else None
 
     def forward(self, x, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
-        restrict = None
-        if self.indexer is not None:
-            keep = self.indexer(x, rope, position_ids, kv_cache)  # (B, index heads, Sq, Sk)
-            restrict = keep.repeat_interleave(self.num_heads // keep.shape[1], dim=1)
+        restrict = self.indexer(x, rope, position_ids, kv_cache) if self.indexer is not None else None
         return super().forward(x, rope, mask, kv_cache, restrict=restrict)
 
 

@@ -10,7 +10,8 @@ Who may attend to whom is one rule, applied by every backend:
                                  and pos_i - pos_j < window        (sliding window; counts i itself)
                                  and doc_j == doc_i                (packed documents)
                                  and key j is not padding
-                                 and restrict[i, j] when given    (e.g. MiniMax-M3's indexer blocks)
+                                 and key j's block is in query i's KeyBlocks when given
+                                                                   (MiniMax-M3's lightning indexer)
 
 `AttentionMask` carries the positions, padding and documents of one forward; it is built once per
 forward and shared by all layers, each of which adds its own window.
@@ -18,7 +19,8 @@ forward and shared by all layers, each of which adds its own window.
 Backends (`attend`):
 - "eager": the reference. Materialises the (B, H, Sq, Sk) float32 scores; tests compare against it.
 - "sdpa": PyTorch scaled_dot_product_attention, CPU and GPU. Plain causal layers use `is_causal`
-  (no mask is built). Sliding-window layers run block-local: queries in blocks of `window - 1`
+  (no mask is built). Under key-block selection the queries run in tiles, each over the union of the
+  key blocks its queries picked (never a future block), so the work shrinks with the selection. Sliding-window layers run block-local: queries in blocks of `window - 1`
   tokens attend to their own block and the previous one, so the cost is O(S * window), not O(S^2).
   Sinks become one extra key: queries get a constant-1 extra dim, the sink key carries
   `sink / scale` there and a zero value, so its score is exactly the sink logit.
@@ -112,20 +114,31 @@ class AttentionMask:
         k_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B or 1, 1, Sq, Sk) bool, True where the key is visible."""
-        q_pos = self.positions
-        k_pos = self.positions if k_positions is None else k_positions
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if not self.causal:
-            allowed = torch.ones_like(allowed)
+        if k_positions is None:
+            return self._visible(window, self.positions, self.positions, self.valid, self.documents, self.documents)
+        return self._visible(window, self.positions, k_positions, k_valid, self.documents, self.documents)
+
+    def dense_tile(self, window: int | None, q_lo: int, q_hi: int, k_index: torch.Tensor) -> torch.Tensor:
+        """`dense` for queries q_lo:q_hi and the keys at `k_index`, all new tokens (no KV cache):
+        (B or 1, 1, q_hi - q_lo, len(k_index)) bool."""
+        valid = None if self.valid is None else self.valid[:, k_index]
+        docs = self.documents
+        return self._visible(window, self.positions[q_lo:q_hi], self.positions[k_index], valid,
+                             None if docs is None else docs[:, q_lo:q_hi], None if docs is None else docs[:, k_index])
+
+    def _visible(self, window, q_pos, k_pos, k_valid, q_docs, k_docs) -> torch.Tensor:
+        """The module docstring's rule, less the key-block selection."""
+        if self.causal:
+            allowed = k_pos[None, :] <= q_pos[:, None]
+        else:
+            allowed = torch.ones(q_pos.numel(), k_pos.numel(), dtype=torch.bool, device=q_pos.device)
         if window is not None:
             allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
         allowed = allowed[None, None]  # (1, 1, Sq, Sk)
-        if k_positions is None:
-            k_valid = self.valid
         if k_valid is not None:
             allowed = allowed & k_valid[:, None, None, :]
-        if self.documents is not None:
-            allowed = allowed & (self.documents[:, None, :, None] == self.documents[:, None, None, :])
+        if q_docs is not None:
+            allowed = allowed & (q_docs[:, None, :, None] == k_docs[:, None, None, :])
         return allowed
 
 
@@ -140,6 +153,23 @@ def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len
     lengths = cu[1:] - cu[:-1]
     ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     return ids.view(batch_size, seq_len)
+
+
+@dataclass
+class KeyBlocks:
+    """Which blocks of keys each query may attend: a block-sparse restriction of the mask rule.
+
+    keep: (B, h, Sq, n_blocks) bool; key slot j lies in block j // block_size. h divides the query
+    heads, and query head i reads row i // (heads / h) (MiniMax-M3's indexer heads).
+    Kept at block level so no backend needs the (B, H, Sq, Sk) dense mask unless it asks for it."""
+
+    keep: torch.Tensor
+    block_size: int
+
+    def dense(self, num_heads: int, n_keys: int) -> torch.Tensor:
+        """(B, num_heads, Sq, n_keys) bool."""
+        per_key = self.keep.repeat_interleave(self.block_size, dim=-1)[..., :n_keys]
+        return per_key.repeat_interleave(num_heads // self.keep.shape[1], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,12 +190,12 @@ def attend(
     backend: str = "sdpa",
     k_positions: torch.Tensor | None = None,
     k_valid: torch.Tensor | None = None,
-    restrict: torch.Tensor | None = None,
+    restrict: KeyBlocks | None = None,
 ) -> torch.Tensor:
     """Attention under the rule in the module docstring. `k_positions` / `k_valid` describe the keys
-    when they are not just the new tokens (a KV cache); `restrict` (B, H or 1, Sq, Sk) bool narrows
-    what each query may see further."""
-    _check_shapes(q, k, v, mask, sinks, k_positions)
+    when they are not just the new tokens (a KV cache); `restrict` narrows what each query may see to
+    the key blocks it picked."""
+    _check_shapes(q, k, v, mask, sinks, k_positions, restrict)
     if backend == "eager":
         return eager_attention(q, k, v, mask, scale=scale, window=window, sinks=sinks, softcap=softcap,
                                k_positions=k_positions, k_valid=k_valid, restrict=restrict)
@@ -188,7 +218,7 @@ def attend(
                           k_positions=k_positions, k_valid=k_valid, restrict=restrict)
 
 
-def _check_shapes(q, k, v, mask, sinks, k_positions) -> None:
+def _check_shapes(q, k, v, mask, sinks, k_positions, restrict=None) -> None:
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: expected 4-D q, k, v (B, H, S, D), got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
@@ -202,6 +232,14 @@ def _check_shapes(q, k, v, mask, sinks, k_positions) -> None:
         raise ValueError(f"attention mask: {n_keys} key positions for {k.shape[2]} keys")
     if sinks is not None and sinks.shape != (q.shape[1],):
         raise ValueError(f"attention sinks: expected shape [{q.shape[1]}] (one per query head), got {list(sinks.shape)}")
+    if restrict is not None:
+        B, H, Sq = q.shape[:3]
+        n_blocks = -(-k.shape[2] // restrict.block_size)
+        keep = restrict.keep
+        if (keep.dtype != torch.bool or keep.ndim != 4 or keep.shape[0] != B or keep.shape[2:] != (Sq, n_blocks)
+                or H % keep.shape[1]):
+            raise ValueError(f"attention key blocks: expected a bool tensor [{B}, heads dividing {H}, {Sq}, {n_blocks}] "
+                             f"({k.shape[2]} keys in blocks of {restrict.block_size}), got {keep.dtype} {list(keep.shape)}")
 
 
 def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None,
@@ -216,7 +254,7 @@ def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=No
         scores = softcap * torch.tanh(scores / softcap)
     allowed = mask.dense(window, k_positions, k_valid)
     if restrict is not None:
-        allowed = allowed & restrict
+        allowed = allowed & restrict.dense(q.shape[1], k.shape[2])
     scores = scores.masked_fill(~allowed, float("-inf"))
     if sinks is not None:
         sink_col = sinks.to(dt).view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
@@ -258,12 +296,27 @@ def _pad_head_dims(q, k, v):
     return q, k, v, dv
 
 
+def _expand_kv_heads_for_cpu_backward(q, k, v):
+    """K and V repeated to one head per query head when a CPU backward will follow: SDPA's CPU
+    backward with `enable_gqa` measured about 2x slower than on expanded heads, and the copies are
+    small beside the scores the backward recomputes."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1 or q.device.type != "cpu" or not torch.is_grad_enabled():
+        return k, v
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None, restrict=None):
-    Sq = q.shape[2]
+    Sq, n_keys = q.shape[2], k.shape[2]
     no_cache = k_positions is None
+    if restrict is not None and no_cache and sinks is None and Sq > restrict.block_size:
+        return _block_sparse_attention(q, k, v, mask, restrict, scale=scale, window=window)
     if sinks is not None:
         q, k, v = _append_sink_key(q, k, v, sinks, scale)
     q, k, v, dv = _pad_head_dims(q, k, v)
+    k, v = _expand_kv_heads_for_cpu_backward(q, k, v)
     gqa = q.shape[1] != k.shape[1]
 
     plain = no_cache and restrict is None and mask.valid is None and mask.documents is None
@@ -276,11 +329,46 @@ def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions
     else:
         allowed = mask.dense(window, k_positions, k_valid)  # (B|1, 1, Sq, Sk) bool
         if restrict is not None:
-            allowed = allowed & restrict
+            allowed = allowed & restrict.dense(q.shape[1], n_keys)
         if sinks is not None:
             allowed = F.pad(allowed, (0, 1), value=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     return out[..., :dv]
+
+
+# queries per tile of the block-sparse path: enough rows for efficient matmuls, few enough that a
+# tile's queries share most of their key blocks
+SPARSE_TILE_QUERIES = 128
+
+
+def _block_sparse_attention(q, k, v, mask, blocks: KeyBlocks, *, scale, window):
+    """Attention restricted to per-query key blocks, without a (Sq, Sk) mask: queries run in tiles,
+    each against the union of the key blocks its queries picked (blocks nobody picked, the future
+    ones included, cost nothing); inside a tile the usual rule and each query's own picks apply."""
+    B, H, S, _ = q.shape
+    n_keys, bs = k.shape[2], blocks.block_size
+    q, k, v, dv = _pad_head_dims(q, k, v)
+    k, v = _expand_kv_heads_for_cpu_backward(q, k, v)
+    gqa = q.shape[1] != k.shape[1]
+    tile = bs * max(1, SPARSE_TILE_QUERIES // bs)
+    in_block = torch.arange(bs, device=q.device)
+    outs = []
+    for lo in range(0, S, tile):
+        hi = min(lo + tile, S)
+        keep = blocks.keep[:, :, lo:hi]  # (B, h, t, n_blocks)
+        picked = keep.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)  # ascending block ids
+        if picked.numel() == 0:  # nothing visible: zeros, as the other backends give
+            outs.append(q.new_zeros(B, H, hi - lo, v.shape[-1]))
+            continue
+        k_index = (picked[:, None] * bs + in_block).flatten()
+        k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
+        allowed = mask.dense_tile(window, lo, hi, k_index)  # (B|1, 1, t, nk)
+        chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., : k_index.numel()]
+        allowed = allowed & chosen.repeat_interleave(H // keep.shape[1], dim=1)
+        outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k.index_select(2, k_index),
+                                                   v.index_select(2, k_index), attn_mask=allowed, scale=scale,
+                                                   enable_gqa=gqa))
+    return torch.cat(outs, dim=2)[..., :dv]
 
 
 def _block_local_attention(q, k, v, mask, *, window, scale, has_sink):
@@ -347,12 +435,13 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
     docs = mask.documents
     causal = mask.causal
     if restrict is not None:
-        restrict = restrict.expand(B, H, Sq, Sk)
+        keep_blocks, block_size = restrict.keep, restrict.block_size
+        head_group = H // keep_blocks.shape[1]
 
     def mask_mod(b, h, qi, ki):
         ok = k_pos[ki] <= q_pos[qi] if causal else qi >= 0
         if restrict is not None:
-            ok = ok & restrict[b, h, qi, ki]
+            ok = ok & keep_blocks[b, h // head_group, qi, ki // block_size]
         if window is not None:
             ok = ok & (q_pos[qi] - k_pos[ki] < window)
         if valid is not None:
@@ -458,7 +547,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: AttentionMask,
         kv_cache=None,
-        restrict: torch.Tensor | None = None,
+        restrict: KeyBlocks | None = None,
     ) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)  # (B, S, H*D) -> (B, S, H, D)

@@ -9,7 +9,15 @@ from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
 )
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLAttention, MiniMaxM3VLRotaryEmbedding
 
-from plait.nn.attention import Attention, AttentionMask, LayerKVCache, attend, documents_from_cu_seqlens
+from plait.nn import attention as attention_module
+from plait.nn.attention import (
+    Attention,
+    AttentionMask,
+    KeyBlocks,
+    LayerKVCache,
+    attend,
+    documents_from_cu_seqlens,
+)
 from plait.nn.rope import RotaryEmbedding, rotary_per_layer_type
 from tests.nn.reference import assert_close, assert_grads_close, m3_text_config, mimo_config, randomize_
 
@@ -67,6 +75,50 @@ def test_sdpa_matches_eager_reference(mask_kind, window, with_sinks, dims):
     out, g = _run("sdpa", q, k, v, mask, sinks, scale=D**-0.5, window=window)
     assert_close(out, out_ref, tol=1e-5)
     assert_grads_close(g, g_ref)
+
+
+def _random_key_blocks(B, h, S, block, picks, seed=0):
+    """Each query keeps `picks` random blocks among those that start at or before it, plus its own."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-S // block)
+    own = torch.arange(S) // block
+    scores = torch.rand(B, h, S, n_blocks, generator=g).masked_fill(torch.arange(n_blocks) > own.view(S, 1), -1.0)
+    keep = torch.zeros(B, h, S, n_blocks, dtype=torch.bool)
+    keep.scatter_(-1, scores.topk(min(picks, n_blocks), dim=-1).indices, True)
+    keep &= scores >= 0
+    keep.scatter_(-1, own.view(1, 1, S, 1).expand(B, h, S, 1), True)
+    return KeyBlocks(keep, block)
+
+
+@pytest.mark.parametrize("mask_kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("dims, index_heads", [((4, 1, 16, 16), 1), ((4, 2, 16, 12), 2), ((2, 2, 8, 8), 2)])
+def test_key_block_selection_in_tiles_matches_eager(monkeypatch, mask_kind, dims, index_heads):
+    # small tiles, so a sequence runs in several of them and each tile gathers its own union of blocks
+    monkeypatch.setattr(attention_module, "SPARSE_TILE_QUERIES", 8)
+    H, Hk, D, Dv = dims
+    B, S = 2, 45
+    q, k, v = _inputs(B, H, Hk, S, D, Dv)
+    mask = _mask(mask_kind, B, S)
+    blocks = _random_key_blocks(B, index_heads, S, block=4, picks=3)
+    out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, restrict=blocks)
+    out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, restrict=blocks)
+    assert_close(out, out_ref, tol=1e-5)
+    assert_grads_close(g, g_ref)
+    with torch.no_grad():  # and the selection does narrow attention
+        full = attend(q, k, v, mask, scale=D**-0.5, backend="eager")
+    assert (full - out_ref).abs().max() > 1e-3
+    with torch.no_grad():
+        flex = attend(q, k, v, mask, scale=D**-0.5, backend="flex", restrict=blocks)
+    assert_close(flex, out_ref, tol=1e-5)
+
+
+def test_key_blocks_of_the_wrong_shape_are_refused():
+    q, k, v = _inputs(1, 4, 2, 10, 8, 8)
+    mask = AttentionMask.build(1, 10, "cpu")
+    with pytest.raises(ValueError, match=r"key blocks: expected a bool tensor \[1, heads dividing 4, 10, 3\]"):
+        attend(q, k, v, mask, scale=1.0, restrict=KeyBlocks(torch.ones(1, 1, 10, 2, dtype=torch.bool), 4))
+    with pytest.raises(ValueError, match="key blocks"):
+        attend(q, k, v, mask, scale=1.0, restrict=KeyBlocks(torch.ones(1, 3, 10, 3, dtype=torch.bool), 4))
 
 
 @pytest.mark.parametrize("window, with_sinks", [(None, False), (5, True), (None, True)])
