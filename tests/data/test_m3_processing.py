@@ -320,3 +320,23 @@ def test_patchify_images_is_the_still_image_case_of_the_video_layout():
     # Both temporal slots of a still image's patch hold the same pixels.
     per_patch = patches.view(-1, 3, 2, 16)
     assert torch.equal(per_patch[:, :, 0], per_patch[:, :, 1])
+
+
+def test_left_padded_prompts_of_images_at_their_own_sizes_decode_as_if_alone(native_vl):
+    """What `plait generate --native-resolution` does: one prompt per image, placeholder runs of different
+    lengths, left-padded into one batch; each row decodes as it would alone."""
+    from plait.generate import generate, left_pad
+
+    model, image_settings, _, _ = native_vl
+    images = [ARRAYS["image_wide"], ARRAYS["image_large"]]
+    tokens = PlaceholderTokens(IMAGE, VIDEO)
+    vision = preprocess_images(images, image_settings)
+    prompts = [torch.tensor(expand_placeholders([1, IMAGE, 7], image_grid_thw=grid[None], tokens=tokens))
+               for grid in vision["image_grid_thw"]]
+    assert len(prompts[0]) != len(prompts[1])
+    ids, mask = left_pad(prompts, pad_id=0)
+    together = generate(model, ids, mask, max_new_tokens=6, eos_token_id=2, pad_token_id=0, **vision)
+    for row, image in enumerate(images):
+        alone = generate(model, prompts[row][None], max_new_tokens=6, eos_token_id=2, pad_token_id=0,
+                         **preprocess_images([image], image_settings))
+        assert alone.shape[1] > 1 and together[row, :alone.shape[1]].tolist() == alone[0].tolist()
