@@ -232,8 +232,8 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """uint8 (n, 3, H, W) -> uint8 (n, 3, height, width), bicubic with antialiasing.
 
     torch's uint8 kernel, on CPU, is what torchvision's resize runs for uint8 bicubic there, so the bytes
-    match transformers' processors; Pillow's BICUBIC differs from it by up to 1 per pixel. A frame already
-    at the target size is returned as it is, as torchvision does.
+    match transformers' processors (Pillow's BICUBIC differs from it by up to 10 levels on the fixture images).
+    A frame already at the target size is returned as it is, as torchvision does.
     """
     if frames.shape[-2:] == (height, width):
         return frames
@@ -283,7 +283,7 @@ def _to_uint8_chw(image: Any, where: str) -> torch.Tensor:
         array = np.asarray(image if image.mode == "RGB" else to_rgb(image))
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(image)
+        image = torch.from_numpy(np.ascontiguousarray(image))  # a flipped view has negative strides
     if not isinstance(image, torch.Tensor):
         raise ValueError(f"{where}: expected a PIL image or a uint8 [H, W, 3] array, got {type(image).__name__}")
     if image.dtype != torch.uint8:
@@ -332,7 +332,7 @@ def preprocess_images(images: Sequence[Any], settings: VisionSettings = IMAGE_DE
 def _video_frames(video: Any, where: str) -> torch.Tensor:
     """A list of frames (PIL images or uint8 [H, W, 3]) or a uint8 [F, H, W, 3] array -> uint8 (F, 3, H, W)."""
     if isinstance(video, np.ndarray):
-        video = torch.from_numpy(video)
+        video = torch.from_numpy(np.ascontiguousarray(video))
     if isinstance(video, torch.Tensor):
         if video.ndim != 4:
             raise ValueError(f"{where}: expected a list of frames or a uint8 [frames, H, W, 3] array, got shape "
