@@ -96,16 +96,30 @@ def generate(
     speculative: Annotated[bool, typer.Option(
         help="greedy self-speculative decoding: the model's MTP depths draft, one forward verifies")] = False,
     draft_tokens: Annotated[Optional[int], typer.Option(help="drafts per step (default: every MTP depth)")] = None,
+    native_resolution: Annotated[bool, typer.Option(
+        "--native-resolution",
+        help="MiniMax-M3-VL only: feed each image at its own size and aspect ratio (resized to multiples of "
+             "patch x merge within --min-pixels..--max-pixels, one placeholder per merged patch) instead of the "
+             "run's data.image_size square the model was trained on (the default)")] = False,
+    min_pixels: Annotated[Optional[int], typer.Option(
+        help="with --native-resolution: fewest pixels an image is resized to (default: the checkpoint's "
+             "processor config, else transformers' 3136)")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(
+        help="with --native-resolution: most pixels an image is resized to (default: the checkpoint's "
+             "processor config, else transformers' 451584)")] = None,
 ) -> None:
     """Caption images with a saved model (greedy, or sampled with --temperature; --speculative drafts with
-    the model's MTP depths and gives the greedy captions in fewer forwards)."""
+    the model's MTP depths and gives the greedy captions in fewer forwards).
+
+    Images are resized to the run's data.image_size square, as in training; --native-resolution keeps each
+    image's own size for MiniMax-M3-VL (its dynamic resolution)."""
     try:
         import torch
 
         import plait
         from plait.data.dataset import CaptionDataset
         from plait.data.images import load_image, normalize, resize_to_square
-        from plait.data.tokenizer import load_tokenizer
+        from plait.data.tokenizer import load_tokenizer, special_token_ids
         from plait.data.types import CaptionSplit
         from plait.generate import generate as decode
         from plait.models.vlm import vlm_spec
@@ -115,23 +129,35 @@ def generate(
             raise ValueError("--speculative decodes greedily: it takes no --temperature, --top-k or --top-p")
         if draft_tokens is not None and not speculative:
             raise ValueError("--draft-tokens: only with --speculative")
+        if (min_pixels is not None or max_pixels is not None) and not native_resolution:
+            raise ValueError("--min-pixels / --max-pixels: only with --native-resolution")
         cfg = _checkpoint_run_config(checkpoint, [])
         size = cfg.data.image_size
-        pixels = torch.stack([resize_to_square(load_image(p), size) for p in image])
+        prompt_text = cfg.data.prompt if prompt is None else prompt
+        images = [load_image(p) for p in image]  # a bad file fails before the model loads
         tokenizer = load_tokenizer(checkpoint)
         model = plait.from_pretrained(checkpoint).eval()
-        spec = vlm_spec(model.config.model_type)
-        # A one-sample dataset builds the prompt exactly as training did.
-        ds = CaptionDataset(CaptionSplit(pixels[:1], ["x"]), tokenizer, spec.image_token_count(model.config, size),
-                            cfg.data.prompt if prompt is None else prompt)
-        prompt_ids, vision = ds.prompt_ids().expand(len(image), -1), spec.vision_inputs(model.config, normalize(pixels))
+        special = special_token_ids(tokenizer)
+        attention_mask = None
+        if native_resolution:
+            prompt_ids, attention_mask, vision = _native_resolution_inputs(
+                model, checkpoint, image, images, tokenizer, prompt_text, min_pixels, max_pixels)
+        else:
+            pixels = torch.stack([resize_to_square(img, size) for img in images])
+            spec = vlm_spec(model.config.model_type)
+            # A one-sample dataset builds the prompt exactly as training did.
+            ds = CaptionDataset(CaptionSplit(pixels[:1], ["x"]), tokenizer, spec.image_token_count(model.config, size),
+                                prompt_text)
+            prompt_ids = ds.prompt_ids().expand(len(image), -1)
+            vision = spec.vision_inputs(model.config, normalize(pixels))
         stats = SpeculativeStats()
         if speculative:
-            new = generate_speculative(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=ds.eos_id,
-                                       pad_token_id=ds.pad_id, num_draft_tokens=draft_tokens, stats=stats, **vision)
+            new = generate_speculative(model, prompt_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                       eos_token_id=special["eos"], pad_token_id=special["pad"],
+                                       num_draft_tokens=draft_tokens, stats=stats, **vision)
         else:
-            new = decode(model, prompt_ids, max_new_tokens=max_new_tokens, eos_token_id=ds.eos_id,
-                         pad_token_id=ds.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
+            new = decode(model, prompt_ids, attention_mask, max_new_tokens=max_new_tokens, eos_token_id=special["eos"],
+                         pad_token_id=special["pad"], temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=torch.Generator().manual_seed(seed), **vision)
         for path, text in zip(image, tokenizer.batch_decode(new, skip_special_tokens=True)):
             console.print(f"{path}: {text.strip()}", highlight=False)
@@ -141,6 +167,48 @@ def generate(
                           f"verification forwards; draft acceptance {rates}", highlight=False)
     except ValueError as e:
         _fail(e)
+
+
+def _native_resolution_inputs(model, checkpoint: Path, paths: list[Path], images: list, tokenizer, prompt: str,
+                              min_pixels: int | None, max_pixels: int | None):
+    """Left-padded prompts (one per image, `<bos> <image> x n prompt` with n the image's merged patches),
+    their attention mask, and the M3 vision inputs for `images` at their own resolutions."""
+    from dataclasses import replace
+
+    import torch
+
+    from plait.data.dataset import CaptionDataset
+    from plait.data.m3_processing import PlaceholderTokens, expand_placeholders, load_settings, preprocess_images
+    from plait.data.tokenizer import special_token_ids
+    from plait.data.types import CaptionSplit
+    from plait.generate import left_pad
+
+    model_type = model.config.model_type
+    if model_type != "minimax_m3_vl":
+        raise ValueError(f"--native-resolution: only MiniMax-M3-VL checkpoints (minimax_m3_vl) take images at their "
+                         f"own resolution; this one is {model_type!r}")
+    settings, _ = load_settings(model.config, checkpoint)
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    try:
+        settings = replace(settings, **bounds)
+    except ValueError as e:  # name the options the user typed
+        raise ValueError(f"--min-pixels / --max-pixels: {e}") from e
+    per_image = []
+    for path, img in zip(paths, images):
+        try:
+            per_image.append(preprocess_images([img], settings))
+        except ValueError as e:
+            raise ValueError(f"--image {path}: {e}") from e
+    vision = {key: torch.cat([v[key] for v in per_image]) for key in ("pixel_values", "image_grid_thw")}
+    # The training layout with a single placeholder, which expand_placeholders widens per image.
+    one = CaptionDataset(CaptionSplit(torch.zeros((1, 1, 1, 3), dtype=torch.uint8), ["x"]), tokenizer, 1, prompt)
+    ids = special_token_ids(tokenizer)
+    tokens = PlaceholderTokens(image=ids["image"], video=ids["video"])
+    prompts = [torch.tensor(expand_placeholders(one.prompt_ids(), image_grid_thw=grid[None], tokens=tokens,
+                                                merge_size=settings.merge_size))
+               for grid in vision["image_grid_thw"]]
+    prompt_ids, attention_mask = left_pad(prompts, one.pad_id)
+    return prompt_ids, attention_mask, vision
 
 
 @app.command()

@@ -51,6 +51,28 @@ def test_generate_captions_an_image_file(trained_checkpoint, tmp_path):
     assert 1 <= len(line.split(": ", 1)[1].split()) <= 5
 
 
+def test_generate_native_resolution_takes_images_of_any_size(trained_checkpoint, tmp_path):
+    paths = []
+    for name, (w, h) in {"wide": (72, 40), "tall": (30, 90)}.items():
+        img = render([ShapeObject("square", "blue", "large", "center")], 48, np.random.default_rng(1)).resize((w, h))
+        paths.append(tmp_path / f"{name}.png")
+        img.save(paths[-1])
+    res = plait_cmd("generate", trained_checkpoint, "--image", paths[0], "--image", paths[1], "--native-resolution",
+                    "--min-pixels", "1024", "--max-pixels", "4096", "--max-new-tokens", "4")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.strip().splitlines()[-2:]
+    assert [line.split(": ", 1)[0] for line in lines] == [str(p) for p in paths]
+    assert all(1 <= len(line.split(": ", 1)[1].split()) <= 4 for line in lines)
+
+
+def test_generate_native_resolution_names_bad_pixel_bounds(trained_checkpoint, tmp_path):
+    path = tmp_path / "img.png"
+    render([ShapeObject("circle", "red", "large", "center")], 48, np.random.default_rng(0)).save(path)
+    res = plait_cmd("generate", trained_checkpoint, "--image", path, "--native-resolution", "--max-pixels", "100")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--min-pixels / --max-pixels: max_pixels: expected at least (patch_size x merge_size)^2 = 256" in res.stderr
+
+
 def test_generate_rejects_a_missing_image(trained_checkpoint, tmp_path):
     res = plait_cmd("generate", trained_checkpoint, "--image", tmp_path / "nope.png")
     assert res.returncode == 2 and "nope.png" in res.stderr

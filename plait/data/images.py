@@ -59,9 +59,14 @@ def resize_to_square(img: Image.Image, size: int) -> torch.Tensor:
 
 
 def normalize(
-    images_uint8: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+    images_uint8: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+    rescale_factor: float = 1 / 255,
 ) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W], scaled to [0, 1] then standardised per channel."""
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W]: (x * rescale_factor - mean) / std per channel.
+
+    Computed as transformers' image processors compute it, (x - mean / rescale_factor) / (std / rescale_factor)
+    in float32, so the values are theirs bit for bit (scaling to [0, 1] first differs in the last bit).
+    """
     if not isinstance(images_uint8, torch.Tensor) or images_uint8.dtype != torch.uint8:
         got = images_uint8.dtype if isinstance(images_uint8, torch.Tensor) else type(images_uint8).__name__
         raise ValueError(f"images_uint8: expected a torch.uint8 tensor, got {got}")
@@ -72,7 +77,10 @@ def normalize(
             raise ValueError(f"{arg}: expected 3 values (one per RGB channel), got {len(value)}")
     if any(s <= 0 for s in std):
         raise ValueError(f"std: expected positive values, got {tuple(std)}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images_uint8.device)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images_uint8.device)
-    x = (images_uint8.float() / 255.0 - mean_t) / std_t
+    if not rescale_factor > 0:
+        raise ValueError(f"rescale_factor: expected a positive number, got {rescale_factor!r}")
+    device = images_uint8.device
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device) * (1.0 / rescale_factor)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device) * (1.0 / rescale_factor)
+    x = (images_uint8.float() - mean_t) / std_t
     return x.movedim(-1, -3).contiguous()  # (..., H, W, 3) -> (..., 3, H, W)

@@ -102,10 +102,10 @@ class _M3VisionEncoder(nn.Module):
 
     def batch_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (n, C, H, W) -> this tower's keyword inputs (patches and grid)."""
-        from plait.models.vlm import m3_patches
+        from plait.data.m3_processing import patchify_images
 
         c = self.tower.config
-        patches, grid = m3_patches(images, c.patch_size, c.spatial_merge_size, c.temporal_patch_size)
+        patches, grid = patchify_images(images, c.patch_size, c.spatial_merge_size, c.temporal_patch_size)
         return {"pixel_values": patches, "grid_thw": grid}
 
 

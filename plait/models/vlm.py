@@ -78,26 +78,13 @@ def _m3_tokens(config: Any, image_size: int) -> int:
     return (_m3_grid(v.patch_size, v.spatial_merge_size, image_size) // v.spatial_merge_size) ** 2
 
 
-def m3_patches(pixel_values: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, C, H, W) -> patches (n*gh*gw, C*T*P*P) in spatial-merge-block order, + grid_thw (n, 3).
-
-    Each m x m block of patches is contiguous (row-major inside the block, blocks row-major), which is
-    the order the projector merges them in. A still image is repeated over the temporal patch.
-    """
-    p, m, t = patch, merge, temporal
-    n, c, h, w = pixel_values.shape
-    gh, gw = _m3_grid(p, m, h), _m3_grid(p, m, w)
-    x = pixel_values.reshape(n, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (n, gh/m, gw/m, m, m, C, P, P)
-    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, t, -1, -1)  # (..., C, T, P, P)
-    patches = x.reshape(n * gh * gw, c * t * p * p)
-    grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long)
-    return patches, grid
-
-
 def _m3_inputs(config: Any, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    from plait.data.m3_processing import patchify_images
+
     v = config.vision_config
-    patches, grid = m3_patches(pixel_values, v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
+    _m3_grid(v.patch_size, v.spatial_merge_size, pixel_values.shape[-2])
+    _m3_grid(v.patch_size, v.spatial_merge_size, pixel_values.shape[-1])
+    patches, grid = patchify_images(pixel_values, v.patch_size, v.spatial_merge_size, v.temporal_patch_size)
     return {"pixel_values": patches, "image_grid_thw": grid}
 
 
