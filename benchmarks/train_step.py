@@ -1,19 +1,24 @@
 """A training step of a native plait model against the transformers model, same config and weights.
 
     python benchmarks/train_step.py --model mimo_v2_flash   # ~16M parameters, 1 x 2048 and 2 x 256 (minutes on 2 cores)
-    python benchmarks/train_step.py --model minimax_m3      # the MiniMax-M3 text model, same sizes
+    python benchmarks/train_step.py --model minimax_m3      # MiniMax-M3-VL, ~20M parameters, one image per sample
     python benchmarks/train_step.py --quick                 # a tiny config, to check the script runs
 
-A step is forward + backward + AdamW on a random token batch. transformers runs its default experts
-implementation (grouped_mm) and its attention: eager for MiMo-V2-Flash (the only one it has), SDPA for
-MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, the CPU expert loop, chunked
-cross-entropy). Both are timed in this process, steps interleaved, median of --steps after a warm-up.
+A step is forward + backward + AdamW on a random token batch (MiniMax-M3-VL: each sample starts with one
+224 x 224 random image (64 placeholder tokens), and the rest are text tokens). transformers runs its default
+experts implementation (grouped_mm) and its attention: eager for MiMo-V2-Flash (the only one it has), SDPA
+for MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, block-sparse indexer layers, the
+CPU expert loop, chunked cross-entropy). Both are timed in this process, steps interleaved, median of
+--steps after a warm-up.
 
 Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
 model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)
-            + 3 x sum over layers of 2 x heads x (qk_dim + v_dim) x visible (query, key) pairs,
-where a full layer sees S(S+1)/2 pairs per row and a window-w layer w(w+1)/2 + (S - w) w (M3's indexer-sparse
-layers are counted as full: the selection only removes work).
+            + 3 x sum over layers of 2 x heads x (qk_dim + v_dim) x visible (query, key) pairs
+            + for a vision tower, 6 x its parameters x patches + 3 x its attention over each image's patches,
+where a full layer sees S(S+1)/2 pairs per row, a window-w layer w(w+1)/2 + (S - w) w, and an M3
+indexer-sparse layer only the keys in the blocks it selects: query p sees min(p + 1, (k - 1) b + p mod b + 1)
+keys for top-k blocks of b keys. The indexer itself (no gradient) adds 2 x its projections x tokens
++ 2 x index heads x index dim x S(S+1)/2 for its scores.
 
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
 resident set after imports; model construction, optimizer state and the steps are all inside.
@@ -57,25 +62,34 @@ def mimo_config(quick: bool):
                              tie_word_embeddings=False, **sizes)
 
 
+IMAGE_TOKEN = 5
+
+
 def m3_config(quick: bool):
-    from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
+    from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLConfig
 
     if quick:
-        sizes = dict(vocab_size=512, hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
-                     shared_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-                     head_dim=32, layer_types=["full_attention", "minimax_m3_sparse", "full_attention"],
-                     mlp_layer_types=["dense", "sparse", "sparse"], num_local_experts=8, num_experts_per_tok=2,
-                     index_n_heads=1, index_head_dim=16, index_block_size=16, index_topk_blocks=4)
+        text = dict(vocab_size=512, hidden_size=64, intermediate_size=32, dense_intermediate_size=128,
+                    shared_intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                    head_dim=32, layer_types=["full_attention", "minimax_m3_sparse", "full_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse"], num_local_experts=8, num_experts_per_tok=2,
+                    index_n_heads=1, index_head_dim=16, index_block_size=16, index_topk_blocks=4)
+        vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2)
     else:
-        sizes = dict(vocab_size=4096, hidden_size=256, intermediate_size=96, dense_intermediate_size=1024,
-                     shared_intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
-                     head_dim=64, layer_types=["full_attention", "minimax_m3_sparse"] * 3,
-                     mlp_layer_types=["dense"] + ["sparse"] * 5, num_local_experts=32, num_experts_per_tok=4,
-                     index_n_heads=1, index_head_dim=64, index_block_size=128, index_topk_blocks=8)
-    return MiniMaxM3VLTextConfig(max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0,
-                                 bos_token_id=1, eos_token_id=2,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5},
-                                 **sizes)
+        text = dict(vocab_size=4096, hidden_size=256, intermediate_size=96, dense_intermediate_size=1024,
+                    shared_intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1,
+                    head_dim=64, layer_types=["full_attention", "minimax_m3_sparse"] * 3,
+                    mlp_layer_types=["dense"] + ["sparse"] * 5, num_local_experts=32, num_experts_per_tok=4,
+                    index_n_heads=1, index_head_dim=64, index_block_size=128, index_topk_blocks=8)
+        vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+    text_config = dict(max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                        "partial_rotary_factor": 0.5}, **text)
+    vision_config = dict(patch_size=14, temporal_patch_size=2, spatial_merge_size=2, image_size=56 if quick else 224,
+                         **vision)
+    return MiniMaxM3VLConfig(text_config=text_config, vision_config=vision_config, image_token_index=IMAGE_TOKEN,
+                             video_token_index=IMAGE_TOKEN + 1, projector_hidden_size=4 * text["hidden_size"],
+                             tie_word_embeddings=False)
 
 
 def _peer_class(model: str):
@@ -83,9 +97,9 @@ def _peer_class(model: str):
         from transformers import MiMoV2FlashForCausalLM
 
         return MiMoV2FlashForCausalLM, "eager"
-    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLForCausalLM
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3SparseForConditionalGeneration
 
-    return MiniMaxM3VLForCausalLM, "sdpa"
+    return MiniMaxM3SparseForConditionalGeneration, "sdpa"
 
 
 CONFIGS = {"mimo_v2_flash": mimo_config, "minimax_m3": m3_config}
@@ -105,14 +119,36 @@ def build(model: str, impl: str, quick: bool, workdir: Path):
     return reference.from_pretrained(ckpt, attn_implementation=attn)
 
 
-def make_step(model, batch: int, seq: int, vocab: int):
+def batch_inputs(cfg, batch: int, seq: int) -> dict:
+    """Random token ids; a vision-language config also gets one random image per sample at the start."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    text = getattr(cfg, "text_config", cfg)
+    ids = torch.randint(IMAGE_TOKEN + 2, text.vocab_size, (batch, seq), generator=g)
+    inputs = {"input_ids": ids, "labels": ids}
+    if cfg.model_type == "minimax_m3_vl":
+        from plait.models.minimax_m3_vision import patchify_images
+
+        v = cfg.vision_config
+        pixels, grid = patchify_images(torch.rand(batch, 3, v.image_size, v.image_size, generator=g), v.patch_size,
+                                  v.spatial_merge_size, v.temporal_patch_size)
+        n = image_tokens(cfg)
+        ids[:, 1 : 1 + n] = IMAGE_TOKEN
+        inputs.update(pixel_values=pixels, image_grid_thw=grid,
+                      labels=ids.masked_fill(ids == IMAGE_TOKEN, -100))
+    return inputs
+
+
+def image_tokens(cfg) -> int:
+    v = cfg.vision_config
+    return (v.image_size // v.patch_size // v.spatial_merge_size) ** 2
+
+
+def make_step(model, inputs: dict):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
     def step() -> float:
-        out = model(input_ids=ids, labels=ids)
+        out = model(**inputs)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -121,30 +157,62 @@ def make_step(model, batch: int, seq: int, vocab: int):
     return step
 
 
+def sparse_pairs(seq: int, block: int, topk: int) -> int:
+    """(query, key) pairs an indexer-sparse layer attends: each query's top-k blocks, its own among them."""
+    return sum(min(p + 1, (topk - 1) * block + p % block + 1) for p in range(seq))
+
+
 def model_flops(cfg, batch: int, seq: int) -> float:
-    """6 x active parameters x tokens + 3 x the attention pairs the mask and window keep (module docstring)."""
+    """Model FLOPs of one training step (the module docstring's formula)."""
     from plait.nn.attention import num_flops_attention
 
-    H = cfg.hidden_size
-    mimo = cfg.model_type == "mimo_v2_flash"
-    v_dim = cfg.v_head_dim if mimo else cfg.head_dim
-    active, attention = 0, 0.0
-    for layer_type, mlp in zip(cfg.layer_types, cfg.mlp_layer_types):
+    vl = cfg.model_type == "minimax_m3_vl"
+    text = cfg.text_config if vl else cfg
+    H = text.hidden_size
+    mimo = text.model_type == "mimo_v2_flash"
+    v_dim = text.v_head_dim if mimo else text.head_dim
+    active, attention, indexer = 0, 0.0, 0.0
+    for layer_type, mlp in zip(text.layer_types, text.mlp_layer_types):
         sliding = layer_type == "sliding_attention"
-        kv = cfg.num_key_value_heads * (2 if mimo and sliding else 1)
-        active += H * cfg.num_attention_heads * cfg.head_dim + H * kv * (cfg.head_dim + v_dim)
-        active += cfg.num_attention_heads * v_dim * H
+        kv = text.num_key_value_heads * (2 if mimo and sliding else 1)
+        active += H * text.num_attention_heads * text.head_dim + H * kv * (text.head_dim + v_dim)
+        active += text.num_attention_heads * v_dim * H
         if mimo:
-            active += 3 * H * cfg.intermediate_size if mlp == "dense" else \
-                3 * H * cfg.moe_intermediate_size * cfg.num_experts_per_tok + H * cfg.n_routed_experts
+            active += 3 * H * text.intermediate_size if mlp == "dense" else \
+                3 * H * text.moe_intermediate_size * text.num_experts_per_tok + H * text.n_routed_experts
         else:
-            active += 3 * H * cfg.dense_intermediate_size if mlp == "dense" else \
-                3 * H * (cfg.intermediate_size * cfg.num_experts_per_tok + cfg.shared_intermediate_size) \
-                + H * cfg.num_local_experts
-        attention += num_flops_attention(batch, cfg.num_attention_heads, seq, cfg.head_dim, v_dim,
-                                         cfg.sliding_window if sliding else None)
-    active += H * cfg.vocab_size  # LM head
-    return 6 * active * batch * seq + 3 * attention
+            active += 3 * H * text.dense_intermediate_size if mlp == "dense" else \
+                3 * H * (text.intermediate_size * text.num_experts_per_tok + text.shared_intermediate_size) \
+                + H * text.num_local_experts
+        if layer_type == "minimax_m3_sparse":
+            pairs = sparse_pairs(seq, text.index_block_size, text.index_topk_blocks)
+            attention += 2.0 * batch * text.num_attention_heads * pairs * (text.head_dim + v_dim)
+            d = text.index_head_dim
+            indexer += 2.0 * batch * seq * H * d * (text.index_n_heads + 1)
+            indexer += 2.0 * batch * text.index_n_heads * d * seq * (seq + 1) / 2
+        else:
+            attention += num_flops_attention(batch, text.num_attention_heads, seq, text.head_dim, v_dim,
+                                             text.sliding_window if sliding else None)
+    active += H * text.vocab_size  # LM head
+    flops = 6 * active * batch * seq + 3 * attention + indexer
+    if vl:
+        flops += vision_flops(cfg, batch)
+    return flops
+
+
+def vision_flops(cfg, images: int) -> float:
+    """The vision tower (bidirectional attention over each image's patches) and the projector."""
+    v = cfg.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    Hv = v.hidden_size
+    per_layer = 4 * Hv * Hv + 2 * Hv * v.intermediate_size
+    params = v.num_hidden_layers * per_layer + Hv * v.num_channels * v.temporal_patch_size * v.patch_size**2
+    attention = v.num_hidden_layers * 2.0 * v.num_attention_heads * patches * patches * 2 * (Hv // v.num_attention_heads)
+    text_h, merged = cfg.text_config.hidden_size, image_tokens(cfg)
+    # projector: vision -> projector_hidden -> text width per patch, then the m^2 -> 1 merge MLP per token
+    projector = patches * (Hv * cfg.projector_hidden_size + cfg.projector_hidden_size * text_h)
+    projector += merged * (cfg.merged_hidden_size * cfg.projector_hidden_size + cfg.projector_hidden_size * text_h)
+    return images * (6.0 * (params * patches + projector) + 3 * attention)
 
 
 def matmul_peak(quick: bool) -> float:
@@ -176,7 +244,7 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
         f.write("5")
     base = _status_kib("VmRSS")
     model = build(model_name, impl, quick, workdir)
-    step = make_step(model, batch, seq, model.config.vocab_size)
+    step = make_step(model, batch_inputs(CONFIGS[model_name](quick), batch, seq))
     for _ in range(steps):
         step()
     print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
@@ -199,7 +267,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
                "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "shapes": []}
     print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
     for batch, seq in shapes:
-        fns = {impl: make_step(m, batch, seq, cfg.vocab_size) for impl, m in models.items()}
+        inputs = batch_inputs(cfg, batch, seq)
+        fns = {impl: make_step(m, inputs) for impl, m in models.items()}
         losses = {impl: fn() for impl, fn in fns.items()}  # warm-up; same weights, same batch: same loss
         times = {impl: [] for impl in IMPLS}
         for _ in range(steps):

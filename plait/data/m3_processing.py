@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from plait.data.images import CLIP_MEAN, CLIP_STD, normalize, to_rgb
+from plait.models.minimax_m3_vision import patchify, patchify_images
 
 # transformers 5.23.0's defaults: MiniMaxM3VLImageProcessor (size shortest_edge / longest_edge) and
 # MiniMaxM3VLVideoProcessor (min_pixels / max_pixels, vision_segment_max_frames).
@@ -244,38 +245,6 @@ def _resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Patches
 # ---------------------------------------------------------------------------------------------
-
-def patchify(frames: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, F, C, H, W) -> patches (n * F/T * H/P * W/P, C*T*P*P) and grid_thw (n, 3) = (F/T, H/P, W/P).
-
-    Each temporal patch's m x m blocks of patches are contiguous (row-major inside the block, blocks
-    row-major), the order the projector merges them in; inside a patch the values run channel, then
-    frame, then pixel row and column, as the patch embedding (a Conv3d) reads them.
-    """
-    p, m, t = patch, merge, temporal
-    if frames.ndim != 5:
-        raise ValueError(f"frames: expected shape [n, frames, C, H, W], got {list(frames.shape)}")
-    n, f, c, h, w = frames.shape
-    if f % t or h % (p * m) or w % (p * m):
-        raise ValueError(f"frames: expected frames a multiple of temporal_patch_size {t} and H, W multiples of "
-                         f"patch_size x merge_size = {p * m}, got {list(frames.shape)}")
-    gt, gh, gw = f // t, h // p, w // p
-    x = frames.reshape(n, gt, t, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)  # (n, gt, gh/m, gw/m, m, m, C, T, P, P)
-    patches = x.reshape(n * gt * gh * gw, c * t * p * p)
-    grid = torch.tensor([[gt, gh, gw]] * n, dtype=torch.long)
-    return patches, grid
-
-
-def patchify_images(pixel_values: torch.Tensor, patch: int, merge: int, temporal: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised still images (n, C, H, W) -> patches (n*H/P*W/P, C*T*P*P), grid_thw (n, 3) = (1, H/P, W/P):
-    each image fills all T temporal slots of its patches."""
-    if pixel_values.ndim != 4:
-        raise ValueError(f"pixel_values: expected shape [n, C, H, W], got {list(pixel_values.shape)}")
-    frames = pixel_values.unsqueeze(1).expand(-1, temporal, -1, -1, -1)  # (n, T, C, H, W), no copy
-    return patchify(frames, patch, merge, temporal)
-
 
 def _to_uint8_chw(image: Any, where: str) -> torch.Tensor:
     """A PIL image (any mode) or a uint8 [H, W, 3] array / tensor -> uint8 [3, H, W] tensor."""

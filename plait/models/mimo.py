@@ -102,7 +102,7 @@ class _M3VisionEncoder(nn.Module):
 
     def batch_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images (n, C, H, W) -> this tower's keyword inputs (patches and grid)."""
-        from plait.data.m3_processing import patchify_images
+        from plait.models.minimax_m3_vision import patchify_images
 
         c = self.tower.config
         patches, grid = patchify_images(images, c.patch_size, c.spatial_merge_size, c.temporal_patch_size)

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from plait.models.minimax_m3_vision import patchify_images
+
 
 @dataclass(frozen=True)
 class VisionLanguageSpec:
@@ -79,8 +81,6 @@ def _m3_tokens(config: Any, image_size: int) -> int:
 
 
 def _m3_inputs(config: Any, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-    from plait.data.m3_processing import patchify_images
-
     v = config.vision_config
     _m3_grid(v.patch_size, v.spatial_merge_size, pixel_values.shape[-2])
     _m3_grid(v.patch_size, v.spatial_merge_size, pixel_values.shape[-1])

@@ -20,11 +20,11 @@ from plait.data.m3_processing import (
     VisionSettings,
     expand_placeholders,
     load_settings,
-    patchify_images,
     preprocess_images,
     preprocess_videos,
     smart_resize,
 )
+from plait.models.minimax_m3_vision import patchify_images
 from plait.models.presets import preset_dict
 from plait.models.vlm import vlm_spec
 
