@@ -362,11 +362,16 @@ def _block_sparse_attention(q, k, v, mask, blocks: KeyBlocks, *, scale, window):
             continue
         k_index = (picked[:, None] * bs + in_block).flatten()
         k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
+        nk = k_index.numel()
+        if int(picked[-1]) + 1 == picked.numel():  # the usual causal case: blocks 0..j, a view, no copy
+            kt, vt = k[:, :, :nk], v[:, :, :nk]
+        else:
+            kt, vt = k.index_select(2, k_index), v.index_select(2, k_index)
         allowed = mask.dense_tile(window, lo, hi, k_index)  # (B|1, 1, t, nk)
-        chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., : k_index.numel()]
-        allowed = allowed & chosen.repeat_interleave(H // keep.shape[1], dim=1)
-        outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k.index_select(2, k_index),
-                                                   v.index_select(2, k_index), attn_mask=allowed, scale=scale,
+        chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., :nk]  # (B, h, t, nk)
+        if keep.shape[1] > 1:  # one indexer head broadcasts over the query heads; several are repeated
+            chosen = chosen.repeat_interleave(H // keep.shape[1], dim=1)
+        outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], kt, vt, attn_mask=allowed & chosen, scale=scale,
                                                    enable_gqa=gqa))
     return torch.cat(outs, dim=2)[..., :dv]
 

@@ -45,6 +45,12 @@ class Activation:
         raise ValueError(f"activation {self.name!r} is gated-only")
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.name in _FUSED_GATES and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            return _FusedGate.apply(gate, up, self)
+        return self.gated_reference(gate, up)
+
+    def gated_reference(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The gated activation as plain tensor ops (autograd keeps every intermediate)."""
         if self.name == "swigluoai":
             gate = gate.clamp(max=self.limit)
             up = up.clamp(min=-self.limit, max=self.limit)
@@ -56,6 +62,40 @@ class Activation:
     def gated_fused(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return self.gated(gate, up)
+
+
+_FUSED_GATES = ("silu", "swigluoai")
+
+
+class _FusedGate(torch.autograd.Function):
+    """silu / swigluoai gating that saves only its two inputs and recomputes the rest in backward.
+
+    Autograd on the plain ops keeps four more (tokens x intermediate) tensors per MLP (the clamped
+    gate, the sigmoid, and two products); in an MoE layer that is most of its activation memory.
+    The forward runs the same ops as `Activation.gated_reference`, so outputs are bitwise equal."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act: Activation):
+        ctx.act = act
+        ctx.save_for_backward(gate, up)
+        return act.gated_reference(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        act = ctx.act
+        g, u, dy = gate.float(), up.float(), grad_out.float()
+        if act.name == "silu":  # silu(g) * u
+            s = torch.sigmoid(g)
+            grad_gate = dy * u * s * (1.0 + g * (1.0 - s))
+            grad_up = dy * g * s
+        else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
+            gc = g.clamp(max=act.limit)
+            s = torch.sigmoid(gc * act.alpha)
+            grad_gate = dy * (u.clamp(-act.limit, act.limit) + 1.0) * s * (1.0 + act.alpha * gc * (1.0 - s))
+            grad_gate = grad_gate.masked_fill_(g > act.limit, 0.0)  # clamp passes the gradient inside its bounds
+            grad_up = (dy * gc * s).masked_fill_(u.abs() > act.limit, 0.0)
+        return grad_gate.to(gate.dtype), grad_up.to(up.dtype), None
 
 
 class MLP(nn.Module):

@@ -154,8 +154,11 @@ class GroupedExperts(nn.Module):
         else:
             ys = self._loop(xs, counts)
         ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
-        out = torch.empty_like(ys).index_copy(0, order, ys)  # back to slot order; each row written once
-        return out.view(T, K, H).sum(dim=1).to(x.dtype)
+        # back to slot order by the inverse permutation: a gather keeps only the index for backward
+        # (index_copy would keep a copy of ys), and its backward writes each row once
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return ys.index_select(0, inverse).view(T, K, H).sum(dim=1).to(x.dtype)
 
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # split (not slicing) so the backward concatenates the pieces instead of summing E full-size grads

@@ -50,3 +50,20 @@ def test_plain_gelu_mlp_and_activation_errors():
         MLP(8, 16, "quick_gelu")
     with pytest.raises(ValueError, match="plain MLP activation"):
         MLP(8, 16, "swigluoai", gated=False)
+
+
+@pytest.mark.parametrize("name", ["silu", "swigluoai"])
+def test_fused_gate_backward_is_the_derivative_of_the_reference(name):
+    # float64 finite differences; the swigluoai inputs straddle both clamps (limit 7) and stay off the kinks
+    act = Activation(name, alpha=1.702, limit=7.0)
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 6)
+    up = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 6)
+    gate = gate.masked_fill((gate - 7).abs() < 0.1, 3.0).requires_grad_()
+    up = up.masked_fill((up.abs() - 7).abs() < 0.1, -2.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: act.gated(a, b), (gate, up))
+    if name == "swigluoai":
+        assert bool((gate > 7).any()) and bool((up.abs() > 7).any())
+    # and in float32 the fused forward is the reference forward, bit for bit
+    a, b = gate.detach().float().requires_grad_(), up.detach().float()
+    assert torch.equal(act.gated(a, b), act.gated_reference(a, b))

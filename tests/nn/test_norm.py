@@ -3,7 +3,7 @@ import torch
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashRMSNorm
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLRMSNorm
 
-from plait.nn.norm import RMSNorm
+from plait.nn.norm import RMSNorm, rms_norm_reference
 from tests.nn.reference import assert_close, randomize_
 
 
@@ -49,3 +49,25 @@ def test_bf16_input_keeps_dtype_and_float32_statistics():
 def test_wrong_width_is_a_clear_error():
     with pytest.raises(ValueError, match="expected last dim 16"):
         RMSNorm(16)(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_saving_backward_matches_autograd_on_the_reference_ops(unit_offset):
+    # the statistics are float32 whatever the input (the reference's rule), so compare with autograd in float32
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5, unit_offset=unit_offset)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(3, 7, 64, generator=g) * 3).requires_grad_()
+    dy = torch.randn(3, 7, 64, generator=g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = norm(x)
+    grads = torch.autograd.grad(out, (x, norm.weight), dy)
+    ref = rms_norm_reference(x, norm.weight, 1e-5, unit_offset)
+    ref_grads = torch.autograd.grad(ref, (x, norm.weight), dy)
+    assert torch.equal(out, ref)  # the same forward ops, bit for bit
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, tol=1e-5 * float(want.abs().max()))
+    # only x, the weight and 1/rms stay for backward
+    assert sorted(saved) == sorted([x.shape, torch.Size([64]), torch.Size([3, 7, 1])])
