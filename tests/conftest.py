@@ -35,17 +35,28 @@ def small_config(tmp_path, data_cache):
     return make
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory, data_cache):
-    """A checkpoint from a few steps of the default model (not a good model, a real one)."""
+def _train_briefly(out, data_cache, *overrides: str):
+    """A checkpoint from a few steps of the default model (not a good model, a real one: after 6 steps its
+    greedy captions have words in them)."""
     from rich.console import Console
 
     from plait.train import train
 
-    out = tmp_path_factory.mktemp("trained")
     cfg = load_config("configs/default.yaml", [
-        f"output_dir={out}", f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=3", "train.batch_size=16",
+        f"output_dir={out}", f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=6", "train.batch_size=16",
         "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
-        "eval.max_new_tokens=12",
+        "eval.max_new_tokens=12", *overrides,
     ])
     return train(cfg, console=Console(quiet=True)).checkpoint_dir
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, data_cache):
+    """The default model as `make train` builds it (with its MTP depth), after a few steps."""
+    return _train_briefly(tmp_path_factory.mktemp("trained"), data_cache)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint_without_mtp(tmp_path_factory, data_cache):
+    """The default model without MTP depths, after a few steps (what `model.mtp.train_only` extends)."""
+    return _train_briefly(tmp_path_factory.mktemp("trained-no-mtp"), data_cache, "model.mtp.num_layers=0")

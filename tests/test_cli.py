@@ -25,7 +25,8 @@ def test_print_config_shows_the_resolved_run():
 @pytest.mark.parametrize("args, message", [
     (["train", "configs/default.yaml", "train.stepz=3"], "train.stepz: unknown key"),
     (["train", "configs/missing.yaml"], "not found"),
-    (["train", "configs/default.yaml", "model.mtp.train_only=true"], "set model.mtp.num_layers >= 1"),
+    (["train", "configs/default.yaml", "model.mtp.train_only=true", "model.mtp.num_layers=0"],
+     "set model.mtp.num_layers >= 1"),
     (["train", "configs/default.yaml", "model.mtp.train_only=true", "model.mtp.num_layers=1"],
      "set model.pretrained"),
     (["train", "configs/default.yaml", "parallel.pp=2"], "2 processes expected, but 1 were launched"),
@@ -94,8 +95,9 @@ def test_inspect_a_checkpoint(trained_checkpoint):
     info = json.loads(res.stdout)
     assert info["model_type"] == "minimax_m3_vl"
     assert info["total_parameters"] > 900_000
-    # 2 MoE layers x 4 experts (top-2) x 3 matrices of 128 x 128: half the routed weights are idle per token
-    routed = 2 * 4 * 3 * 128 * 128
+    # 3 MoE layers (2 decoder layers, 1 MTP depth) x 4 experts (top-2) x 3 matrices of 128 x 128: half the
+    # routed weights are idle per token
+    routed = 3 * 4 * 3 * 128 * 128
     assert info["total_parameters"] - info["active_parameters"] == routed // 2
     names = [m[0] for m in info["modules"]]
     assert "vision_tower" in names and "lm_head" in names

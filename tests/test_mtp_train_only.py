@@ -17,15 +17,15 @@ from tests.test_cli import plait_cmd
 
 
 @pytest.fixture(scope="module")
-def mtp_run(trained_checkpoint, tmp_path_factory, data_cache):
+def mtp_run(trained_checkpoint_without_mtp, tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("mtp-only")
     cfg = load_config("configs/default.yaml", [
         f"output_dir={out}", f"data.cache_dir={data_cache}", *SMALL_DATA, "model.preset=null",
-        f"model.pretrained={trained_checkpoint}", "model.mtp.num_layers=2", "model.mtp.train_only=true",
+        f"model.pretrained={trained_checkpoint_without_mtp}", "model.mtp.num_layers=2", "model.mtp.train_only=true",
         "model.mtp.loss_scaling_factor=0.5", "train.steps=4", "train.batch_size=16", "train.warmup_steps=1",
         "train.eval_every=0", "train.progress=false", "eval.num_samples=8", "eval.max_new_tokens=12",
     ])
-    return trained_checkpoint, train(cfg, console=Console(quiet=True))
+    return trained_checkpoint_without_mtp, train(cfg, console=Console(quiet=True))
 
 
 def test_only_the_new_depths_change(mtp_run):
