@@ -179,9 +179,6 @@ class ParallelSettings(_Section):
         if self.layers_per_stage is not None and self.split != "even":
             raise ValueError(f"parallel.split={self.split!r} with parallel.layers_per_stage={self.layers_per_stage}: "
                              "set one of them")
-        if self.pp > 1 and self.dp > 1:
-            raise ValueError(f"parallel.dp={self.dp} with parallel.pp={self.pp}: data and pipeline parallelism "
-                             "together are not supported yet; use one of them")
         return self
 
 
@@ -197,10 +194,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _batch_splits(self) -> "RunConfig":
         if self.parallel.pp > 1:
-            micro = self.train.batch_size // self.train.grad_accum
-            if micro % self.parallel.microbatches:
-                raise ValueError(f"train.batch_size / train.grad_accum = {micro} rows must split into "
-                                 f"parallel.microbatches={self.parallel.microbatches} equal microbatches")
+            rows = self.train.batch_size // (self.train.grad_accum * self.parallel.dp)
+            if rows % self.parallel.microbatches:
+                raise ValueError(f"train.batch_size / (train.grad_accum x parallel.dp) = {self.train.batch_size} / "
+                                 f"({self.train.grad_accum} x {self.parallel.dp}) = {rows} rows per pipeline must "
+                                 f"split into parallel.microbatches={self.parallel.microbatches} equal microbatches")
             if self.data.packing:
                 raise ValueError("data.packing with parallel.pp > 1: not supported yet (stages pass hidden states "
                                  "only, not the packed position ids)")

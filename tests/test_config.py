@@ -45,7 +45,9 @@ def test_override_into_a_value_is_an_error():
         ("train.steps=0", r"train.steps: .*greater than 0.*given 0"),
         ("data.dataset=mnist", r"data.dataset: .*'shapes'.*given 'mnist'"),
         ("train.batch_size=30", r"batch_size \(30\) must be divisible by train.grad_accum x parallel.dp \(4 x 1\)"),
-        ("parallel.pp=2 parallel.dp=2", r"parallel.dp=2 with parallel.pp=2: .*not supported yet"),
+        # each of the 2 replicas' pipelines gets 32 of the 64 rows
+        ("parallel.pp=2 parallel.dp=2 parallel.microbatches=64",
+         r"64 / \(1 x 2\) = 32 rows per pipeline must split into parallel.microbatches=64"),
         ("parallel.pp=2 parallel.microbatches=3", r"must split into parallel.microbatches=3"),
         ("parallel.microbatches=4", r"only used with parallel.pp > 1"),
         ("train.resume=sometimes", r"train.resume: .*'never' or 'auto'.*given 'sometimes'"),

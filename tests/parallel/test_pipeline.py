@@ -16,10 +16,10 @@ WORKER = Path(__file__).with_name("pipeline_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, kind: str) -> list[dict]:
+def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, kind: str, dp: int = 1) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(tmp_path), schedule,
-           str(microbatches), kind]
+           str(microbatches), kind, str(dp)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
@@ -58,6 +58,33 @@ def test_two_ranks_match_the_single_process_step(tmp_path, kind, schedule, micro
     assert losses == pytest.approx(ref_losses, rel=1e-5)
 
 
+def test_two_replicas_of_a_two_stage_pipeline_sum_to_the_single_process_step(tmp_path):
+    """pp=2 x dp=2 on plait's mesh: each replica runs half the rows, the stages' gradients are summed over the
+    replicas, so every replica ends with the single-process gradient of the whole batch (an MoE aux loss on
+    every stage, weighted over all four forwards of the step), and the gradient norm counts each parameter once."""
+    microbatches = 2
+    ranks = run_pipeline(tmp_path, 4, "1f1b", microbatches, "mimo_aux", dp=2)
+    ref_grads, ref_losses = reference_step("mimo_aux", microbatches * 2)  # replica 0's forwards, then replica 1's
+    assert [r["mesh"] for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]  # pipeline outermost, as in torchtitan
+    for replica in (0, 1):
+        grads, losses = {}, []
+        for r in (r for r in ranks if r["mesh"][1] == replica):
+            assert not (grads.keys() & r["grads"].keys()), "a parameter lives on two stages"
+            grads |= r["grads"]
+            losses += r["losses"]
+        assert grads.keys() == ref_grads.keys()
+        worst = 0.0
+        for name, g in grads.items():
+            ref = ref_grads[name]
+            scale = ref.abs().max().item() + 1e-12
+            worst = max(worst, (g - ref).abs().max().item() / scale)
+            assert torch.allclose(g, ref, rtol=1e-5, atol=1e-5 * scale), (replica, name)
+        assert losses == pytest.approx(ref_losses[replica * microbatches : (replica + 1) * microbatches], rel=1e-5)
+        print(f"pp=2 x dp=2, replica {replica}: max relative gradient difference {worst:.1e}")
+    ref_norm = sum(float(g.pow(2).sum()) for g in ref_grads.values()) ** 0.5
+    assert [r["grad_norm"] for r in ranks] == pytest.approx([ref_norm] * 4, rel=1e-5)
+
+
 def test_stage_placement_and_layer_splits():
     assert stage_indices("1f1b", 1, 2) == [1]
     assert stage_indices("interleaved_1f1b", 1, 2) == [1, 3]
@@ -86,16 +113,12 @@ def test_unsupported_models_are_refused_before_any_process_group_work():
     assert build_model("mimo") is not None
 
 
-@pytest.mark.parametrize("config, depths, split", [
-    # two MTP depths train on the last stage (their losses match too); layers split by estimated compute
-    ("configs/mimo_v2_flash_tiny.yaml", 2, "balanced"),
-    ("configs/default.yaml", 0, "even"),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
-])
-def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
-                                                                                      depths, split):
+def train_alone_and_under_torchrun(tmp_path: Path, data_cache, config: str, nproc: int, common: list[str],
+                                   parallel: list[str]) -> tuple[list[dict], list[dict], subprocess.CompletedProcess]:
+    """The same run in one process (tmp_path/single) and as `torchrun --nproc-per-node nproc` with the
+    `parallel` overrides (tmp_path/parallel): (its step rows, the single process's step rows, its result)."""
     from rich.console import Console
 
-    import plait
     from plait.config import load_config
     from plait.metrics import read_metrics
     from plait.train import train
@@ -103,29 +126,69 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
 
     common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=4", "train.batch_size=16",
               "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=16",
-              "eval.max_new_tokens=16", "checkpoint.every_steps=2", f"model.mtp.num_layers={depths}"]
-    single = load_config(config, [f"output_dir={tmp_path / 'single'}", *common])
-    train(single, console=Console(quiet=True))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
-           f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
-           "parallel.schedule=1f1b", f"parallel.split={split}"]
+              "eval.max_new_tokens=16", "checkpoint.every_steps=2", *common]
+    train(load_config(config, [f"output_dir={tmp_path / 'single'}", *common]), console=Console(quiet=True))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "plait", "train", config,
+           f"output_dir={tmp_path / 'parallel'}", *common, *parallel]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
-    ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
-    ref = [r for r in read_metrics(single.output_dir / "metrics.jsonl") if "lm_loss" in r]
+    rows = [[r for r in read_metrics(tmp_path / d / "metrics.jsonl") if "lm_loss" in r] for d in ("parallel", "single")]
+    return rows[0], rows[1], res
+
+
+def assert_same_steps(ours: list[dict], ref: list[dict], keys: tuple[str, ...]) -> float:
+    """Every logged step agrees within 1e-5 relative on `keys`; returns the largest relative difference."""
     assert len(ours) == len(ref) == 4
+    worst = 0.0
     for a, b in zip(ours, ref):
-        for key in ("loss", "lm_loss", *(f"mtp_loss_{d}" for d in range(1, depths + 1))):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), key
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    # rank 0 exports the whole model (every stage's weights), loadable in one process
-    whole = plait.from_pretrained(tmp_path / "pp2" / "checkpoints" / "step_4")
-    alone = plait.from_pretrained(single.output_dir / "checkpoints" / "step_4")
-    # AdamW turns float noise in near-zero gradients into update noise: compare at 1e-3 of each tensor's scale,
-    # far below one step's update (lr 1e-3 per element)
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+            worst = max(worst, abs(a[key] - b[key]) / abs(b[key]))
+    return worst
+
+
+def assert_same_export(tmp_path: Path) -> None:
+    """The rank-0 export of the parallel run (every stage's weights) loads in one process and matches the
+    single process's. AdamW turns float noise in near-zero gradients into update noise: compare at 1e-3 of
+    each tensor's scale, far below one step's update (lr 1e-3 per element)."""
+    import plait
+
+    whole = plait.from_pretrained(tmp_path / "parallel" / "checkpoints" / "step_4")
+    alone = plait.from_pretrained(tmp_path / "single" / "checkpoints" / "step_4")
+    assert whole.state_dict().keys() == alone.state_dict().keys()
     for (name, a), (_, b) in zip(whole.state_dict().items(), alone.state_dict().items()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()) + 1e-8), name
+
+
+@pytest.mark.parametrize("config, depths, split", [
+    # two MTP depths train on the last stage (their losses match too); layers split by estimated compute
+    ("configs/mimo_v2_flash_tiny.yaml", 2, ["parallel.split=balanced"]),
+    ("configs/default.yaml", 0, []),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
+], ids=["mimo-mtp-balanced", "m3vl-even"])
+def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
+                                                                                      depths, split):
+    ours, ref, res = train_alone_and_under_torchrun(
+        tmp_path, data_cache, config, 2, [f"model.mtp.num_layers={depths}"],
+        ["parallel.pp=2", "parallel.microbatches=4", "parallel.schedule=1f1b", *split])
+    assert_same_steps(ours, ref, ("loss", "lm_loss", "grad_norm", *(f"mtp_loss_{d}" for d in range(1, depths + 1))))
+    assert_same_export(tmp_path)
+    assert res.stdout.count("held-out accuracy: ") == 1
+
+
+@pytest.mark.slow  # about a minute on 2 cores; test_two_replicas_of_a_two_stage_pipeline_sum_... covers the sums
+def test_two_replicas_of_a_pipeline_log_the_single_process_steps(tmp_path, data_cache):
+    """pp=2 x dp=2: four processes, each replica a 2-stage pipeline over its half of every batch. The logged
+    losses (an MTP depth's too), grad norms, token counts and expert loads are the whole step's, and the
+    export matches the single process's."""
+    ours, ref, res = train_alone_and_under_torchrun(
+        tmp_path, data_cache, "configs/mimo_v2_flash_tiny.yaml", 4, ["model.mtp.num_layers=1"],
+        ["parallel.pp=2", "parallel.dp=2", "parallel.microbatches=2", "parallel.schedule=1f1b"])
+    worst = assert_same_steps(ours, ref, ("loss", "lm_loss", "mtp_loss_1", "grad_norm", "moe_load_imbalance"))
+    print(f"pp=2 x dp=2: largest relative difference from the single process {worst:.1e}")
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in ref]
+    assert {r["world_size"] for r in ours} == {4}
+    assert_same_export(tmp_path)
     assert res.stdout.count("held-out accuracy: ") == 1
 
 
