@@ -255,8 +255,11 @@ def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
 def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint `train.resume=auto` continues from, checked before anything is written.
 
-    It must hold a run of the same resolved config (`train.resume` aside): continuing a different run
-    would silently mix two experiments in one output_dir.
+    It must hold a run of the same resolved config: continuing a different run would silently mix two
+    experiments in one output_dir. `train.resume` and the `parallel` section do not count: the layout
+    (processes, pipeline stages, schedule, microbatches) changes where the step's sums are computed, not the
+    step (same global batch, same normalisation), and the training state is saved by full-model names, so it
+    loads into any layout.
     """
     if cfg.train.resume != "auto":
         return None, None
@@ -266,9 +269,10 @@ def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | 
     state = check_training_checkpoint(latest)
     saved = yaml.safe_load((latest / RUN_CONFIG_FILE).read_text()) if (latest / RUN_CONFIG_FILE).is_file() else None
     ours = cfg.model_dump(mode="json")
-    if saved is not None:
-        saved.get("train", {}).pop("resume", None)
-    ours["train"].pop("resume")
+    for config in (saved, ours):
+        if config is not None:
+            config.get("train", {}).pop("resume", None)
+            config.pop("parallel", None)
     if saved != ours:
         diffs = _config_diff(saved or {}, ours)
         raise ValueError(
@@ -415,7 +419,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         example = collate_padded([train_set[i] for i in range(rows)], train_set.pad_id, pad_to)
         pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
-    local = nn.ModuleList([m.model for m in pipe.modules]) if pipe is not None else model
+    local = pipe.local_model() if pipe is not None else model
     replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum

@@ -384,6 +384,37 @@ def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[
     return MimoStageModule(model, first, last)
 
 
+def merge_stage_models(models: list[nn.Module]) -> nn.Module:
+    """One module tree holding the submodules of every given stage model (pruned copies of one model) at their
+    own paths, shared, not copied; the stage models are left as they are. Where two stages hold the same path
+    (the text model, the ModuleDict of layers) their children merge; a parameter on two stages is refused."""
+    view = models[0]
+    for other in models[1:]:
+        view = _merge_modules(view, other)
+    return view
+
+
+def _merge_modules(a: nn.Module, b: nn.Module, path: str = "") -> nn.Module:
+    if a is b:
+        return a
+    out = copy.copy(a)  # shallow: shares a's submodules and tensors, with tables of its own to add b's to
+    out._modules, out._parameters, out._buffers = dict(a._modules), dict(a._parameters), dict(a._buffers)
+    out._non_persistent_buffers_set = a._non_persistent_buffers_set | b._non_persistent_buffers_set
+    for name, p in b._parameters.items():
+        if p is not None and out._parameters.get(name) is not None and out._parameters[name] is not p:
+            raise ValueError(f"pipeline: parameter {path + name!r} is held by two stages")
+        if p is not None:
+            out._parameters[name] = p
+    for name, t in b._buffers.items():  # a buffer on two stages (rotary tables) holds the same values on both
+        if t is not None and out._buffers.get(name) is None:
+            out._buffers[name] = t
+    for name, child in b._modules.items():
+        if child is not None:
+            mine = out._modules.get(name)
+            out._modules[name] = child if mine is None else _merge_modules(mine, child, f"{path}{name}.")
+    return out
+
+
 @dataclass
 class PipelineRun:
     schedule: object
@@ -403,6 +434,11 @@ class PipelineRun:
     def parameters(self):
         for m in self.modules:
             yield from m.parameters()
+
+    def local_model(self) -> nn.Module:
+        """This rank's stages as one model, each stage's modules at their paths in the full model: parameters,
+        optimizer state and checkpoint keys are named as in a single-process run, whatever the layout."""
+        return merge_stage_models([m.model for m in self.modules])
 
     def named_parameters(self):
         for m in self.modules:

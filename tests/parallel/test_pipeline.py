@@ -192,6 +192,56 @@ def test_two_replicas_of_a_pipeline_log_the_single_process_steps(tmp_path, data_
     assert res.stdout.count("held-out accuracy: ") == 1
 
 
+def test_the_training_state_resumes_across_pipeline_layouts(tmp_path, data_cache):
+    """The DCP training state (model, AdamW state by full-model names, scheduler, data position, RNG) of a
+    single-process run resumes under parallel.pp=2, and the one the pipelined run saves resumes in a single
+    process: both continue with the losses of the uninterrupted run."""
+    import shutil
+
+    from rich.console import Console
+
+    from plait.config import load_config
+    from plait.metrics import read_metrics
+    from plait.train import train
+    from tests.conftest import SMALL_DATA
+
+    config, out = "configs/mimo_v2_flash_tiny.yaml", tmp_path / "run"
+    common = [f"output_dir={out}", f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=6", "train.batch_size=8",
+              "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
+              "eval.max_new_tokens=8", "checkpoint.every_steps=2", "train.resume=auto", "model.mtp.num_layers=1"]
+
+    def steps() -> dict[int, dict]:
+        return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "lm_loss" in r}
+
+    def drop(*names: str) -> None:
+        for name in names:
+            shutil.rmtree(out / "checkpoints" / name)
+
+    train(load_config(config, common), console=Console(quiet=True))
+    uninterrupted = steps()
+    drop("step_4", "step_6")  # as if the run had died after saving step 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config, *common,
+           "parallel.pp=2", "parallel.microbatches=2", "parallel.layers_per_stage=[3,1]"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resumed from step 2" in res.stdout
+    assert len(list((out / "checkpoints" / "step_4" / "training_state").glob("*.distcp"))) == 2  # one per stage
+    drop("step_6")  # the pipelined run died after saving step 4: continue it in one process
+    console = Console(record=True, width=200)
+    train(load_config(config, common), console=console)
+    assert "resumed from step 4" in console.export_text()
+    resumed = steps()
+    assert sorted(resumed) == sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    worst = 0.0
+    for step in (3, 4, 5, 6):  # 3 and 4 by the pipeline, 5 and 6 by the single process again
+        for key in ("loss", "lm_loss", "mtp_loss_1", "grad_norm"):
+            a, b = resumed[step][key], uninterrupted[step][key]
+            assert a == pytest.approx(b, rel=1e-5), (step, key)
+            worst = max(worst, abs(a - b) / abs(b))
+    print(f"resumed across layouts: largest relative difference from the uninterrupted run {worst:.1e}")
+
+
 def test_patch_flattened_images_are_cut_per_microbatch():
     """M3-style pixels (one row per patch, a grid per image): each microbatch gets exactly its rows' patches."""
     from plait.parallel.pipeline import _vlm_pixel_values_chunks
@@ -229,6 +279,27 @@ def test_balanced_split_weighs_active_parameters_and_the_first_and_last_stage_ex
     assert first == 0.0 and last > sum(costs[-2:])
     assert split_layers(list(mimo.model.layers.keys()), 2, layer_costs=costs, first_extra=first,
                         last_extra=last) == [["0", "1", "2"], ["3"]]
+
+
+def test_the_stages_of_one_rank_merge_under_the_full_models_names():
+    """A looped or V schedule puts several stages on a rank: one module tree holds them at the whole model's
+    paths (so the optimizer and the checkpoint name parameters as a single process does), shared, not copied."""
+    from plait.parallel.pipeline import make_stage_module, merge_stage_models
+
+    model = build_model("mimo_mtp")
+    split = split_layers(list(model.model.layers.keys()), 4)
+    stages = [make_stage_module(model, s, split).model for s in (0, 3)]  # rank 0 of a V schedule on 2 ranks
+    own = [dict(m.named_parameters()) for m in stages]
+    merged = dict(merge_stage_models(stages).named_parameters())
+    assert merged.keys() == own[0].keys() | own[1].keys()
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.gate.weight",
+            "lm_head.weight", "model.mtp.layers.0.eh_proj.weight"} <= merged.keys()
+    assert all(merged[name] is p for params in own for name, p in params.items())
+    assert [dict(m.named_parameters()).keys() for m in stages] == [params.keys() for params in own]  # left as they are
+    assert merge_stage_models(stages).state_dict().keys() <= model.state_dict().keys()
+    twice = [make_stage_module(model, 0, split).model for _ in range(2)]
+    with pytest.raises(ValueError, match="parameter 'model.embed_tokens.weight' is held by two stages"):
+        merge_stage_models(twice)
 
 
 def test_split_settings_are_checked():
