@@ -344,7 +344,7 @@ def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict
     p = cfg.parallel
     pipe = build(model, rank=ctx.pp_rank, ranks=p.pp, group=ctx.pp_group, schedule=p.schedule,
                  microbatches=p.microbatches, loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
-                 virtual_stages=p.virtual_stages, split=p.split)
+                 virtual_stages=p.virtual_stages, split=p.split, stage_modules=p.stage_modules)
     pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example))
     return pipe
 

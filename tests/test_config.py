@@ -48,6 +48,9 @@ def test_override_into_a_value_is_an_error():
         # each of the 2 replicas' pipelines gets 32 of the 64 rows
         ("parallel.pp=2 parallel.dp=2 parallel.microbatches=64",
          r"64 / \(1 x 2\) = 32 rows per pipeline must split into parallel.microbatches=64"),
+        ("parallel.pp=2 parallel.split=balanced parallel.stage_modules=[[layers.0],[layers.1]]",
+         r"parallel.split='balanced' with parallel.stage_modules=.*set one of them"),
+        ("parallel.stage_modules=[[layers.0]]", r"parallel.stage_modules=\[\['layers.0'\]\]: only used with parallel.pp > 1"),
         ("parallel.pp=2 parallel.microbatches=3", r"must split into parallel.microbatches=3"),
         ("parallel.microbatches=4", r"only used with parallel.pp > 1"),
         ("train.resume=sometimes", r"train.resume: .*'never' or 'auto'.*given 'sometimes'"),

@@ -164,8 +164,10 @@ def assert_same_export(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config, depths, split", [
     # two MTP depths train on the last stage (their losses match too); layers split by estimated compute
     ("configs/mimo_v2_flash_tiny.yaml", 2, ["parallel.split=balanced"]),
-    ("configs/default.yaml", 0, []),  # the native M3-VL: its vision tower on stage 0, fed each microbatch's images
-], ids=["mimo-mtp-balanced", "m3vl-even"])
+    # the native M3-VL: its vision tower on stage 0, fed each microbatch's images; the stages named module by module
+    ("configs/default.yaml", 0, ["parallel.stage_modules=[[vision_tower,multi_modal_projector,embed_tokens,layers.0],"
+                                 "[layers.1,norm,lm_head]]"]),
+], ids=["mimo-mtp-balanced", "m3vl-stage-modules"])
 def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
                                                                                       depths, split):
     ours, ref, res = train_alone_and_under_torchrun(
@@ -259,26 +261,56 @@ def test_balanced_split_weighs_active_parameters_and_the_first_and_last_stage_ex
     """MoE layers count top_k / num_experts of their experts; the vision tower goes to the first stage's bill,
     the head and the MTP depths to the last's."""
     from plait.nn.moe import MoE
-    from plait.parallel.pipeline import active_parameters, estimated_stage_costs
+    from plait.parallel.pipeline import estimated_stage_costs, native_stage_parts
     from tests.parallel.pipeline_models import build_model
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
 
     model = build_model("m3vl_mtp")
     layer = model.language_model.layers["1"]
     moe = next(m for m in layer.modules() if isinstance(m, MoE))
-    experts = sum(p.numel() for p in moe.experts.parameters())
-    total = sum(p.numel() for p in layer.parameters())
-    assert active_parameters(layer) == pytest.approx(total - experts * (1 - moe.cfg.top_k / moe.cfg.num_experts))
-    costs, first, last = estimated_stage_costs(model)
+    costs, first, last = estimated_stage_costs(native_stage_parts(model))
     assert len(costs) == len(model.language_model.layers)
+    assert costs[1] == pytest.approx(count(layer) - count(moe.experts) * (1 - moe.cfg.top_k / moe.cfg.num_experts))
     head = model.lm_head.weight.numel()
-    assert first == pytest.approx(active_parameters(model.vision_tower) + active_parameters(model.multi_modal_projector))
-    assert last > 2 * head  # the head, plus the head again for each of the two MTP depths
+    assert first == pytest.approx(count(model.vision_tower) + count(model.multi_modal_projector))  # lookups are free
+    assert last > 3 * head  # the head, plus the head again for each of the two MTP depths
     # MiMo-V2-Flash with two MTP depths: the head-heavy last stage gets one of the four layers, not two
     mimo = build_model("mimo_mtp")
-    costs, first, last = estimated_stage_costs(mimo)
+    costs, first, last = estimated_stage_costs(native_stage_parts(mimo))
     assert first == 0.0 and last > sum(costs[-2:])
     assert split_layers(list(mimo.model.layers.keys()), 2, layer_costs=costs, first_extra=first,
                         last_extra=last) == [["0", "1", "2"], ["3"]]
+
+
+def test_stage_modules_name_every_stage_and_a_bad_list_is_refused_naming_the_entry():
+    from plait.parallel.pipeline import choose_split, native_stage_parts
+
+    parts = native_stage_parts(build_model("m3vl_mtp"))
+    assert parts.names() == ["vision_tower", "multi_modal_projector", "embed_tokens", "layers.0", "layers.1",
+                             "layers.2", "norm", "lm_head", "mtp"]
+    first, last = ["vision_tower", "multi_modal_projector", "embed_tokens"], ["norm", "lm_head", "mtp"]
+    assert choose_split(parts, 2, stage_modules=[[*first, "layers.0"], ["layers.1", "layers.2", *last]]) == [
+        ["0"], ["1", "2"]]
+    bad = {
+        "expected 2 stages .*, got 3": [[*first, "layers.0"], ["layers.1"], ["layers.2", *last]],
+        r"\[1\]: 'layers.3' is not a module of this model; expected one of \['vision_tower'":
+            [[*first, "layers.0", "layers.1"], ["layers.2", "layers.3", *last]],
+        "'layers.1' is listed on stage 0 and again on stage 1": [[*first, "layers.0", "layers.1"],
+                                                                ["layers.1", "layers.2", *last]],
+        r"\[1\]: 'embed_tokens' runs on the first stage; expected it in stage 0, got it in stage 1":
+            [["vision_tower", "multi_modal_projector", "layers.0"], ["embed_tokens", "layers.1", "layers.2", *last]],
+        r"\[0\]: 'lm_head' runs on the last stage; expected it in stage 1, got it in stage 0":
+            [[*first, "layers.0", "lm_head"], ["layers.1", "layers.2", "norm", "mtp"]],
+        r"\['mtp'\] not listed": [[*first, "layers.0"], ["layers.1", "layers.2", "norm", "lm_head"]],
+        r"\['layers.2'\] not listed": [[*first, "layers.0"], ["layers.1", *last]],
+        "out of model order: 'layers.1' where 'layers.0' comes next": [[*first, "layers.1"], ["layers.0", "layers.2", *last]],
+        r"\[1\]: \['norm', 'lm_head', 'mtp'\] holds no decoder layer": [[*first, "layers.0", "layers.1", "layers.2"], last],
+    }
+    for message, stage_modules in bad.items():
+        with pytest.raises(ValueError, match=message):
+            choose_split(parts, 2, stage_modules=stage_modules)
 
 
 def test_the_stages_of_one_rank_merge_under_the_full_models_names():
