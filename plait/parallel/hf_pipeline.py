@@ -27,7 +27,11 @@ from collections.abc import Callable, MutableMapping
 import torch
 from torch import nn
 
-from plait.parallel.pipeline import ImageFeedingStage, StageParts, _vlm_pixel_values_chunks  # noqa: F401 (part of this API)
+from plait.parallel.pipeline import (  # noqa: F401 (part of this API)
+    ImageFeedingStage,
+    StageParts,
+    _vlm_pixel_values_chunks,
+)
 
 TEXT_MODULE_ATTRS = ("language_model", "text_model", "text_decoder")
 # children of a VLM's inner model that only the first stage runs
@@ -582,9 +586,10 @@ def hf_stage_parts(model: nn.Module) -> StageParts:
     inner = getattr(model, "model", None)
     first = {name: getattr(inner, name) for name in MULTIMODAL_SUFFIXES
              if inner is not None and getattr(inner, name, None) is not None}
-    first |= {name: getattr(decoder, name) for name in _FIRST_STAGE_TEXT_MODULES if getattr(decoder, name, None) is not None}
-    last = {name: m for name, m in (("norm", getattr(decoder, "norm", None)), ("lm_head", getattr(model, "lm_head", None)))
-            if m is not None}
+    first |= {name: getattr(decoder, name) for name in _FIRST_STAGE_TEXT_MODULES
+              if getattr(decoder, name, None) is not None}
+    last = {name: m for name, m in (("norm", getattr(decoder, "norm", None)),
+                                    ("lm_head", getattr(model, "lm_head", None))) if m is not None}
     lookups = {"embed_tokens": 0.0, "embed_tokens_per_layer": 0.0}  # embedding lookups cost no compute
     return StageParts({k: decoder.layers[int(k)] for k in hf_layer_keys(model)}, first, last, lookups,
                       routed_expert_share(model.config))

@@ -178,7 +178,6 @@ def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_m
     assert res.stdout.count("held-out accuracy: ") == 1
 
 
-@pytest.mark.slow  # about a minute on 2 cores; test_two_replicas_of_a_two_stage_pipeline_sum_... covers the sums
 def test_two_replicas_of_a_pipeline_log_the_single_process_steps(tmp_path, data_cache):
     """pp=2 x dp=2: four processes, each replica a 2-stage pipeline over its half of every batch. The logged
     losses (an MTP depth's too), grad norms, token counts and expert loads are the whole step's, and the
@@ -305,8 +304,10 @@ def test_stage_modules_name_every_stage_and_a_bad_list_is_refused_naming_the_ent
             [[*first, "layers.0", "lm_head"], ["layers.1", "layers.2", "norm", "mtp"]],
         r"\['mtp'\] not listed": [[*first, "layers.0"], ["layers.1", "layers.2", "norm", "lm_head"]],
         r"\['layers.2'\] not listed": [[*first, "layers.0"], ["layers.1", *last]],
-        "out of model order: 'layers.1' where 'layers.0' comes next": [[*first, "layers.1"], ["layers.0", "layers.2", *last]],
-        r"\[1\]: \['norm', 'lm_head', 'mtp'\] holds no decoder layer": [[*first, "layers.0", "layers.1", "layers.2"], last],
+        "out of model order: 'layers.1' where 'layers.0' comes next": [[*first, "layers.1"],
+                                                                       ["layers.0", "layers.2", *last]],
+        r"\[1\]: \['norm', 'lm_head', 'mtp'\] holds no decoder layer": [[*first, "layers.0", "layers.1", "layers.2"],
+                                                                          last],
     }
     for message, stage_modules in bad.items():
         with pytest.raises(ValueError, match=message):
