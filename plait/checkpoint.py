@@ -169,10 +169,22 @@ TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
+def _state_dict_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Optimizer state flattened to one key per parameter and setting ("state.model.layers.0...exp_avg",
+    # "param_groups.model.layers.0....lr"), as torchtitan saves it: a rank holding some pipeline stages saves
+    # and loads exactly its own parameters' keys, hyperparameters included, whatever the other ranks hold.
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
 def _dcp_state(model, optimizer) -> dict:
+    """Model and optimizer state keyed by the full model's parameter names (`model` is the whole model, or a
+    pipeline rank's stages merged under the whole model's names)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    return {"model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, optimizer, options=_state_dict_options())}
 
 
 # DCP warns that it runs in a single process when no process group exists; that is intended here.
@@ -243,7 +255,7 @@ def load_training_state(path: Path, model, optimizer) -> dict:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"training checkpoint {str(path)!r}: cannot read {TRAINING_STATE_DIR}: {first_line}") from None
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_optimizer_state_dict(model, optimizer, state["optim"], options=_state_dict_options())
     return trainer_state
 
 

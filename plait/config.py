@@ -166,22 +166,23 @@ class ParallelSettings(_Section):
         "even", description="without layers_per_stage: equal layer counts, or balanced by estimated compute per layer "
                             "(active parameters; vision tower to the first stage, head and MTP depths to the last)")
     virtual_stages: int = Field(1, gt=0, description="stages per rank for the looped interleaved schedules")
+    stage_modules: list[list[str]] | None = Field(
+        None, description="the modules of each stage by name, e.g. [[embed_tokens, layers.0], [layers.1, norm, "
+                          "lm_head]]: every decoder layer once and in order, the embedding (and vision tower) on "
+                          "the first stage, the final norm, head (and mtp) on the last")
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelSettings":
-        if self.pp == 1 and (self.microbatches != 1 or self.layers_per_stage is not None or self.virtual_stages != 1
-                             or self.split != "even"):
-            raise ValueError(
-                f"parallel.microbatches={self.microbatches}, parallel.layers_per_stage={self.layers_per_stage}, "
-                f"parallel.virtual_stages={self.virtual_stages}, parallel.split={self.split!r}: only used with "
-                "parallel.pp > 1"
-            )
-        if self.layers_per_stage is not None and self.split != "even":
-            raise ValueError(f"parallel.split={self.split!r} with parallel.layers_per_stage={self.layers_per_stage}: "
-                             "set one of them")
-        if self.pp > 1 and self.dp > 1:
-            raise ValueError(f"parallel.dp={self.dp} with parallel.pp={self.pp}: data and pipeline parallelism "
-                             "together are not supported yet; use one of them")
+        pipeline_only = [f"parallel.{key}={value!r}" for key, value in (
+            ("microbatches", self.microbatches), ("layers_per_stage", self.layers_per_stage),
+            ("virtual_stages", self.virtual_stages), ("split", self.split), ("stage_modules", self.stage_modules))
+            if value != type(self).model_fields[key].default]
+        if self.pp == 1 and pipeline_only:
+            raise ValueError(f"{', '.join(pipeline_only)}: only used with parallel.pp > 1")
+        split_choices = [c for c in pipeline_only if c.split("=")[0] in
+                         ("parallel.layers_per_stage", "parallel.split", "parallel.stage_modules")]
+        if len(split_choices) > 1:
+            raise ValueError(f"{' with '.join(split_choices)}: each of them chooses the layer split; set one of them")
         return self
 
 
@@ -197,10 +198,11 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _batch_splits(self) -> "RunConfig":
         if self.parallel.pp > 1:
-            micro = self.train.batch_size // self.train.grad_accum
-            if micro % self.parallel.microbatches:
-                raise ValueError(f"train.batch_size / train.grad_accum = {micro} rows must split into "
-                                 f"parallel.microbatches={self.parallel.microbatches} equal microbatches")
+            rows = self.train.batch_size // (self.train.grad_accum * self.parallel.dp)
+            if rows % self.parallel.microbatches:
+                raise ValueError(f"train.batch_size / (train.grad_accum x parallel.dp) = {self.train.batch_size} / "
+                                 f"({self.train.grad_accum} x {self.parallel.dp}) = {rows} rows per pipeline must "
+                                 f"split into parallel.microbatches={self.parallel.microbatches} equal microbatches")
             if self.data.packing:
                 raise ValueError("data.packing with parallel.pp > 1: not supported yet (stages pass hidden states "
                                  "only, not the packed position ids)")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """Training rows carry `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, ...; eval rows `step` and `eval_*`."""
+    """Training rows carry `step`, `loss`, `lr`, `grad_norm`, `tokens` (the step's, padding aside),
+    `tokens_per_s`, ...; eval rows `step` and `eval_*`."""
 
     def __init__(self, output_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         """A fresh log, or with `resume_step` the existing one cut after that step, so a resumed run

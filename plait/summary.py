@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts")  # the second is Gemma4's
 
 
 def _count(module: nn.Module) -> int:
@@ -35,17 +36,30 @@ def _sub_configs(config) -> list:
     return [config] + [getattr(config, k) for k in ("text_config", "vision_config") if getattr(config, k, None) is not None]
 
 
+def routed_expert_share(config) -> float | None:
+    """top_k / num_experts of the first (sub-)config that routes tokens to experts; None for a dense model."""
+    for cfg in _sub_configs(config):
+        top_k = next((getattr(cfg, k) for k in _TOP_K_KEYS if getattr(cfg, k, None)), None)
+        n_experts = next((getattr(cfg, k) for k in _EXPERT_COUNT_KEYS if getattr(cfg, k, None)), None)
+        if top_k and n_experts:
+            return top_k / n_experts
+    return None
+
+
+def idle_parameters(module: nn.Module, share: float | None) -> float:
+    """Parameters of `module` a token does not pass through: of the routed experts (parameters under an
+    `experts` module; shared experts always run), all but `share` (top_k / num_experts)."""
+    if share is None:
+        return 0.0
+    routed = sum(p.numel() for name, p in module.named_parameters()
+                 if ".experts." in f".{name}." and "shared" not in name)
+    return routed * (1 - share)
+
+
 def active_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, active per token): routed experts count with top_k / num_experts of their weight."""
     total = _count(model)
-    for cfg in _sub_configs(model.config):
-        top_k = getattr(cfg, "num_experts_per_tok", None)
-        n_experts = next((getattr(cfg, k) for k in _EXPERT_COUNT_KEYS if getattr(cfg, k, None)), None)
-        if top_k and n_experts:
-            routed = sum(p.numel() for name, p in model.named_parameters()
-                         if ".experts." in f".{name}." and "shared" not in name)
-            return total, total - round(routed * (1 - top_k / n_experts))
-    return total, total
+    return total, total - round(idle_parameters(model, routed_expert_share(model.config)))
 
 
 def layer_types(model: nn.Module) -> list[str]:

@@ -46,7 +46,13 @@ from plait.nn.loss import causal_lm_loss_sum, count_targets
 from plait.mtp import mtp_labels
 from plait.nn.attention import AttentionMask
 from plait.nn.moe import load_imbalance, pop_logged_aux_loss, route_aux_loss_through_backward, update_expert_bias
-from plait.parallel.data_parallel import DistContext, init_data_parallel, wrap_data_parallel
+from plait.parallel.data_parallel import (
+    DistContext,
+    clip_grad_norm_over_stages,
+    init_distributed,
+    sum_gradients_over_replicas,
+    wrap_data_parallel,
+)
 
 RUN_CONFIG_FILE = "plait_run.yaml"
 
@@ -249,8 +255,11 @@ def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
 def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint `train.resume=auto` continues from, checked before anything is written.
 
-    It must hold a run of the same resolved config (`train.resume` aside): continuing a different run
-    would silently mix two experiments in one output_dir.
+    It must hold a run of the same resolved config: continuing a different run would silently mix two
+    experiments in one output_dir. `train.resume` and the `parallel` section do not count: the layout
+    (processes, pipeline stages, schedule, microbatches) changes where the step's sums are computed, not the
+    step (same global batch, same normalisation), and the training state is saved by full-model names, so it
+    loads into any layout.
     """
     if cfg.train.resume != "auto":
         return None, None
@@ -260,9 +269,10 @@ def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | 
     state = check_training_checkpoint(latest)
     saved = yaml.safe_load((latest / RUN_CONFIG_FILE).read_text()) if (latest / RUN_CONFIG_FILE).is_file() else None
     ours = cfg.model_dump(mode="json")
-    if saved is not None:
-        saved.get("train", {}).pop("resume", None)
-    ours["train"].pop("resume")
+    for config in (saved, ours):
+        if config is not None:
+            config.get("train", {}).pop("resume", None)
+            config.pop("parallel", None)
     if saved != ours:
         diffs = _config_diff(saved or {}, ours)
         raise ValueError(
@@ -332,30 +342,20 @@ def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict
         return loss * scale["value"]
 
     p = cfg.parallel
-    pipe = build(model, rank=ctx.rank, ranks=p.pp, schedule=p.schedule, microbatches=p.microbatches,
-                 loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage, virtual_stages=p.virtual_stages,
-                 split=p.split)
+    pipe = build(model, rank=ctx.pp_rank, ranks=p.pp, group=ctx.pp_group, schedule=p.schedule,
+                 microbatches=p.microbatches, loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
+                 virtual_stages=p.virtual_stages, split=p.split, stage_modules=p.stage_modules)
     pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example))
     return pipe
 
 
-def _clip_pipeline_grads(local: nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
-    """clip_grad_norm_ over the parameters of every stage: the squared norms are summed across ranks."""
-    grads = [p.grad for p in local.parameters() if p.grad is not None]
-    sq = float(sum(g.float().pow(2).sum() for g in grads)) if grads else 0.0
-    total = torch.tensor(ctx.sum_over_world(sq)).sqrt()
-    if max_norm:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-    return total
-
-
 def _gather_stages(pipe, model: nn.Module, ctx: DistContext) -> None:
-    """Copy every stage's current weights into rank 0's whole model (for evaluation and the HF export)."""
+    """Copy every stage's current weights into rank 0's whole model (for evaluation and the HF export); the
+    first replica's pipeline sends them (the others hold the same weights)."""
     import torch.distributed as dist
 
-    mine = {name: t.detach().cpu() for m in pipe.modules for name, t in m.model.state_dict().items()}
+    mine = ({name: t.detach().cpu() for m in pipe.modules for name, t in m.model.state_dict().items()}
+            if ctx.dp_rank == 0 else {})
     everyone = [None] * ctx.world_size
     dist.all_gather_object(everyone, mine)
     if ctx.is_main:
@@ -396,7 +396,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)
-    ctx = init_data_parallel(cfg.parallel, pick_device(cfg.train.device))
+    ctx = init_distributed(cfg.parallel, pick_device(cfg.train.device))
     if not ctx.is_main:
         console = Console(quiet=True)  # one rank speaks, and writes logs and the HF export
     run = prepare_run(cfg)
@@ -404,9 +404,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     train_set = run.datasets["train"]
     if cfg.model.mtp.train_only:  # before DDP and the pipeline take stock of what needs gradients
         freeze_all_but(model, model.mtp_backbone.mtp)
-    # an MoE aux loss is the mean over the step's forwards (micro-batches, pipeline microbatches), its gradient
-    # added by each MoE layer itself: no stage needs another stage's aux loss
-    forwards = tcfg.grad_accum * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1)
+    # an MoE aux loss is the mean over the step's forwards (micro-batches, pipeline microbatches, on every
+    # replica: their gradients are summed), its gradient added by each MoE layer itself: no stage needs another
+    # stage's aux loss
+    forwards = tcfg.grad_accum * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1) * cfg.parallel.dp
     route_aux_loss_through_backward(model, 1.0 / forwards)
     # the pipeline's loss function reads the current step's target counts and records the loss parts
     step_total = {"targets": 1.0, "record": {}}
@@ -414,11 +415,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     pad_to = None
     if cfg.parallel.pp > 1:  # pipeline stages exchange fixed shapes: every batch is padded to one length
         pad_to = train_set.max_length()
-        example = collate_padded([train_set[i] for i in range(tcfg.batch_size // tcfg.grad_accum)],
-                                 train_set.pad_id, pad_to)
+        rows = tcfg.batch_size // (tcfg.grad_accum * ctx.replicas)  # one replica's share of a micro-batch
+        example = collate_padded([train_set[i] for i in range(rows)], train_set.pad_id, pad_to)
         pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
-    local = nn.ModuleList([m.model for m in pipe.modules]) if pipe is not None else model
+    local = pipe.local_model() if pipe is not None else model
     replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum
@@ -478,7 +479,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)
         for step in range(start + 1, tcfg.steps + 1):
             t0 = time.perf_counter()
-            # every rank draws the same global micro-batches and keeps its own slice of each
+            # every rank draws the same global micro-batches and keeps its replica's slice of each
             batches = [collate([train_set[i] for i in ctx.shard(order.take(micro))]) for _ in range(tcfg.grad_accum)]
             step_targets = ctx.sum(sum(count_targets(b["labels"]) for b in batches))
             # MTP depth d: labels rolled left by d inside each document, normalised over the step like the main loss
@@ -492,9 +493,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
                         pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b))
-                record = step_total["record"]
-                lm_sum = ctx.sum_over_world(record.get("lm", 0.0))
-                depth_sums = [ctx.sum_over_world(x) for x in record.get("depths", [0.0] * mtp_depths)]
+                sum_gradients_over_replicas(list(local.parameters()), ctx)
+                record = step_total["record"]  # filled on the last stage's rank
+                lm_sum = ctx.sum_over_stages(record.get("lm", 0.0))
+                depth_sums = [ctx.sum_over_stages(x) for x in record.get("depths", [0.0] * mtp_depths)]
             else:
                 for b, labels_per_depth in zip(batches, depth_labels):
                     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
@@ -508,30 +510,30 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                             depth = causal_lm_loss_sum(out.mtp_logits[d], labels_per_depth[d].to(device)) / depth_targets[d]
                             loss = loss + mtp_scale * depth
                             depth_sums[d] += float(depth.detach())
-                    # DDP averages gradients over ranks; scaling by the world size makes that average a sum
-                    (loss * ctx.replicas).backward()
+                    loss.backward()  # DDP sums the replicas' gradients
                     lm_sum += float(lm.detach())
             lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
             depth_sums = [ctx.sum(x) for x in depth_sums]
-            # DDP averages the aux loss's gradients over replicas; pipeline stages each hold their own layers'
-            aux = pop_logged_aux_loss(trained)
-            aux = ctx.sum_over_world(aux) if pipe is not None else ctx.sum(aux) / ctx.replicas
+            # each rank logged its own layers' share of the mean over all forwards of the step
+            aux = ctx.sum(ctx.sum_over_stages(pop_logged_aux_loss(trained)))
             loss_sum = lm_sum + mtp_scale * sum(depth_sums) + aux
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
-                         if pipe is None else _clip_pipeline_grads(local, tcfg.grad_clip, ctx))
+                         if pipe is None else clip_grad_norm_over_stages(local.parameters(), tcfg.grad_clip, ctx))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # MoE: this step's expert loads, summed over ranks, move the correction biases toward balance
             expert_loads = update_expert_bias(trained, all_reduce=ctx.all_reduce_)
+            # the worst layer of the model: each pipeline rank holds its own stages' layers (0: none here)
+            imbalance = ctx.max_over_stages(load_imbalance(expert_loads) if expert_loads else 0.0)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
                 row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": float(grad_norm),
-                       "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size}
+                       "tokens": tokens, "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size}
                 row.update({f"mtp_loss_{d + 1}": x for d, x in enumerate(depth_sums)})
-                if expert_loads:
-                    row["moe_load_imbalance"] = load_imbalance(expert_loads)
+                if imbalance:
+                    row["moe_load_imbalance"] = imbalance
                 if aux:
                     row["moe_aux_loss"] = aux
                 log.log(row)

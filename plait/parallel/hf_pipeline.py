@@ -27,7 +27,11 @@ from collections.abc import Callable, MutableMapping
 import torch
 from torch import nn
 
-from plait.parallel.pipeline import ImageFeedingStage, _vlm_pixel_values_chunks  # noqa: F401 (part of this API)
+from plait.parallel.pipeline import (  # noqa: F401 (part of this API)
+    ImageFeedingStage,
+    StageParts,
+    _vlm_pixel_values_chunks,
+)
 
 TEXT_MODULE_ATTRS = ("language_model", "text_model", "text_decoder")
 # children of a VLM's inner model that only the first stage runs
@@ -573,12 +577,27 @@ def make_hf_stage(full_model: nn.Module, stage: int, layers_per_stage: list[list
     return HFStage(model, first, last)
 
 
+def hf_stage_parts(model: nn.Module) -> StageParts:
+    """The parts of a stock model, named as `make_hf_stage` places them: the decoder layers; the embeddings
+    (Gemma4's per-layer ones too), vision tower and projector first; the final norm and LM head last."""
+    from plait.summary import routed_expert_share
+
+    decoder = _decoder_of(model)
+    inner = getattr(model, "model", None)
+    first = {name: getattr(inner, name) for name in MULTIMODAL_SUFFIXES
+             if inner is not None and getattr(inner, name, None) is not None}
+    first |= {name: getattr(decoder, name) for name in _FIRST_STAGE_TEXT_MODULES
+              if getattr(decoder, name, None) is not None}
+    last = {name: m for name, m in (("norm", getattr(decoder, "norm", None)),
+                                    ("lm_head", getattr(model, "lm_head", None))) if m is not None}
+    lookups = {"embed_tokens": 0.0, "embed_tokens_per_layer": 0.0}  # embedding lookups cost no compute
+    return StageParts({k: decoder.layers[int(k)] for k in hf_layer_keys(model)}, first, last, lookups,
+                      routed_expert_share(model.config))
+
+
 def build_hf_pipeline(full_model: nn.Module, **kwargs):
     """`pipeline.build_pipeline` with stock-transformers stages; the same arguments."""
     from plait.parallel.pipeline import build_pipeline
 
     validate_hf_model_for_pipeline_support(full_model)
-    if kwargs.get("split", "even") != "even":
-        raise ValueError(f"parallel.split={kwargs['split']!r}: the cost estimate covers plait's native models; stock "
-                         "models split evenly or by parallel.layers_per_stage")
-    return build_pipeline(full_model, make_stage=make_hf_stage, layer_keys=hf_layer_keys(full_model), **kwargs)
+    return build_pipeline(full_model, make_stage=make_hf_stage, parts=hf_stage_parts(full_model), **kwargs)

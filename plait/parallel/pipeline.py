@@ -6,9 +6,10 @@ final norm and LM head are None where another stage owns them. The model's own f
 stage 0 turns token ids into hidden states, middle stages map hidden states to hidden states, the
 last stage returns logits; the loss runs on the last stage.
 
-    stages = split_layers(["0", "1", ..., "L-1"], num_stages, layers_per_stage)   # even, balanced or explicit
-    module = make_stage_module(full_model, stage_index, stages)                   # prune a copy to one stage
-    run = build_schedule(...)                                                       # GPipe, 1F1B, interleaved, ZBV, DualPipeV
+    parts = native_stage_parts(full_model)          # decoder layers; what only the first / last stage runs
+    stages = choose_split(parts, num_stages, ...)   # even, balanced, layer counts or module names per stage
+    module = make_stage_module(full_model, stage_index, stages)   # prune a copy to one stage
+    run = build_pipeline(...)                       # GPipe, 1F1B, interleaved, ZBV, DualPipeV
 
 The loss of a step is `sum of per-token cross-entropies / target tokens of the whole step`, the same
 normalisation as the single-process trainer, so microbatches here are exactly gradient accumulation
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -104,36 +105,114 @@ def split_layers(layer_keys: list[str], num_stages: int, layers_per_stage: list[
     return out
 
 
-def active_parameters(module: nn.Module | None) -> float:
-    """Parameters one token passes through: a routed expert bank counts top_k / num_experts of its weight."""
-    if module is None:
-        return 0.0
-    from plait.nn.moe import MoE
+@dataclass
+class StageParts:
+    """What a model is split into: its decoder layers by key, and, by short name, the modules only the first
+    stage runs (`embed_tokens`, a vision tower, MIMO encoders) and those only the last runs (`norm`, `lm_head`,
+    `mtp`). For the compute estimate, `passes` says how often a token goes through a module (1 if absent; 0
+    for an embedding lookup, 1 + D for the head of a model with D MTP depths), and `routed_share` the share of
+    the routed experts one token runs (top_k / num_experts; None for dense models)."""
 
-    total = float(sum(p.numel() for p in module.parameters()))
-    for m in module.modules():
-        if isinstance(m, MoE):
-            routed = sum(p.numel() for p in m.experts.parameters())
-            total -= routed * (1 - m.cfg.top_k / m.cfg.num_experts)
-    return total
+    layers: dict[str, nn.Module]
+    first: dict[str, nn.Module]
+    last: dict[str, nn.Module]
+    passes: dict[str, float] = field(default_factory=dict)
+    routed_share: float | None = None
+
+    def names(self) -> list[str]:
+        """Every name `parallel.stage_modules` may list, in model order."""
+        return [*self.first, *(f"layers.{k}" for k in self.layers), *self.last]
 
 
-def estimated_stage_costs(model: nn.Module) -> tuple[list[float], float, float]:
-    """(cost per decoder layer, extra cost of the first stage, extra cost of the last stage) for a balanced
-    split: a layer's compute per token is about 2 x its active parameters. The first stage also runs the
-    vision tower and projector (embedding lookups cost nothing); the last runs the final norm, the LM head and
-    the MTP depths (each with the head again)."""
+def native_stage_parts(model: nn.Module) -> StageParts:
+    """The parts of a plait causal LM, VLM (vision tower and projector first) or MIMO model (encoders and
+    projections first; split through its language model)."""
+    from plait.summary import routed_expert_share
+
     lm = causal_lm_of(model)
     inner = text_model_of(lm)
-    layers = [active_parameters(layer) for layer in inner.layers.values()]
-    first = sum(active_parameters(getattr(lm, name, None)) for name in ("vision_tower", "multi_modal_projector"))
-    head = active_parameters(getattr(lm, "lm_head", None))
+    first = {name: getattr(lm, name) for name in ("vision_tower", "multi_modal_projector")
+             if getattr(lm, name, None) is not None}
+    if lm is not model:
+        first |= {"encoders": model.encoders, "projections": model.projections}
+    first["embed_tokens"] = inner.embed_tokens
+    last = {"norm": inner.norm, "lm_head": lm.lm_head}
+    passes = {"embed_tokens": 0.0}
     mtp = getattr(inner, "mtp", None)
-    last = head + active_parameters(getattr(inner, "norm", None))
-    if mtp is not None:
-        per_depth = active_parameters(mtp) / max(mtp.mtp_config.num_physical_depths, 1)
-        last += mtp.num_depths * (per_depth + head)
-    return layers, first, last
+    if mtp is not None:  # D depths run the head D more times; a weight-tied depth's weights run D times
+        last["mtp"] = mtp
+        passes |= {"lm_head": 1.0 + mtp.num_depths, "mtp": mtp.num_depths / max(mtp.mtp_config.num_physical_depths, 1)}
+    return StageParts(dict(inner.layers.items()), first, last, passes, routed_expert_share(lm.config))
+
+
+def estimated_stage_costs(parts: StageParts) -> tuple[list[float], float, float]:
+    """(cost per decoder layer, extra cost of the first stage, extra cost of the last stage) for a balanced
+    split: a module's compute per token is about 2 x the parameters a token passes through (routed experts at
+    `routed_share` of theirs), times the module's `passes`."""
+    from plait.summary import idle_parameters
+
+    def cost(name: str, module: nn.Module) -> float:
+        active = sum(p.numel() for p in module.parameters()) - idle_parameters(module, parts.routed_share)
+        return parts.passes.get(name, 1.0) * active
+
+    layers = [cost("layers", layer) for layer in parts.layers.values()]
+    return (layers, sum(cost(n, m) for n, m in parts.first.items()), sum(cost(n, m) for n, m in parts.last.items()))
+
+
+def layers_from_stage_modules(stage_modules: list[list[str]], parts: StageParts) -> list[list[str]]:
+    """The decoder-layer keys of each stage named in `parallel.stage_modules`, checked: every layer once, in
+    model order, at least one per stage; the first-stage modules on the first stage and the last-stage ones on
+    the last, each once; no other names."""
+    where, n = "parallel.stage_modules", len(stage_modules)
+    seen: dict[str, int] = {}
+    split = []
+    for s, names in enumerate(stage_modules):
+        layers = []
+        for name in names:
+            if name in seen:
+                raise ValueError(f"{where}: {name!r} is listed on stage {seen[name]} and again on stage {s}; "
+                                 "expected every module once")
+            seen[name] = s
+            key = name.removeprefix("layers.")
+            if name.startswith("layers.") and key in parts.layers:
+                layers.append(key)
+            elif name in parts.first or name in parts.last:
+                home, which = (0, "first") if name in parts.first else (n - 1, "last")
+                if s != home:
+                    raise ValueError(f"{where}[{s}]: {name!r} runs on the {which} stage; expected it in stage "
+                                     f"{home}, got it in stage {s}")
+            else:
+                raise ValueError(f"{where}[{s}]: {name!r} is not a module of this model; expected one of "
+                                 f"{parts.names()}")
+        if not layers:
+            raise ValueError(f"{where}[{s}]: {names} holds no decoder layer; every stage needs at least one")
+        split.append(layers)
+    missing = [name for name in parts.names() if name not in seen]
+    if missing:
+        raise ValueError(f"{where}: {missing} not listed; expected every module of the model on a stage")
+    order = [key for layers in split for key in layers]
+    for listed, expected in zip(order, parts.layers):
+        if listed != expected:
+            raise ValueError(f"{where}: decoder layers out of model order: 'layers.{listed}' where 'layers.{expected}' "
+                             "comes next; expected each stage to continue where the previous one stopped")
+    return split
+
+
+def choose_split(parts: StageParts, num_stages: int, split: str = "even", layers_per_stage: list[int] | None = None,
+                 stage_modules: list[list[str]] | None = None) -> list[list[str]]:
+    """Decoder-layer keys per stage: by module names, by layer counts, balanced by estimated compute, or even."""
+    if split not in ("even", "balanced"):
+        raise ValueError(f"parallel.split: expected 'even' or 'balanced', got {split!r}")
+    if stage_modules is not None:
+        if len(stage_modules) != num_stages:
+            raise ValueError(f"parallel.stage_modules: expected {num_stages} stages (pipeline ranks x stages per rank),"
+                             f" got {len(stage_modules)}")
+        return layers_from_stage_modules(stage_modules, parts)
+    costs = {}
+    if split == "balanced" and layers_per_stage is None:
+        layer_costs, first_extra, last_extra = estimated_stage_costs(parts)
+        costs = dict(layer_costs=layer_costs, first_extra=first_extra, last_extra=last_extra)
+    return split_layers(list(parts.layers), num_stages, layers_per_stage, **costs)
 
 
 def _balanced_counts(costs: list[float], stages: int, first_extra: float, last_extra: float) -> list[int]:
@@ -384,6 +463,37 @@ def make_stage_module(full_model: nn.Module, stage: int, layers_per_stage: list[
     return MimoStageModule(model, first, last)
 
 
+def merge_stage_models(models: list[nn.Module]) -> nn.Module:
+    """One module tree holding the submodules of every given stage model (pruned copies of one model) at their
+    own paths, shared, not copied; the stage models are left as they are. Where two stages hold the same path
+    (the text model, the ModuleDict of layers) their children merge; a parameter on two stages is refused."""
+    view = models[0]
+    for other in models[1:]:
+        view = _merge_modules(view, other)
+    return view
+
+
+def _merge_modules(a: nn.Module, b: nn.Module, path: str = "") -> nn.Module:
+    if a is b:
+        return a
+    out = copy.copy(a)  # shallow: shares a's submodules and tensors, with tables of its own to add b's to
+    out._modules, out._parameters, out._buffers = dict(a._modules), dict(a._parameters), dict(a._buffers)
+    out._non_persistent_buffers_set = a._non_persistent_buffers_set | b._non_persistent_buffers_set
+    for name, p in b._parameters.items():
+        if p is not None and out._parameters.get(name) is not None and out._parameters[name] is not p:
+            raise ValueError(f"pipeline: parameter {path + name!r} is held by two stages")
+        if p is not None:
+            out._parameters[name] = p
+    for name, t in b._buffers.items():  # a buffer on two stages (rotary tables) holds the same values on both
+        if t is not None and out._buffers.get(name) is None:
+            out._buffers[name] = t
+    for name, child in b._modules.items():
+        if child is not None:
+            mine = out._modules.get(name)
+            out._modules[name] = child if mine is None else _merge_modules(mine, child, f"{path}{name}.")
+    return out
+
+
 @dataclass
 class PipelineRun:
     schedule: object
@@ -403,6 +513,11 @@ class PipelineRun:
     def parameters(self):
         for m in self.modules:
             yield from m.parameters()
+
+    def local_model(self) -> nn.Module:
+        """This rank's stages as one model, each stage's modules at their paths in the full model: parameters,
+        optimizer state and checkpoint keys are named as in a single-process run, whatever the layout."""
+        return merge_stage_models([m.model for m in self.modules])
 
     def named_parameters(self):
         for m in self.modules:
@@ -446,11 +561,13 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device,
                    layers_per_stage: list[int] | None = None, virtual_stages: int = 1, group=None,
                    make_stage: Callable[[nn.Module, int, list[list[str]]], nn.Module] = make_stage_module,
-                   layer_keys: list[str] | None = None, split: str = "even") -> PipelineRun:
-    """This rank's stages of `full_model` and the schedule that runs them. Every rank calls it with the same
-    full model (same weights) and arguments. What cannot be pipelined is refused when the first stage is
-    cut (`make_stage`), before any stage joins the schedule. `make_stage` and `layer_keys` default to plait's
-    native models; `hf_pipeline.build_hf_pipeline` passes those of stock transformers models."""
+                   parts: StageParts | None = None, split: str = "even",
+                   stage_modules: list[list[str]] | None = None) -> PipelineRun:
+    """This rank's stages of `full_model` and the schedule that runs them. Every rank of the pipeline (`group`:
+    its process group, None for the whole world; `rank` and `ranks` count within it) calls it with the same
+    full model (same weights) and arguments. What cannot be pipelined is refused when the first stage is cut
+    (`make_stage`), before any stage joins the schedule. `make_stage` and `parts` default to plait's native
+    models; `hf_pipeline.build_hf_pipeline` passes those of stock transformers models."""
     from torch.distributed.pipelining import PipelineStage
 
     if microbatches < 1:
@@ -459,15 +576,9 @@ def build_pipeline(full_model: nn.Module, *, rank: int, ranks: int, schedule: st
     num_stages = ranks * stages_per_rank(schedule, virtual_stages)
     if schedule not in SINGLE_STAGE_SCHEDULES and microbatches % ranks:
         raise ValueError(f"parallel.microbatches: {schedule} needs a multiple of the {ranks} pipeline ranks, got {microbatches}")
-    keys = layer_keys if layer_keys is not None else list(text_model_of(causal_lm_of(full_model)).layers.keys())
-    costs = {}
-    if split == "balanced" and layers_per_stage is None:
-        layer_costs, first_extra, last_extra = estimated_stage_costs(full_model)
-        costs = dict(layer_costs=layer_costs, first_extra=first_extra, last_extra=last_extra)
-    elif split not in ("even", "balanced"):
-        raise ValueError(f"parallel.split: expected 'even' or 'balanced', got {split!r}")
-    split = split_layers(keys, num_stages, layers_per_stage, **costs)
-    modules = [make_stage(full_model, s, split).to(device) for s in ids]
+    parts = parts if parts is not None else native_stage_parts(full_model)
+    layers = choose_split(parts, num_stages, split, layers_per_stage, stage_modules)
+    modules = [make_stage(full_model, s, layers).to(device) for s in ids]
     stages = [PipelineStage(m, s, num_stages, device, group=group) for m, s in zip(modules, ids)]
     cls = _schedule_class(schedule)
     kwargs = dict(n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

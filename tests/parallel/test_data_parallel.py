@@ -58,6 +58,11 @@ def test_a_world_size_that_does_not_match_parallel_is_refused(small_config, tmp_
     with pytest.raises(ValueError, match=r"2 processes expected, but 1 were launched"):
         train(cfg, console=Console(quiet=True))
     assert not cfg.output_dir.exists()
+    pp_dp = small_config("parallel.dp=2", "parallel.pp=2", "parallel.microbatches=2")
+    with pytest.raises(ValueError, match=r"parallel.dp x parallel.pp = 2 x 2 = 4 processes expected, but 1 were "
+                                         r"launched; run it as torchrun --nproc-per-node 4"):
+        train(pp_dp, console=Console(quiet=True))
+    assert not pp_dp.output_dir.exists()
     res = spawn(2, "configs/default.yaml", *overrides(small_config(), tmp_path / "mismatch"))
     assert res.returncode != 0
     assert "1 processes expected, but 2 were launched" in res.stderr + res.stdout

@@ -100,6 +100,40 @@ def test_stages_chained_in_one_process_give_transformers_logits():
         assert "lm_head.weight" in names[3] and "lm_head.weight" not in names[2]
 
 
+def test_stock_models_split_by_module_names_or_balanced_by_estimated_compute():
+    """The names and the compute estimate of plait's native split, for stock models: Gemma4's per-layer input
+    embeddings go with the embedding, its vision tower's compute to the first stage; a transformers MoE layer
+    counts top_k / num_experts of its experts."""
+    from plait.parallel.hf_pipeline import hf_stage_parts, make_hf_stage
+    from plait.parallel.pipeline import choose_split, estimated_stage_costs
+
+    model = build_model("gemma4_vlm")
+    parts = hf_stage_parts(model)
+    first = ["vision_tower", "embed_vision", "embed_tokens", "embed_tokens_per_layer", "per_layer_model_projection",
+             "per_layer_projection_norm"]
+    assert parts.names() == [*first, "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head"]
+    split = choose_split(parts, 2, stage_modules=[[*first, "layers.0", "layers.1", "layers.2"],
+                                                  ["layers.3", "norm", "lm_head"]])
+    assert split == [["0", "1", "2"], ["3"]]
+    last = make_hf_stage(model, 1, split)
+    assert list(last.model.model.language_model.layers.keys()) == ["3"]
+    assert not any("embed" in n or "vision" in n for n, _ in last.model.named_parameters())
+    with pytest.raises(ValueError, match=r"'embed_tokens_per_layer' runs on the first stage; expected it in stage 0"):
+        choose_split(parts, 2, stage_modules=[[f for f in first if f != "embed_tokens_per_layer"] + ["layers.0"],
+                                              ["embed_tokens_per_layer", "layers.1", "layers.2", "layers.3", "norm",
+                                               "lm_head"]])
+    # the vision tower costs more than any decoder layer: balanced, the first stage keeps one layer (even: two)
+    costs, first_extra, _ = estimated_stage_costs(parts)
+    assert first_extra > max(costs)
+    assert [len(s) for s in choose_split(parts, 2, split="balanced")] == [1, 3]
+    assert [len(s) for s in choose_split(parts, 2)] == [2, 2]
+    moe = build_model("mimo_v2_flash")  # transformers' MiMo-V2-Flash: 2 of 8 experts per token
+    layer = moe.model.layers[1]
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    costs, _, _ = estimated_stage_costs(hf_stage_parts(moe))
+    assert costs[1] == pytest.approx(count(layer) - count(layer.mlp.experts) * (1 - 2 / 8))
+
+
 @pytest.mark.parametrize("sliding_window", [None, 4])
 def test_the_cached_causal_mask_equals_the_rebuilt_one(sliding_window):
     from transformers import MistralForCausalLM
@@ -198,11 +232,16 @@ def test_buffers_are_recomputed_after_meta_construction(kind):
 
 
 STOCK_RUNS = {
-    # the default VLM preset as stock transformers Mistral3 (untied: the head lives on the last stage only)
+    # the default VLM preset as stock transformers Mistral3 (untied: the head lives on the last stage only), its
+    # layers split by estimated compute
     "tiny-mistral3": ("configs/default.yaml", ["model.preset=tiny-mistral3", "model.config.tie_word_embeddings=false",
-                                               "model.config.text_config.tie_word_embeddings=false"], "1f1b", "sdpa"),
-    # a stock text LM: transformers' own MiMo-V2-Flash (sliding + full layers, MoE), two stages per rank
-    "stock-mimo-v2-flash": ("configs/mimo_v2_flash_tiny.yaml", [], "interleaved_1f1b", "eager"),
+                                               "model.config.text_config.tie_word_embeddings=false"],
+                      ["parallel.schedule=1f1b", "parallel.split=balanced"], "sdpa"),
+    # a stock text LM: transformers' own MiMo-V2-Flash (sliding + full layers, MoE), two stages per rank, each
+    # named module by module
+    "stock-mimo-v2-flash": ("configs/mimo_v2_flash_tiny.yaml", [],
+                            ["parallel.schedule=interleaved_1f1b", "parallel.stage_modules=[[embed_tokens,layers.0],"
+                             "[layers.1],[layers.2],[layers.3,norm,lm_head]]"], "eager"),
 }
 
 
@@ -218,7 +257,7 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     from plait.train import train
     from tests.conftest import SMALL_DATA
 
-    config, preset_overrides, schedule, attn = STOCK_RUNS[run]
+    config, preset_overrides, pipeline, attn = STOCK_RUNS[run]
     common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=2", "train.batch_size=8",
               "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
               "eval.max_new_tokens=8", "model.implementation=transformers", f"model.attn_implementation={attn}"]
@@ -231,8 +270,7 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     train(single, console=Console(quiet=True))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
-           f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4",
-           f"parallel.schedule={schedule}"]
+           f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4", *pipeline]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-4000:]
     ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
