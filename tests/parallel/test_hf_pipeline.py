@@ -260,7 +260,8 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     config, preset_overrides, pipeline, attn = STOCK_RUNS[run]
     common = [f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=2", "train.batch_size=8",
               "train.warmup_steps=1", "train.eval_every=0", "train.progress=false", "eval.num_samples=8",
-              "eval.max_new_tokens=8", "model.implementation=transformers", f"model.attn_implementation={attn}"]
+              "eval.max_new_tokens=8", "model.implementation=transformers", f"model.attn_implementation={attn}",
+              "model.mtp.num_layers=0"]  # stock models have no MTP depths (the default config trains one)
     start = train(load_config(config, [f"output_dir={tmp_path / 'start'}", "train.num_threads=1", *common,
                                        *preset_overrides]), console=Console(quiet=True)).checkpoint_dir
     common += ["model.preset=null", f"model.pretrained={start}"]
@@ -299,7 +300,7 @@ def test_a_tied_stock_model_is_refused_before_any_stage_is_built(tmp_path, data_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", "configs/default.yaml",
            f"output_dir={tmp_path / 'tied'}", f"data.cache_dir={data_cache}", *SMALL_DATA, "train.steps=1",
-           "train.batch_size=8", "train.progress=false", "model.preset=tiny-mistral3",
+           "train.batch_size=8", "train.progress=false", "model.preset=tiny-mistral3", "model.mtp.num_layers=0",
            "model.implementation=transformers", "parallel.pp=2", "parallel.microbatches=2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode != 0

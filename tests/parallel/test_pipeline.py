@@ -164,9 +164,10 @@ def assert_same_export(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config, depths, split", [
     # two MTP depths train on the last stage (their losses match too); layers split by estimated compute
     ("configs/mimo_v2_flash_tiny.yaml", 2, ["parallel.split=balanced"]),
-    # the native M3-VL: its vision tower on stage 0, fed each microbatch's images; the stages named module by module
-    ("configs/default.yaml", 0, ["parallel.stage_modules=[[vision_tower,multi_modal_projector,embed_tokens,layers.0],"
-                                 "[layers.1,norm,lm_head]]"]),
+    # the default model (native M3-VL with its MTP depth): the vision tower on stage 0, fed each microbatch's
+    # images, the depth on the last; the stages named module by module
+    ("configs/default.yaml", 1, ["parallel.stage_modules=[[vision_tower,multi_modal_projector,embed_tokens,layers.0],"
+                                 "[layers.1,norm,lm_head,mtp]]"]),
 ], ids=["mimo-mtp-balanced", "m3vl-stage-modules"])
 def test_pipelined_training_logs_the_single_process_losses_and_exports_a_whole_model(tmp_path, data_cache, config,
                                                                                       depths, split):
