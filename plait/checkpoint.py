@@ -180,11 +180,18 @@ def _state_dict_options():
 
 def _dcp_state(model, optimizer) -> dict:
     """Model and optimizer state keyed by the full model's parameter names (`model` is the whole model, or a
-    pipeline rank's stages merged under the whole model's names)."""
+    pipeline rank's stages merged under the whole model's names). An optimizer with nothing to train (a
+    frozen pipeline stage under model.mtp.train_only) has no state to save."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model),
-            "optim": get_optimizer_state_dict(model, optimizer, options=_state_dict_options())}
+    state = {"model": get_model_state_dict(model)}
+    if _optimizes_something(optimizer):
+        state["optim"] = get_optimizer_state_dict(model, optimizer, options=_state_dict_options())
+    return state
+
+
+def _optimizes_something(optimizer) -> bool:
+    return any(group["params"] for group in optimizer.param_groups)
 
 
 # DCP warns that it runs in a single process when no process group exists; that is intended here.
@@ -255,7 +262,8 @@ def load_training_state(path: Path, model, optimizer) -> dict:
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"training checkpoint {str(path)!r}: cannot read {TRAINING_STATE_DIR}: {first_line}") from None
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"], options=_state_dict_options())
+    if "optim" in state:
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_state_dict_options())
     return trainer_state
 
 

@@ -370,6 +370,18 @@ def freeze_all_but(model: nn.Module, trained: nn.Module) -> None:
         p.requires_grad_(id(p) in keep)
 
 
+def _trained_part(cfg: RunConfig, model: nn.Module, local: nn.Module) -> nn.Module:
+    """What the optimizer and the MoE bias updates touch: this process's model (or pipeline stages), or with
+    model.mtp.train_only its copy of the MTP depths alone (a pipeline stage without them trains nothing)."""
+    if not cfg.model.mtp.train_only:
+        return local
+    name = next(n for n, m in model.named_modules() if m is model.mtp_backbone.mtp)
+    try:
+        return local.get_submodule(name)
+    except AttributeError:
+        return nn.ModuleList()
+
+
 def set_train_mode(model: nn.Module, trained: nn.Module) -> None:
     """Training mode for the part being trained only: a frozen trunk stays in eval mode, so its MoE layers
     neither count expert loads nor move their balancing biases."""
@@ -433,8 +445,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     mtp_cfg = getattr(model, "mtp_config", None)
     mtp_depths = mtp_cfg.num_layers if mtp_cfg is not None else 0
     mtp_scale = mtp_cfg.loss_scaling_factor / mtp_depths if mtp_depths else 0.0
-    # what the optimizer and the MoE bias updates touch: the MTP depths alone with model.mtp.train_only
-    trained = model.mtp_backbone.mtp if cfg.model.mtp.train_only else local
+    trained = _trained_part(cfg, model, local)
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
@@ -469,11 +480,11 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                                         num_samples=num_samples, batch_size=cfg.eval.batch_size,
                                         max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
             log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
-            set_train_mode(model, trained)
+            set_train_mode(local, trained)
         ctx.barrier()
         return metrics
 
-    set_train_mode(model, trained)
+    set_train_mode(local, trained)
     pop_logged_aux_loss(trained)  # what the pipeline's shape-inference forwards left
     with _progress(console, tcfg.progress) as progress:
         task = progress.add_task("train", total=tcfg.steps, completed=start, loss=float("nan"), tps=0.0)

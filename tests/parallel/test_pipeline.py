@@ -343,3 +343,25 @@ def test_split_settings_are_checked():
         load_config("configs/default.yaml", ["parallel.pp=2", "parallel.split=balanced", "parallel.layers_per_stage=[1,1]"])
     with pytest.raises(ConfigError, match="only used with parallel.pp > 1"):
         load_config("configs/default.yaml", ["parallel.split=balanced"])
+
+
+def test_training_only_the_mtp_depths_in_a_pipeline_logs_the_single_process_losses(tmp_path, data_cache,
+                                                                                   trained_checkpoint_without_mtp):
+    """model.mtp.train_only under parallel.pp=2: the last stage's copy of the fresh depths trains, every other
+    stage stays frozen (and saves no optimizer state), and the run logs the single process's losses; the
+    export's trunk is the checkpoint's, bit for bit, and its depths are the single process's."""
+    from safetensors.torch import load_file
+
+    ours, ref, _ = train_alone_and_under_torchrun(
+        tmp_path, data_cache, "configs/default.yaml", 2,
+        ["model.preset=null", f"model.pretrained={trained_checkpoint_without_mtp}", "model.mtp.num_layers=1",
+         "model.mtp.train_only=true"],
+        ["parallel.pp=2", "parallel.microbatches=2", "parallel.schedule=1f1b"])
+    # (not moe_load_imbalance: the pipeline pads every batch to the longest sample, and expert loads count pads)
+    assert_same_steps(ours, ref, ("loss", "mtp_loss_1", "grad_norm"))
+    before = load_file(trained_checkpoint_without_mtp / "model.safetensors")
+    after = load_file(tmp_path / "parallel" / "checkpoints" / "step_4" / "model.safetensors")
+    alone = load_file(tmp_path / "single" / "checkpoints" / "step_4" / "model.safetensors")
+    assert all(torch.equal(after[name], t) for name, t in before.items())
+    depths = [n for n in after if ".mtp." in n]
+    assert depths and all(torch.allclose(after[n], alone[n], rtol=1e-4, atol=1e-6) for n in depths)
