@@ -162,14 +162,13 @@ class GroupedExperts(nn.Module):
 
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # split (not slicing) so the backward concatenates the pieces instead of summing E full-size grads
-        # (and unbind, not indexing, so the weight gradient is one stack, not E full-size sums)
-        outs = []
+        # (and unbind, not indexing, so the weight gradient is one stack, not E full-size sums); the activation
+        # runs once over every expert's rows, not once per expert (a dozen small kernels each, fwd + bwd)
+        sizes = counts.tolist()
         gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        for e, chunk in enumerate(torch.split(xs, counts.tolist())):
-            if chunk.shape[0]:
-                chunk = F.linear(self.act.gated_fused(F.linear(chunk, gate_up[e])), down[e])
-            outs.append(chunk)
-        return torch.cat(outs)
+        h = torch.cat([F.linear(chunk, gate_up[e]) for e, chunk in enumerate(torch.split(xs, sizes))])
+        h = self.act.gated_fused(h)  # (T*K, 2I) -> (T*K, I)
+        return torch.cat([F.linear(chunk, down[e]) for e, chunk in enumerate(torch.split(h, sizes))])
 
     def extra_repr(self) -> str:
         E, H, I = self.down_proj.shape
