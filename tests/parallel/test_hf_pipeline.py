@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from plait.parallel.pipeline import SCHEDULES
+from tests.parallel.compare import max_relative_diff
 from tests.parallel.hf_pipeline_models import build_model, reference_step
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -33,25 +34,6 @@ def run_schedules(out: Path, nproc: int, microbatches: int, layers: int) -> dict
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     return run_schedules(tmp_path_factory.mktemp("hf-pp2"), 2, microbatches=4, layers=4)
-
-
-def max_relative_diff(ranks: list[dict], ref_grads: dict, ref_losses: list[float]) -> float:
-    """Checks every parameter's gradient and every microbatch loss; returns the largest gradient difference
-    relative to the largest reference gradient entry of its tensor."""
-    grads, losses = {}, []
-    for r in ranks:
-        assert not (grads.keys() & r["grads"].keys()), "a parameter lives on two stages"
-        grads |= r["grads"]
-        losses += r["losses"]
-    assert grads.keys() == ref_grads.keys()
-    worst = 0.0
-    for name, g in grads.items():
-        ref = ref_grads[name]
-        scale = ref.abs().max().item() + 1e-12
-        worst = max(worst, (g - ref).abs().max().item() / scale)
-        assert torch.allclose(g, ref, rtol=1e-5, atol=1e-5 * scale), name
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
-    return worst
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
