@@ -19,11 +19,12 @@ forward and shared by all layers, each of which adds its own window.
 Backends (`attend`):
 - "eager": the reference. Materialises the (B, H, Sq, Sk) float32 scores; tests compare against it.
 - "sdpa": PyTorch scaled_dot_product_attention, CPU and GPU. Plain causal layers use `is_causal`
-  (no mask is built). Under key-block selection the queries run in tiles, each over the union of the
-  key blocks its queries picked (never a future block), so the work shrinks with the selection. Sliding-window layers run block-local: queries in blocks of `window - 1`
+  (no mask is built). Sliding-window layers run block-local: queries in blocks of `window - 1`
   tokens attend to their own block and the previous one, so the cost is O(S * window), not O(S^2).
   Sinks become one extra key: queries get a constant-1 extra dim, the sink key carries
-  `sink / scale` there and a zero value, so its score is exactly the sink logit.
+  `sink / scale` there and a zero value, so its score is exactly the sink logit. Under key-block
+  selection the queries run in tiles, each over the union of the key blocks its queries picked
+  (never a future block), so the work shrinks with the selection.
 - "flex": FlexAttention (compiled) on GPU; the sink enters as out * sigmoid(lse - sink), which is
   the softmax with the sink in its denominator. Without a GPU it falls back to SDPA when gradients
   are needed (FlexAttention has no CPU backward).
@@ -114,8 +115,8 @@ class AttentionMask:
         k_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B or 1, 1, Sq, Sk) bool, True where the key is visible."""
-        if k_positions is None:
-            return self._visible(window, self.positions, self.positions, self.valid, self.documents, self.documents)
+        if k_positions is None:  # the keys are the new tokens
+            k_positions, k_valid = self.positions, self.valid
         return self._visible(window, self.positions, k_positions, k_valid, self.documents, self.documents)
 
     def dense_tile(self, window: int | None, q_lo: int, q_hi: int, k_index: torch.Tensor) -> torch.Tensor:
