@@ -275,22 +275,31 @@ def _check_settings(settings: Any) -> VisionSettings:
     return settings
 
 
+def _check_batch(items: Any, name: str, many: str, one: str) -> None:
+    """`items` must be a non-empty list (of images, or of videos), not one image or one array."""
+    if isinstance(items, (Image.Image, np.ndarray, torch.Tensor)) or not isinstance(items, Sequence):
+        raise ValueError(f"{name}: expected a list of {many}, got {type(items).__name__}")
+    if len(items) == 0:
+        raise ValueError(f"{name}: expected at least one {one}, got none")
+
+
+def _target_size(height: int, width: int, s: VisionSettings, where: str) -> tuple[int, int]:
+    """`smart_resize` under the settings' bounds, its errors naming the image or video."""
+    try:
+        return smart_resize(height, width, s.factor, s.min_pixels, s.max_pixels)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
 def preprocess_images(images: Sequence[Any], settings: VisionSettings = IMAGE_DEFAULTS) -> dict[str, torch.Tensor]:
     """Images of any sizes (PIL images or uint8 [H, W, 3] arrays) -> `pixel_values` (Σ h*w, C*T*P*P) float32 and
     `image_grid_thw` (n, 3) int64, each image at its own resolution (`smart_resize`)."""
-    settings = _check_settings(settings)
-    if isinstance(images, (Image.Image, np.ndarray, torch.Tensor)) or not isinstance(images, Sequence):
-        raise ValueError(f"images: expected a list of images, got {type(images).__name__}")
-    if len(images) == 0:
-        raise ValueError("images: expected at least one image, got none")
-    s = settings
+    s = _check_settings(settings)
+    _check_batch(images, "images", "images", "image")
     patches, grids = [], []
     for i, image in enumerate(images):
         pixels = _to_uint8_chw(image, f"images[{i}]")
-        try:
-            height, width = smart_resize(pixels.shape[1], pixels.shape[2], s.factor, s.min_pixels, s.max_pixels)
-        except ValueError as e:
-            raise ValueError(f"images[{i}]: {e}") from e
+        height, width = _target_size(pixels.shape[1], pixels.shape[2], s, f"images[{i}]")
         x = _normalized(_resize(pixels[None], height, width), s)  # (1, 3, height, width)
         p, g = patchify_images(x, s.patch_size, s.merge_size, s.temporal_patch_size)
         patches.append(p)
@@ -328,19 +337,12 @@ def preprocess_videos(videos: Sequence[Any], settings: VisionSettings = VIDEO_DE
     multiple of the temporal patch is padded by repeating the last frame. Frames are taken as given: no
     sampling by time here.
     """
-    settings = _check_settings(settings)
-    if isinstance(videos, (np.ndarray, torch.Tensor, Image.Image)) or not isinstance(videos, Sequence):
-        raise ValueError(f"videos: expected a list of videos (each a list of frames), got {type(videos).__name__}")
-    if len(videos) == 0:
-        raise ValueError("videos: expected at least one video, got none")
-    s = settings
+    s = _check_settings(settings)
+    _check_batch(videos, "videos", "videos (each a list of frames)", "video")
     patches, grid_rows, chunks = [], [], []
     for i, video in enumerate(videos):
         frames = _video_frames(video, f"videos[{i}]")
-        try:
-            height, width = smart_resize(frames.shape[2], frames.shape[3], s.factor, s.min_pixels, s.max_pixels)
-        except ValueError as e:
-            raise ValueError(f"videos[{i}]: {e}") from e
+        height, width = _target_size(frames.shape[2], frames.shape[3], s, f"videos[{i}]")
         x = _normalized(_resize(frames, height, width), s)  # (F, 3, height, width)
         if pad := -x.shape[0] % s.temporal_patch_size:
             x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
