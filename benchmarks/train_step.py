@@ -20,6 +20,9 @@ indexer-sparse layer only the keys in the blocks it selects: query p sees min(p 
 keys for top-k blocks of b keys. The indexer itself (no gradient) adds 2 x its projections x tokens
 + 2 x index heads x index dim x S(S+1)/2 for its scores.
 
+Both use AdamW(fused=True) (transformers' Trainer default) and run with glibc malloc keeping freed memory
+(`plait.host_memory.keep_freed_memory`, what plait's trainer sets on CPU) in this one process.
+
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
 resident set after imports; model construction, optimizer state and the steps are all inside.
 
@@ -39,6 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from plait.host_memory import keep_freed_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("plait", "transformers")
@@ -144,7 +149,8 @@ def image_tokens(cfg) -> int:
 
 
 def make_step(model, inputs: dict):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW: transformers' Trainer default since torch 2.8, and what plait's trainer runs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
 
     def step() -> float:
@@ -240,6 +246,7 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
 
     import plait  # noqa: F401
 
+    keep_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
@@ -258,13 +265,15 @@ def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, w
 
 
 def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
+    kept = keep_freed_memory()  # for both implementations: they share this process
     peak = matmul_peak(quick)
     cfg = CONFIGS[model_name](quick)
     shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
     models = {impl: build(model_name, impl, quick, workdir) for impl in IMPLS}
     n_params = sum(p.numel() for p in models["plait"].parameters())
     results = {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "shapes": []}
+               "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "keep_freed_memory": kept,
+               "optimizer": "AdamW(fused=True)", "shapes": []}
     print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
     for batch, seq in shapes:
         inputs = batch_inputs(cfg, batch, seq)

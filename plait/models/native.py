@@ -217,11 +217,13 @@ def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
                          f"num_key_value_heads {config.num_key_value_heads}")
 
 
-def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, return_logits: bool = False):
     """Mean cross-entropy over target tokens, from hidden states and the LM head weight (chunked; it checks
-    the labels' shape)."""
-    loss_sum = causal_lm_chunked_loss_sum(hidden, weight, labels)
-    return loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
+    the labels' shape); with `return_logits`, (loss, logits) from the same LM-head matmul."""
+    loss_sum = causal_lm_chunked_loss_sum(hidden, weight, labels, return_logits=return_logits)
+    loss_sum, logits = loss_sum if return_logits else (loss_sum, None)
+    loss = loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
+    return (loss, logits) if return_logits else loss
 
 
 def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_ids, cu_seqlens, labels,
@@ -231,26 +233,39 @@ def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_i
     (+ loss_scaling_factor / D x the sum of the per-depth CEs, depth d's labels rolled left by d and masked at
     row and document ends; per-depth values in out.mtp_losses) (+ the MoE aux loss left on the layers). MTP
     depths run when labels are given or `return_mtp_logits` is set, never with a cache; they embed the rolled
-    `input_ids` or read `mtp_depth_embeds`."""
+    `input_ids` or read `mtp_depth_embeds`. With labels, logits that are asked for come from the loss's own
+    LM-head matmul."""
     h = trunk.hidden_states
     run_mtp = (backbone.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
                and past_key_values is None and (labels is not None or return_mtp_logits))
     mtp_hidden = backbone.mtp_hidden_states(input_ids, trunk, cu_seqlens, mtp_depth_embeds) if run_mtp else None
-    out = output_cls(logits=model.lm_head(h) if return_logits or labels is None else None, hidden_states=h,
-                     past_key_values=past_key_values if use_cache else None, pre_norm_hidden_states=trunk.pre_norm)
-    if mtp_hidden is not None and (return_logits or return_mtp_logits):
-        out.mtp_per_depth_logits = [model.lm_head(x) for x in mtp_hidden]
-    if labels is not None:
-        weight = model.lm_head.weight
-        out.lm_loss = out.loss = mean_ce(h, weight, labels)
-        if mtp_hidden is not None:
-            documents = trunk.mask.documents
-            out.mtp_losses = [mean_ce(x, weight, mtp_labels(labels, d, documents)) for d, x in enumerate(mtp_hidden, 1)]
-            scale = model.mtp_config.loss_scaling_factor / len(mtp_hidden)
-            out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
-        aux = collect_aux_loss(model)
-        if aux is not None:
-            out.loss = out.loss + aux
+    out = output_cls(logits=None, hidden_states=h, past_key_values=past_key_values if use_cache else None,
+                     pre_norm_hidden_states=trunk.pre_norm)
+    want_mtp_logits = mtp_hidden is not None and (return_logits or return_mtp_logits)
+    if labels is None:
+        out.logits = model.lm_head(h)
+        if want_mtp_logits:
+            out.mtp_per_depth_logits = [model.lm_head(x) for x in mtp_hidden]
+        return out
+    weight = model.lm_head.weight
+    if return_logits:
+        out.lm_loss, out.logits = mean_ce(h, weight, labels, return_logits=True)
+    else:
+        out.lm_loss = mean_ce(h, weight, labels)
+    out.loss = out.lm_loss
+    if mtp_hidden is not None:
+        documents = trunk.mask.documents
+        depths = [mean_ce(x, weight, mtp_labels(labels, d, documents), return_logits=want_mtp_logits)
+                  for d, x in enumerate(mtp_hidden, 1)]
+        if want_mtp_logits:
+            out.mtp_losses, out.mtp_per_depth_logits = [loss for loss, _ in depths], [lg for _, lg in depths]
+        else:
+            out.mtp_losses = depths
+        scale = model.mtp_config.loss_scaling_factor / len(mtp_hidden)
+        out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
+    aux = collect_aux_loss(model)
+    if aux is not None:
+        out.loss = out.loss + aux
     return out
 
 

@@ -40,26 +40,37 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
-    """sum over targets of CE(hidden @ weight.T, target), chunk by chunk.
+    """sum over targets of CE(hidden @ weight.T, target), chunk by chunk; optionally also the logits.
 
     The forward computes each chunk's float32 logits, its loss, and at once its gradients
     (d loss / d logits = softmax - onehot), then drops the logits: the (N, V) logits never exist
     whole, in the forward or the backward, and nothing is recomputed. The backward only scales the
-    stored gradients by the incoming one."""
+    stored gradients by the incoming one.
+
+    With `keep_logits` the logits are also returned, from the same matmul: a caller that wants both the
+    loss and the logits pays for one LM-head matmul, not two. A gradient that reaches those logits (a loss
+    of the caller's own on them) adds its two matmuls in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_size, ignore_index, keep_logits):
+        ctx.set_materialize_grads(False)  # unused logits send no gradient, and cost no backward matmul
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kept = None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
             keep = t != ignore_index
             safe_t = t.masked_fill(~keep, 0)
-            logits = F.linear(h, weight).float()  # (c, V): the only chunk-sized buffer
+            linear = F.linear(h, weight)
+            if keep_logits:
+                if kept is None:
+                    kept = linear.new_empty(hidden.shape[0], weight.shape[0])
+                kept[start : start + chunk_size] = linear
+            logits = linear.float()  # (c, V): the only chunk-sized buffer
             target_logit = logits.gather(1, safe_t.unsqueeze(1)).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place: logsumexp would allocate a second (c, V) buffer
@@ -75,20 +86,32 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_hidden[start : start + chunk_size] = grad @ weight
                 if grad_weight is not None:
                     grad_weight.addmm_(grad.t().float(), h.float())
-            del logits, probs
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
+            del logits, probs, linear
+        ctx.save_for_backward(grad_hidden, grad_weight, *((hidden, weight) if keep_logits else ()))
+        if kept is None:
+            return total, None
+        return total, kept
 
     @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
+    def backward(ctx, grad_output, grad_logits):
+        grad_hidden, grad_weight, *inputs = ctx.saved_tensors
         # Scaled in place: these buffers exist only for this backward, and a copy of the (V, H)
         # weight gradient would be the largest allocation of the whole loss.
+        scale = grad_output if grad_output is not None else 0.0
         if grad_hidden is not None:
-            grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
+            grad_hidden.mul_(scale.to(grad_hidden.dtype) if torch.is_tensor(scale) else scale)
         if grad_weight is not None:
-            grad_weight = grad_weight.mul_(grad_output).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+            grad_weight.mul_(scale)
+        if grad_logits is not None:
+            hidden, weight = inputs
+            g = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden.add_(g @ weight)
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t().float(), hidden.float())
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy_sum(
@@ -98,9 +121,11 @@ def linear_cross_entropy_sum(
     *,
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
-) -> torch.Tensor:
+    return_logits: bool = False,
+):
     """Summed float32 cross-entropy of `hidden @ weight.T` against `targets`, without materialising the
-    logits. hidden (..., H), weight (V, H), targets (...) with `ignore_index` skipped."""
+    logits. hidden (..., H), weight (V, H), targets (...) with `ignore_index` skipped. With `return_logits`,
+    (loss, logits (..., V)) from the one matmul."""
     if hidden.shape[:-1] != targets.shape:
         raise ValueError(f"targets: expected shape {list(hidden.shape[:-1])} to match hidden states, got {list(targets.shape)}")
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
@@ -108,14 +133,18 @@ def linear_cross_entropy_sum(
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive token count, got {chunk_size}")
     chunk = chunk_size or default_chunk_size(weight.shape[0])
-    loss = _LinearCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), chunk,
-                                        ignore_index)
-    return loss
+    loss, logits = _LinearCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                                chunk, ignore_index, return_logits)
+    if not return_logits:
+        return loss
+    return loss, logits.view(*hidden.shape[:-1], weight.shape[0])
 
 
 def causal_lm_chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               chunk_size: int | None = None) -> torch.Tensor:
-    """`causal_lm_loss_sum` from final hidden states (B, S, H) and the LM head weight (V, H)."""
+                               chunk_size: int | None = None, return_logits: bool = False):
+    """`causal_lm_loss_sum` from final hidden states (B, S, H) and the LM head weight (V, H); with
+    `return_logits`, (loss, logits (B, S, V))."""
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"labels: expected shape {list(hidden.shape[:2])} to match hidden states, got {list(labels.shape)}")
-    return linear_cross_entropy_sum(hidden, weight, shift_labels(labels), chunk_size=chunk_size)
+    return linear_cross_entropy_sum(hidden, weight, shift_labels(labels), chunk_size=chunk_size,
+                                    return_logits=return_logits)

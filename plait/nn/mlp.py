@@ -44,10 +44,14 @@ class Activation:
             return F.silu(x)
         raise ValueError(f"activation {self.name!r} is gated-only")
 
-    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.name in _FUSED_GATES and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return _FusedGate.apply(gate, up, self)
-        return self.gated_reference(gate, up)
+    def gated(self, gate: torch.Tensor, up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """act(gate, up), each row times `row_scale` (N,) when given (an MoE's routing weights: the down
+        projection is linear, so scaling its input is scaling its output)."""
+        if self.name in _FUSED_GATES and torch.is_grad_enabled() and (
+                gate.requires_grad or up.requires_grad or (row_scale is not None and row_scale.requires_grad)):
+            return _FusedGate.apply(gate, up, row_scale, self)
+        out = self.gated_reference(gate, up)
+        return out if row_scale is None else _scale_rows(out, row_scale)
 
     def gated_reference(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """The gated activation as plain tensor ops (autograd keeps every intermediate)."""
@@ -59,43 +63,64 @@ class Activation:
             raise ValueError(f"activation {self.name!r} cannot gate; expected one of {GATED_ACTIVATIONS}")
         return self.plain(gate) * up
 
-    def gated_fused(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def gated_fused(self, gate_up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.gated(gate, up)
+        return self.gated(gate, up, row_scale)
 
 
 _FUSED_GATES = ("silu", "swigluoai")
 
 
+def _scale_rows(out: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    # the product in float32 (routing weights are float32), rounded once to the activation's dtype
+    return (out.float() * row_scale.unsqueeze(-1)).to(out.dtype)
+
+
 class _FusedGate(torch.autograd.Function):
-    """silu / swigluoai gating that saves only its two inputs and recomputes the rest in backward.
+    """silu / swigluoai gating, optionally times a per-row scale, that saves only its inputs and recomputes
+    the rest in backward.
 
     Autograd on the plain ops keeps four more (tokens x intermediate) tensors per MLP (the clamped
-    gate, the sigmoid, and two products); in an MoE layer that is most of its activation memory.
-    The forward runs the same ops as `Activation.gated_reference`, so outputs are bitwise equal."""
+    gate, the sigmoid, and two products), and with a row scale the unscaled output too; in an MoE layer
+    that is most of its activation memory. The forward runs the same ops as `Activation.gated_reference`,
+    so outputs are bitwise equal."""
 
     @staticmethod
-    def forward(ctx, gate, up, act: Activation):
+    def forward(ctx, gate, up, row_scale, act: Activation):
         ctx.act = act
-        ctx.save_for_backward(gate, up)
-        return act.gated_reference(gate, up)
+        ctx.save_for_backward(gate, up, row_scale)
+        out = act.gated_reference(gate, up)
+        return out if row_scale is None else _scale_rows(out, row_scale)
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up = ctx.saved_tensors
+        gate, up, row_scale = ctx.saved_tensors
         act = ctx.act
         g, u, dy = gate.float(), up.float(), grad_out.float()
+        grad_scale = None
         if act.name == "silu":  # silu(g) * u
             s = torch.sigmoid(g)
-            grad_gate = dy * u * s * (1.0 + g * (1.0 - s))
-            grad_up = dy * g * s
+            gs = g * s
+            if row_scale is not None:
+                if ctx.needs_input_grad[2]:
+                    grad_scale = (dy * gs * u).sum(dim=-1)
+                dy = dy * row_scale.unsqueeze(-1)
+            grad_up = dy * gs
+            grad_gate = dy * u * (s + gs * (1.0 - s))
         else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
             gc = g.clamp(max=act.limit)
             s = torch.sigmoid(gc * act.alpha)
-            grad_gate = dy * (u.clamp(-act.limit, act.limit) + 1.0) * s * (1.0 + act.alpha * gc * (1.0 - s))
+            gs, u1 = gc * s, u.clamp(-act.limit, act.limit) + 1.0
+            if row_scale is not None:
+                if ctx.needs_input_grad[2]:
+                    grad_scale = (dy * gs * u1).sum(dim=-1)
+                dy = dy * row_scale.unsqueeze(-1)
+            grad_gate = dy * u1 * (s + act.alpha * gs * (1.0 - s))
             grad_gate = grad_gate.masked_fill_(g > act.limit, 0.0)  # clamp passes the gradient inside its bounds
-            grad_up = (dy * gc * s).masked_fill_(u.abs() > act.limit, 0.0)
-        return grad_gate.to(gate.dtype), grad_up.to(up.dtype), None
+            grad_up = (dy * gs).masked_fill_(u.abs() > act.limit, 0.0)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(row_scale.dtype)
+        return grad_gate.to(gate.dtype), grad_up.to(up.dtype), grad_scale, None
 
 
 class MLP(nn.Module):

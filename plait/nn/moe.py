@@ -18,8 +18,10 @@ returns the per-layer load for logging. An optional Switch-style auxiliary loss
 
 Experts are stacked 3-D weights, `gate_up_proj` (E, 2I, H) with the gate half first and
 `down_proj` (E, H, I), the in-memory layout of transformers. "grouped" runs them with
-`torch.nn.functional.grouped_mm`; "loop" runs one matmul per expert on the same sorted tokens; "auto"
-(default) takes grouped_mm on CUDA and the loop on CPU, where it measured faster (benchmarks/blocks.py).
+`torch.nn.functional.grouped_mm`; "loop" runs one matmul per expert on the same sorted tokens, each
+writing into its rows of one output; "auto" (default) takes grouped_mm wherever torch has it for the device
+and dtype (CPU; CUDA bf16 on sm80+), the loop elsewhere. On CPU the two measured within 10% of each other
+from 8 large to 64 small experts, grouped_mm ahead by its fewer calls on many small ones.
 Both are deterministic at a fixed thread count: the sort is stable and every scatter writes each row once.
 """
 
@@ -116,12 +118,17 @@ class Router(nn.Module):
         return Routing(weights * cfg.routed_scaling_factor, indices, logits)
 
 
-def grouped_mm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def grouped_mm_available(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """Whether torch's grouped_mm runs these expert weights: a kernel for the device and dtype, and row
+    strides that are multiples of 16 bytes (hidden and intermediate sizes; tiny configs often miss)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if weight.device.type == "cuda":
-        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    return weight.device.type == "cpu"
+    size = gate_up_proj.element_size()
+    if any(dim * size % 16 for dim in down_proj.shape[1:]):
+        return False
+    if gate_up_proj.device.type == "cuda":
+        return gate_up_proj.dtype == torch.bfloat16 and torch.cuda.get_device_capability(gate_up_proj.device) >= (8, 0)
+    return gate_up_proj.device.type == "cpu"
 
 
 class GroupedExperts(nn.Module):
@@ -139,40 +146,113 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H), indices / weights (T, K) -> (T, H)."""
         T, K = indices.shape
-        H = x.shape[-1]
         flat = indices.reshape(-1)  # (T*K,) slot t*K + k
-        order = torch.argsort(flat, stable=True)  # slots sorted by expert
+        order = torch.argsort(flat, stable=True)  # row r of the expert-sorted layout holds slot order[r]
         counts = torch.bincount(flat, minlength=self.num_experts)
-        # Each token once per chosen expert; expand's backward sums the K copies in a fixed order.
-        xs = x.unsqueeze(1).expand(T, K, H).reshape(T * K, H)[order]  # (T*K, H), grouped by expert
-        use_grouped = self.impl == "grouped" or (self.impl == "auto" and xs.device.type == "cuda")
-        if use_grouped and grouped_mm_available(xs, self.gate_up_proj):
+        token_of_row = order // K
+        row_of_slot = torch.empty_like(order)
+        row_of_slot[order] = torch.arange(order.numel(), device=order.device)
+        xs = _ToExpertRows.apply(x, token_of_row, row_of_slot, K)  # (T*K, H), grouped by expert
+        # the routing weight scales each row's activation, before the (linear) down projection: the weight
+        # gradient then needs only what the activation saves anyway, not a saved (T*K, H) expert output
+        row_weights = weights.reshape(-1)[order]
+        if self.impl != "loop" and grouped_mm_available(self.gate_up_proj, self.down_proj):
             offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
             h = F.grouped_mm(xs.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
-            h = self.act.gated_fused(h)  # (T*K, I)
+            h = self.act.gated_fused(h, row_weights)  # (T*K, I)
             ys = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)  # (T*K, H)
         else:
-            ys = self._loop(xs, counts)
-        ys = ys.float() * weights.reshape(-1)[order].unsqueeze(-1)
-        # back to slot order by the inverse permutation: a gather keeps only the index for backward
-        # (index_copy would keep a copy of ys), and its backward writes each row once
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
-        return ys.index_select(0, inverse).view(T, K, H).sum(dim=1).to(x.dtype)
+            ys = self._loop(xs, counts, row_weights)
+        return _FromExpertRows.apply(ys, token_of_row, row_of_slot, K).to(x.dtype)
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # split (not slicing) so the backward concatenates the pieces instead of summing E full-size grads
-        # (and unbind, not indexing, so the weight gradient is one stack, not E full-size sums); the activation
-        # runs once over every expert's rows, not once per expert (a dozen small kernels each, fwd + bwd)
+    def _loop(self, xs: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+        # the activation runs once over every expert's rows, not once per expert (a dozen small kernels
+        # each, forward and backward)
         sizes = counts.tolist()
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        h = torch.cat([F.linear(chunk, gate_up[e]) for e, chunk in enumerate(torch.split(xs, sizes))])
-        h = self.act.gated_fused(h)  # (T*K, 2I) -> (T*K, I)
-        return torch.cat([F.linear(chunk, down[e]) for e, chunk in enumerate(torch.split(h, sizes))])
+        h = _PerExpertLinear.apply(xs, self.gate_up_proj, sizes)
+        h = self.act.gated_fused(h, row_weights)  # (T*K, 2I) -> (T*K, I)
+        return _PerExpertLinear.apply(h, self.down_proj, sizes)
 
     def extra_repr(self) -> str:
         E, H, I = self.down_proj.shape
         return f"experts={E}, hidden={H}, intermediate={I}, act={self.act.name}, impl={self.impl}"
+
+
+def _sum_rows_per_token(rows: torch.Tensor, row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T*K, H) expert-sorted rows -> (T, H): each token's K rows, gathered back to slot order and summed in a
+    fixed order (deterministic, no scatter-add)."""
+    return rows.index_select(0, row_of_slot).view(-1, top_k, rows.shape[-1]).sum(dim=1)
+
+
+class _ToExpertRows(torch.autograd.Function):
+    """(T, H) tokens -> (T*K, H) rows sorted by expert, row r a copy of token `token_of_row[r]`. The backward
+    sums each token's K row gradients with `_sum_rows_per_token` (plain indexing would scatter-add them)."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row, row_of_slot, top_k):
+        ctx.save_for_backward(row_of_slot)
+        ctx.top_k = top_k
+        return x.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_of_slot,) = ctx.saved_tensors
+        return _sum_rows_per_token(grad_rows, row_of_slot, ctx.top_k), None, None, None
+
+
+class _FromExpertRows(torch.autograd.Function):
+    """The adjoint of `_ToExpertRows`: (T*K, H) expert rows -> (T, H) per-token sums; its backward hands each
+    row its token's gradient (one gather, where autograd's index_select backward zero-fills and adds)."""
+
+    @staticmethod
+    def forward(ctx, rows, token_of_row, row_of_slot, top_k):
+        ctx.save_for_backward(token_of_row)
+        return _sum_rows_per_token(rows, row_of_slot, top_k)
+
+    @staticmethod
+    def backward(ctx, grad_tokens):
+        (token_of_row,) = ctx.saved_tensors
+        return grad_tokens.index_select(0, token_of_row), None, None, None
+
+
+class _PerExpertLinear(torch.autograd.Function):
+    """Rows grouped by expert, `sizes[e]` rows for expert e: out[rows of e] = x[rows of e] @ weight[e].T.
+
+    One matmul per expert, each writing straight into its rows of the output, and in backward into its rows
+    of the input gradient and its (e) slice of the 3-D weight gradient. Autograd on per-expert slices would
+    instead concatenate the outputs and input gradients and stack E weight gradients, which it gets
+    transposed from the matmul backward: a strided copy of the whole weight per step."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sizes):
+        ctx.save_for_backward(x, weight)
+        ctx.sizes = sizes
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        start = 0
+        for e, n in enumerate(sizes):
+            if n:
+                torch.mm(x[start : start + n], weight[e].t(), out=out[start : start + n])
+            start += n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.sizes):
+            rows = slice(start, start + n)
+            if grad_x is not None and n:
+                torch.mm(grad_out[rows], weight[e], out=grad_x[rows])
+            if grad_w is not None:
+                if n:
+                    torch.mm(grad_out[rows].t(), x[rows], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+            start += n
+        return grad_x, grad_w, None
 
 
 class MoE(nn.Module):

@@ -69,3 +69,24 @@ def test_bad_shapes_are_clear_errors():
         linear_cross_entropy_sum(hidden, weight[:, :-1], labels)
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy_sum(hidden, weight, labels, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_loss_with_logits_from_one_matmul_and_gradients_through_both(chunk_size):
+    hidden, weight, labels = _problem()
+    loss, logits = causal_lm_chunked_loss_sum(hidden, weight, labels, chunk_size=chunk_size, return_logits=True)
+    ref_logits = hidden @ weight.T
+    assert_close(logits, ref_logits, tol=1e-6 * ref_logits.abs().max().item())
+    assert torch.equal(loss, causal_lm_chunked_loss_sum(hidden, weight, labels, chunk_size=chunk_size))
+    probe = torch.randn(ref_logits.shape, generator=torch.Generator().manual_seed(3))
+    # the CE alone (no gradient reaches the logits), the CE plus a loss of the caller's own on the logits,
+    # and that loss alone
+    for ce, own in ((1.0, 0.0), (1.0, 1.0), (0.0, 1.0)):
+        loss, logits = causal_lm_chunked_loss_sum(hidden, weight, labels, chunk_size=chunk_size, return_logits=True)
+        total = ce * loss + ((logits * probe).sum() if own else 0.0)
+        g = torch.autograd.grad(total, [hidden, weight])
+        ref_logits = hidden @ weight.T
+        g_ref = torch.autograd.grad(ce * causal_lm_loss_sum(ref_logits, labels) + own * (ref_logits * probe).sum(),
+                                    [hidden, weight])
+        for a, b in zip(g, g_ref):
+            assert_close(a, b, tol=1e-5 * b.abs().max().item())
