@@ -152,26 +152,17 @@ class GroupedExperts(nn.Module):
         token_of_row = order // K
         row_of_slot = torch.empty_like(order)
         row_of_slot[order] = torch.arange(order.numel(), device=order.device)
-        xs = _ToExpertRows.apply(x, token_of_row, row_of_slot, K)  # (T*K, H), grouped by expert
+        grouped = self.impl != "loop" and grouped_mm_available(self.gate_up_proj, self.down_proj)
+        plan = (_ExpertRows(None, torch.cumsum(counts, dim=0, dtype=torch.int32)) if grouped
+                else _ExpertRows(counts.tolist(), None))  # the loop needs the sizes on the host (a sync on GPU)
+        # (T*K, 2I): each token once per chosen expert, grouped by expert, through its expert's gate/up
+        h = _GatherExpertLinear.apply(x, self.gate_up_proj, token_of_row, row_of_slot, K, plan)
         # the routing weight scales each row's activation, before the (linear) down projection: the weight
-        # gradient then needs only what the activation saves anyway, not a saved (T*K, H) expert output
-        row_weights = weights.reshape(-1)[order]
-        if self.impl != "loop" and grouped_mm_available(self.gate_up_proj, self.down_proj):
-            offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-            h = F.grouped_mm(xs.to(self.gate_up_proj.dtype), self.gate_up_proj.transpose(-2, -1), offs=offsets)
-            h = self.act.gated_fused(h, row_weights)  # (T*K, I)
-            ys = F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)  # (T*K, H)
-        else:
-            ys = self._loop(xs, counts, row_weights)
+        # gradient then needs only what the activation saves anyway, not a saved (T*K, H) expert output;
+        # the activation runs once over every expert's rows
+        h = self.act.gated_fused(h, weights.reshape(-1)[order])  # (T*K, I)
+        ys = _ExpertLinear.apply(h, self.down_proj, plan)  # (T*K, H)
         return _FromExpertRows.apply(ys, token_of_row, row_of_slot, K).to(x.dtype)
-
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
-        # the activation runs once over every expert's rows, not once per expert (a dozen small kernels
-        # each, forward and backward)
-        sizes = counts.tolist()
-        h = _PerExpertLinear.apply(xs, self.gate_up_proj, sizes)
-        h = self.act.gated_fused(h, row_weights)  # (T*K, 2I) -> (T*K, I)
-        return _PerExpertLinear.apply(h, self.down_proj, sizes)
 
     def extra_repr(self) -> str:
         E, H, I = self.down_proj.shape
@@ -182,22 +173,6 @@ def _sum_rows_per_token(rows: torch.Tensor, row_of_slot: torch.Tensor, top_k: in
     """(T*K, H) expert-sorted rows -> (T, H): each token's K rows, gathered back to slot order and summed in a
     fixed order (deterministic, no scatter-add)."""
     return rows.index_select(0, row_of_slot).view(-1, top_k, rows.shape[-1]).sum(dim=1)
-
-
-class _ToExpertRows(torch.autograd.Function):
-    """(T, H) tokens -> (T*K, H) rows sorted by expert, row r a copy of token `token_of_row[r]`. The backward
-    sums each token's K row gradients with `_sum_rows_per_token` (plain indexing would scatter-add them)."""
-
-    @staticmethod
-    def forward(ctx, x, token_of_row, row_of_slot, top_k):
-        ctx.save_for_backward(row_of_slot)
-        ctx.top_k = top_k
-        return x.index_select(0, token_of_row)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        (row_of_slot,) = ctx.saved_tensors
-        return _sum_rows_per_token(grad_rows, row_of_slot, ctx.top_k), None, None, None
 
 
 class _FromExpertRows(torch.autograd.Function):
@@ -215,44 +190,103 @@ class _FromExpertRows(torch.autograd.Function):
         return grad_tokens.index_select(0, token_of_row), None, None, None
 
 
-class _PerExpertLinear(torch.autograd.Function):
-    """Rows grouped by expert, `sizes[e]` rows for expert e: out[rows of e] = x[rows of e] @ weight[e].T.
+@dataclass(frozen=True)
+class _ExpertRows:
+    """How rows are grouped by expert, in expert order: for torch's grouped_mm the `offsets` (cumulative row
+    counts, int32, on the device), for the per-expert loop the `sizes` (row counts, on the host)."""
 
-    One matmul per expert, each writing straight into its rows of the output, and in backward into its rows
-    of the input gradient and its (e) slice of the 3-D weight gradient. Autograd on per-expert slices would
-    instead concatenate the outputs and input gradients and stack E weight gradients, which it gets
-    transposed from the matmul backward: a strided copy of the whole weight per step."""
+    sizes: list[int] | None
+    offsets: torch.Tensor | None
 
-    @staticmethod
-    def forward(ctx, x, weight, sizes):
-        ctx.save_for_backward(x, weight)
-        ctx.sizes = sizes
-        out = x.new_empty(x.shape[0], weight.shape[1])
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    # the loop's matmuls write into preallocated rows, so they run outside autocast, in autocast's dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, plan: _ExpertRows, dtype: torch.dtype) -> torch.Tensor:
+    """x (N, in), rows grouped by expert -> (N, out): x[rows of e] @ weight[e].T for each expert e, in `dtype`
+    (`_compute_dtype`; grouped_mm is not autocast-aware and runs in the weights' dtype)."""
+    if plan.offsets is not None:
+        return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=plan.offsets)
+    x, weight = x.to(dtype), weight.to(dtype)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    with torch.autocast(x.device.type, enabled=False):
         start = 0
-        for e, n in enumerate(sizes):
-            if n:
+        for e, n in enumerate(plan.sizes):
+            if n:  # one matmul per expert, straight into its rows: no concatenation
                 torch.mm(x[start : start + n], weight[e].t(), out=out[start : start + n])
             start += n
-        return out
+    return out
+
+
+def _expert_matmul_backward(grad_out, x, weight, plan: _ExpertRows, dtype: torch.dtype, need_x: bool, need_w: bool):
+    """Gradients of `_expert_matmul` for x (N, in) and the 3-D weight (E, out, in). The loop writes each
+    expert's weight gradient into its slice: autograd on per-expert slices would instead stack E weight
+    gradients, which it gets transposed from the matmul backward (a strided copy of every expert weight)."""
+    grad_out = grad_out.contiguous()
+    if plan.offsets is not None:
+        grad_out = grad_out.to(weight.dtype)
+        grad_x = F.grouped_mm(grad_out, weight, offs=plan.offsets) if need_x else None
+        grad_w = F.grouped_mm(grad_out.t(), x.to(weight.dtype), offs=plan.offsets) if need_w else None
+        return grad_x, grad_w
+    grad_out, xc, wc = grad_out.to(dtype), x.to(dtype), weight.to(dtype)
+    grad_x = torch.empty_like(xc) if need_x else None
+    grad_w = torch.empty_like(wc) if need_w else None
+    with torch.autocast(x.device.type, enabled=False):
+        start = 0
+        for e, n in enumerate(plan.sizes):
+            rows = slice(start, start + n)
+            if grad_x is not None and n:
+                torch.mm(grad_out[rows], wc[e], out=grad_x[rows])
+            if grad_w is not None:
+                if n:
+                    torch.mm(grad_out[rows].t(), xc[rows], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()
+            start += n
+    return (grad_x.to(x.dtype) if grad_x is not None else None,
+            grad_w.to(weight.dtype) if grad_w is not None else None)
+
+
+class _ExpertLinear(torch.autograd.Function):
+    """`_expert_matmul` with its backward (the down projection)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, plan: _ExpertRows):
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.dtype = plan, _compute_dtype(x, weight)  # backward runs outside autocast: keep its dtype
+        return _expert_matmul(x, weight, plan, ctx.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        start = 0
-        for e, n in enumerate(ctx.sizes):
-            rows = slice(start, start + n)
-            if grad_x is not None and n:
-                torch.mm(grad_out[rows], weight[e], out=grad_x[rows])
-            if grad_w is not None:
-                if n:
-                    torch.mm(grad_out[rows].t(), x[rows], out=grad_w[e])
-                else:
-                    grad_w[e].zero_()
-            start += n
+        grad_x, grad_w = _expert_matmul_backward(grad_out, x, weight, ctx.plan, ctx.dtype, *ctx.needs_input_grad[:2])
         return grad_x, grad_w, None
+
+
+class _GatherExpertLinear(torch.autograd.Function):
+    """Tokens (T, H) -> expert rows (T*K, H), row r a copy of token `token_of_row[r]` -> `_expert_matmul` (the
+    gate/up projection). It saves the tokens, not their K-fold copy, and gathers that again in backward; the
+    tokens' gradient sums each token's K row gradients with `_sum_rows_per_token` (plain indexing would
+    scatter-add them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, token_of_row, row_of_slot, top_k, plan: _ExpertRows):
+        ctx.save_for_backward(x, weight, token_of_row, row_of_slot)
+        ctx.top_k, ctx.plan, ctx.dtype = top_k, plan, _compute_dtype(x, weight)
+        return _expert_matmul(x.index_select(0, token_of_row), weight, plan, ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, token_of_row, row_of_slot = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_rows, grad_w = _expert_matmul_backward(grad_out, x.index_select(0, token_of_row), weight, ctx.plan,
+                                                    ctx.dtype, need_x, need_w)
+        grad_x = _sum_rows_per_token(grad_rows, row_of_slot, ctx.top_k) if need_x else None
+        return grad_x, grad_w, None, None, None, None
 
 
 class MoE(nn.Module):

@@ -9,6 +9,7 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
 
 from plait.nn.mlp import Activation
 from plait.nn.moe import (
+    GroupedExperts,
     MoE,
     MoEConfig,
     Router,
@@ -233,3 +234,21 @@ def test_bad_moe_configs_are_clear_errors(kw, match):
     base = dict(hidden_size=8, num_experts=8, top_k=2, intermediate_size=4)
     with pytest.raises(ValueError, match=match):
         MoEConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_experts_save_no_per_slot_copies_for_backward(impl):
+    # backward keeps the tokens (T, H) and the activation's inputs, never a K-fold (T*K, H) copy of the
+    # tokens or of the expert outputs; and an expert that gets no token has a zero weight gradient
+    T, K, E, H, I = 64, 4, 8, 32, 16
+    experts = GroupedExperts(E, H, I, Activation("silu"), impl)
+    x = torch.randn(T, H, requires_grad=True)
+    indices = torch.stack([torch.randperm(E - 1)[:K] for _ in range(T)])  # expert E-1 gets nothing
+    weights = torch.rand(T, K, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = experts(x, indices, weights)
+    assert not [s for s in saved if s == (T * K, H)], saved
+    out.sum().backward()
+    assert experts.gate_up_proj.grad[E - 1].abs().max() == 0 and experts.down_proj.grad[E - 1].abs().max() == 0
+    assert experts.gate_up_proj.grad[: E - 1].abs().amax(dim=(1, 2)).min() > 0
