@@ -20,8 +20,10 @@ indexer-sparse layer only the keys in the blocks it selects: query p sees min(p 
 keys for top-k blocks of b keys. The indexer itself (no gradient) adds 2 x its projections x tokens
 + 2 x index heads x index dim x S(S+1)/2 for its scores.
 
-Both use AdamW(fused=True) (transformers' Trainer default) and run with glibc malloc keeping freed memory
-(`plait.host_memory.keep_freed_memory`, what plait's trainer sets on CPU) in this one process.
+Both use AdamW(fused=True): transformers' Trainer default, and what plait's trainer runs.
+
+Saved for backward: the bytes of the distinct tensors autograd keeps from one training forward, parameters
+excluded (activation memory, before any allocator overhead).
 
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
 resident set after imports; model construction, optimizer state and the steps are all inside.
@@ -42,8 +44,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from plait.host_memory import keep_freed_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("plait", "transformers")
@@ -163,6 +163,25 @@ def make_step(model, inputs: dict):
     return step
 
 
+def saved_for_backward_bytes(model, inputs: dict) -> int:
+    """Bytes of the tensors autograd keeps from one training forward for its backward: distinct storages,
+    parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**inputs)
+    del out
+    return sum(sizes.values())
+
+
 def sparse_pairs(seq: int, block: int, topk: int) -> int:
     """(query, key) pairs an indexer-sparse layer attends: each query's top-k blocks, its own among them."""
     return sum(min(p + 1, (topk - 1) * block + p % block + 1) for p in range(seq))
@@ -245,8 +264,6 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
     import transformers  # noqa: F401  (imports are outside the measured growth)
 
     import plait  # noqa: F401
-
-    keep_freed_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
@@ -260,19 +277,19 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
 def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
     cmd = [sys.executable, __file__, "--model", model_name, "--memory-child", impl, str(batch), str(seq),
            "--workdir", str(workdir)]
-    out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
+    cmd += ["--quick"] if quick else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
 def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
-    kept = keep_freed_memory()  # for both implementations: they share this process
     peak = matmul_peak(quick)
     cfg = CONFIGS[model_name](quick)
     shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
     models = {impl: build(model_name, impl, quick, workdir) for impl in IMPLS}
     n_params = sum(p.numel() for p in models["plait"].parameters())
     results = {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick, "keep_freed_memory": kept,
+               "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick,
                "optimizer": "AdamW(fused=True)", "shapes": []}
     print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
     for batch, seq in shapes:
@@ -290,6 +307,7 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
         for impl in IMPLS:
             t = statistics.median(times[impl])
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
+                                  "saved_for_backward_mib": saved_for_backward_bytes(models[impl], inputs) / 2**20,
                                   "peak_mib": peak_memory(model_name, impl, batch, seq, quick, workdir) / 2**20}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
@@ -297,7 +315,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
         results["shapes"].append(row)
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
-              f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; first losses {losses}")
+              f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
+              f"{r['saved_for_backward_mib']:.0f} MiB; first losses {losses}")
     return results
 
 

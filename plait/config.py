@@ -137,9 +137,6 @@ class TrainSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None keeps torch's default")
-    keep_freed_memory: bool = Field(
-        True, description="CPU on glibc Linux: malloc reuses freed memory instead of returning it each step "
-                          "(plait/host_memory.py)")
     log_every: int = Field(20, gt=0)
     eval_every: int = Field(200, ge=0, description="0: evaluate at the end only; clipped to the run's length")
     eval_samples: int = Field(200, gt=0, description="validation samples per periodic eval")

@@ -38,7 +38,6 @@ from plait.data.images import normalize
 from plait.data.sources import load_audio_splits, load_splits
 from plait.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from plait.evaluate import evaluate_dataset
-from plait.host_memory import keep_freed_memory
 from plait.metrics import MetricsLog, plot_loss_curve
 from plait.models.build import MODALITY_PLACEHOLDERS, build_model
 from plait.models.mimo import MimoForCausalLM
@@ -158,8 +157,6 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     device = pick_device(cfg.train.device)
-    if device.type == "cpu" and cfg.train.keep_freed_memory:
-        keep_freed_memory()
     splits = load_splits(cfg.data)
     audio = load_audio_splits(cfg.data.audio) if cfg.data.audio is not None else None
     if tokenizer is None:
