@@ -72,8 +72,9 @@ _FUSED_GATES = ("silu", "swigluoai")
 
 
 def _scale_rows(out: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    # the product in float32 (routing weights are float32), rounded once to the activation's dtype
-    return (out.float() * row_scale.unsqueeze(-1)).to(out.dtype)
+    # the product in float32 at least (routing weights are float32), rounded once to the activation's dtype
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    return (out.to(dtype) * row_scale.unsqueeze(-1)).to(out.dtype)
 
 
 class _FusedGate(torch.autograd.Function):
@@ -96,28 +97,28 @@ class _FusedGate(torch.autograd.Function):
     def backward(ctx, grad_out):
         gate, up, row_scale = ctx.saved_tensors
         act = ctx.act
-        g, u, dy = gate.float(), up.float(), grad_out.float()
-        grad_scale = None
+        dtype = torch.promote_types(gate.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
+        g, u, dy = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
+        # Both gates are x * sigmoid(a x) = silu(a x) / a of x = g (silu, a = 1) or x = min(g, limit) (swigluoai),
+        # whose derivative is silu'(a x): aten's fused silu kernels do the element-wise work in one pass each.
         if act.name == "silu":  # silu(g) * u
-            s = torch.sigmoid(g)
-            gs = g * s
-            if row_scale is not None:
-                if ctx.needs_input_grad[2]:
-                    grad_scale = (dy * gs * u).sum(dim=-1)
-                dy = dy * row_scale.unsqueeze(-1)
-            grad_up = dy * gs
-            grad_gate = dy * u * (s + gs * (1.0 - s))
+            ax, a, u1 = g, 1.0, u
         else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
-            gc = g.clamp(max=act.limit)
-            s = torch.sigmoid(gc * act.alpha)
-            gs, u1 = gc * s, u.clamp(-act.limit, act.limit) + 1.0
-            if row_scale is not None:
-                if ctx.needs_input_grad[2]:
-                    grad_scale = (dy * gs * u1).sum(dim=-1)
-                dy = dy * row_scale.unsqueeze(-1)
-            grad_gate = dy * u1 * (s + act.alpha * gs * (1.0 - s))
-            grad_gate = grad_gate.masked_fill_(g > act.limit, 0.0)  # clamp passes the gradient inside its bounds
-            grad_up = (dy * gs).masked_fill_(u.abs() > act.limit, 0.0)
+            ax, a = g.clamp(max=act.limit).mul_(act.alpha), act.alpha
+            u1 = u.clamp(-act.limit, act.limit).add_(1.0)
+        gs = F.silu(ax)
+        if a != 1.0:
+            gs.div_(a)
+        grad_scale = None
+        if row_scale is not None:
+            if ctx.needs_input_grad[2]:
+                grad_scale = torch.mul(dy, gs).mul_(u1).sum(dim=-1)
+            dy = dy * row_scale.unsqueeze(-1)
+        grad_up = gs.mul_(dy)
+        grad_gate = torch.ops.aten.silu_backward(dy * u1, ax)
+        if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds
+            grad_gate.masked_fill_(g > act.limit, 0.0)
+            grad_up.masked_fill_(u.abs() > act.limit, 0.0)
         if grad_scale is not None:
             grad_scale = grad_scale.to(row_scale.dtype)
         return grad_gate.to(gate.dtype), grad_up.to(up.dtype), grad_scale, None

@@ -62,6 +62,8 @@ def test_fused_gate_backward_is_the_derivative_of_the_reference(name):
     gate = gate.masked_fill((gate - 7).abs() < 0.1, 3.0).requires_grad_()
     up = up.masked_fill((up.abs() - 7).abs() < 0.1, -2.0).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: act.gated(a, b), (gate, up))
+    scale = torch.rand(6, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: act.gated(a, b, c), (gate, up, scale))  # MoE routing weights
     if name == "swigluoai":
         assert bool((gate > 7).any()) and bool((up.abs() > 7).any())
     # and in float32 the fused forward is the reference forward, bit for bit
