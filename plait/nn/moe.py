@@ -119,8 +119,9 @@ class Router(nn.Module):
 
 
 def grouped_mm_available(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm runs these expert weights: a kernel for the device and dtype, and row
-    strides that are multiples of 16 bytes (hidden and intermediate sizes; tiny configs often miss)."""
+    """Whether torch's grouped_mm runs these expert weights: a kernel for the device and dtype (none for
+    float64), and row strides that are multiples of 16 bytes (hidden and intermediate sizes; tiny configs often
+    miss)."""
     if not hasattr(F, "grouped_mm"):
         return False
     size = gate_up_proj.element_size()
@@ -128,7 +129,7 @@ def grouped_mm_available(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) ->
         return False
     if gate_up_proj.device.type == "cuda":
         return gate_up_proj.dtype == torch.bfloat16 and torch.cuda.get_device_capability(gate_up_proj.device) >= (8, 0)
-    return gate_up_proj.device.type == "cpu"
+    return gate_up_proj.device.type == "cpu" and gate_up_proj.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GroupedExperts(nn.Module):

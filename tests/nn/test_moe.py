@@ -252,3 +252,34 @@ def test_experts_save_no_per_slot_copies_for_backward(impl):
     out.sum().backward()
     assert experts.gate_up_proj.grad[E - 1].abs().max() == 0 and experts.down_proj.grad[E - 1].abs().max() == 0
     assert experts.gate_up_proj.grad[: E - 1].abs().amax(dim=(1, 2)).min() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # grouped_mm has no float64 kernel: the loop runs
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_experts_match_a_token_by_token_reference_with_an_idle_expert(impl, dtype):
+    # every token through each chosen expert one at a time: outputs and all gradients
+    torch.manual_seed(0)
+    T, K, E, H, I = 20, 2, 6, 16, 8
+    experts = GroupedExperts(E, H, I, Activation("silu"), impl).to(dtype)
+    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    first = torch.randint(0, E - 1, (T,))
+    indices = torch.stack([first, (first + 1) % (E - 1)], dim=1)  # expert E-1 gets no token
+    weights = torch.rand(T, K, dtype=dtype, requires_grad=True)
+    out = experts(x, indices, weights)
+    rows = []
+    for t in range(T):
+        row = 0
+        for k in range(K):
+            e = int(indices[t, k])
+            gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+            row = row + weights[t, k] * (experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        rows.append(row)
+    ref = torch.stack(rows)
+    probe = torch.randn_like(ref)
+    inputs = [x, weights, experts.gate_up_proj, experts.down_proj]
+    grads = torch.autograd.grad((out * probe).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * probe).sum(), inputs)
+    rel = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_close(out, ref, tol=rel * ref.abs().max().item())
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, tol=rel * want.abs().max().item())
