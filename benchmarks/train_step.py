@@ -264,6 +264,7 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
     import transformers  # noqa: F401  (imports are outside the measured growth)
 
     import plait  # noqa: F401
+
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
@@ -277,8 +278,7 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
 def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
     cmd = [sys.executable, __file__, "--model", model_name, "--memory-child", impl, str(batch), str(seq),
            "--workdir", str(workdir)]
-    cmd += ["--quick"] if quick else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 

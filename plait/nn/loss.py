@@ -88,8 +88,6 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_weight.addmm_(grad.t().float(), h.float())
             del logits, probs, linear
         ctx.save_for_backward(grad_hidden, grad_weight, *((hidden, weight) if keep_logits else ()))
-        if kept is None:
-            return total, None
         return total, kept
 
     @staticmethod

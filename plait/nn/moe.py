@@ -177,8 +177,8 @@ def _sum_rows_per_token(rows: torch.Tensor, row_of_slot: torch.Tensor, top_k: in
 
 
 class _FromExpertRows(torch.autograd.Function):
-    """The adjoint of `_ToExpertRows`: (T*K, H) expert rows -> (T, H) per-token sums; its backward hands each
-    row its token's gradient (one gather, where autograd's index_select backward zero-fills and adds)."""
+    """The adjoint of `_GatherExpertLinear`'s gather: (T*K, H) expert rows -> (T, H) per-token sums; its backward
+    hands each row its token's gradient (one gather, where autograd's index_select backward zero-fills and adds)."""
 
     @staticmethod
     def forward(ctx, rows, token_of_row, row_of_slot, top_k):

@@ -49,4 +49,3 @@ def test_speculative_benchmark_runs_and_checks_outputs(tmp_path):
         assert all(m["equal_to_plain"] for m in methods.values())
         assert len(methods["speculative_2"]["acceptance_rate"]) == 2
     assert (tmp_path / "speculative-cpu-quick.png").stat().st_size > 0
-
