@@ -18,13 +18,16 @@ forward and shared by all layers, each of which adds its own window.
 
 Backends (`attend`):
 - "eager": the reference. Materialises the (B, H, Sq, Sk) float32 scores; tests compare against it.
-- "sdpa": PyTorch scaled_dot_product_attention, CPU and GPU. Plain causal layers use `is_causal`
-  (no mask is built). Sliding-window layers run block-local: queries in blocks of `window - 1`
-  tokens attend to their own block and the previous one, so the cost is O(S * window), not O(S^2).
-  Sinks become one extra key: queries get a constant-1 extra dim, the sink key carries
-  `sink / scale` there and a zero value, so its score is exactly the sink logit. Under key-block
-  selection the queries run in tiles, each over the union of the key blocks its queries picked
-  (never a future block), so the work shrinks with the selection.
+- "sdpa": PyTorch's fused attention kernels, CPU and GPU, laid out by the plans in `plait.nn.sdpa`.
+  Plain causal layers use `is_causal` (no mask is built). Sliding-window layers run block-local:
+  queries in blocks of `window - 1` tokens attend to their own block and the previous one, so the
+  cost is O(S * window), not O(S^2). Under key-block selection the queries run in tiles, each over
+  the union of the key blocks its queries picked (never a future block), so the work shrinks with
+  the selection. On CPU the flash kernel's forward and backward run in one autograd Function that
+  saves only the layer's q, k, v, output and log-sum-exp, and sinks enter as out * sigmoid(lse - sink).
+  On GPU `F.scaled_dot_product_attention` runs the same plans, and a sink becomes one extra key:
+  queries get a constant-1 extra dim, the sink key carries `sink / scale` there and a zero value, so
+  its score is exactly the sink logit.
 - "flex": FlexAttention (compiled) on GPU; the sink enters as out * sigmoid(lse - sink), which is
   the softmax with the sink in its denominator. Without a GPU it falls back to SDPA when gradients
   are needed (FlexAttention has no CPU backward).
@@ -41,6 +44,7 @@ from torch import nn
 
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary
+from plait.nn.sdpa import BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu
 
 BACKENDS = ("sdpa", "flex", "eager")
 
@@ -297,129 +301,85 @@ def _pad_head_dims(q, k, v):
     return q, k, v, dv
 
 
-def _expand_kv_heads_for_cpu_backward(q, k, v):
-    """K and V repeated to one head per query head when a CPU backward will follow: SDPA's CPU
-    backward with `enable_gqa` measured about 2x slower than on expanded heads, and the copies are
-    small beside the scores the backward recomputes."""
-    groups = q.shape[1] // k.shape[1]
-    if groups == 1 or q.device.type != "cpu" or not torch.is_grad_enabled():
-        return k, v
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
-        return k, v
-    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-
-
 def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None, restrict=None):
-    Sq, n_keys = q.shape[2], k.shape[2]
+    Sq = q.shape[2]
     no_cache = k_positions is None
-    if restrict is not None and no_cache and sinks is None and Sq > restrict.block_size:
+    block_sparse = restrict is not None and no_cache and Sq > restrict.block_size
+    block_local = no_cache and restrict is None and mask.causal and window is not None and Sq > 2 * window
+    if q.device.type == "cpu":
+        if block_sparse:
+            plan = TilePlan(mask, window, restrict, q.shape[1])
+        elif block_local:
+            plan = BlockLocalPlan(mask, window, Sq)
+        elif _plain(mask, window, Sq, k_positions, restrict):
+            plan = WholePlan(is_causal=mask.causal)
+        else:
+            plan = WholePlan(False, lambda: _allowed(mask, window, k_positions, k_valid, restrict, q.shape[1], k.shape[2]))
+        return flash_attention_cpu(q, k, v, plan, scale=scale, sinks=sinks)
+    if block_sparse and sinks is None:
         return _block_sparse_attention(q, k, v, mask, restrict, scale=scale, window=window)
     if sinks is not None:
         q, k, v = _append_sink_key(q, k, v, sinks, scale)
     q, k, v, dv = _pad_head_dims(q, k, v)
-    k, v = _expand_kv_heads_for_cpu_backward(q, k, v)
     gqa = q.shape[1] != k.shape[1]
-
-    plain = no_cache and restrict is None and mask.valid is None and mask.documents is None
-    if no_cache and restrict is None and mask.causal and window is not None and Sq > 2 * window:
+    if block_local:
         out = _block_local_attention(q, k, v, mask, window=window, scale=scale, has_sink=sinks is not None)
-    elif plain and sinks is None and mask.causal and (window is None or window >= Sq):
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif plain and sinks is None and not mask.causal and window is None:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    elif sinks is None and _plain(mask, window, Sq, k_positions, restrict):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=mask.causal, scale=scale, enable_gqa=gqa)
     else:
-        allowed = mask.dense(window, k_positions, k_valid)  # (B|1, 1, Sq, Sk) bool
-        if restrict is not None:
-            allowed = allowed & restrict.dense(q.shape[1], n_keys)
+        allowed = _allowed(mask, window, k_positions, k_valid, restrict, q.shape[1], k.shape[2] - (sinks is not None))
         if sinks is not None:
             allowed = F.pad(allowed, (0, 1), value=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     return out[..., :dv]
 
 
-# queries per tile of the block-sparse path: enough rows for efficient matmuls, few enough that a
-# tile's queries share most of their key blocks
-SPARSE_TILE_QUERIES = 128
+def _plain(mask, window, n_queries, k_positions, restrict) -> bool:
+    """Whether the causal flag (or no mask at all) says everything: no cache, padding, documents, key
+    selection, and a window (if any) that every causal row fits in."""
+    if k_positions is not None or restrict is not None or mask.valid is not None or mask.documents is not None:
+        return False
+    return window is None or (mask.causal and window >= n_queries)
+
+
+def _allowed(mask, window, k_positions, k_valid, restrict, heads, n_keys):
+    allowed = mask.dense(window, k_positions, k_valid)  # (B | 1, 1, Sq, Sk) bool
+    return allowed if restrict is None else allowed & restrict.dense(heads, n_keys)
 
 
 def _block_sparse_attention(q, k, v, mask, blocks: KeyBlocks, *, scale, window):
-    """Attention restricted to per-query key blocks, without a (Sq, Sk) mask: queries run in tiles,
-    each against the union of the key blocks its queries picked (blocks nobody picked, the future
-    ones included, cost nothing); inside a tile the usual rule and each query's own picks apply."""
+    """`TilePlan` through `F.scaled_dot_product_attention` (autograd saves each tile's operands)."""
     B, H, S, _ = q.shape
-    n_keys, bs = k.shape[2], blocks.block_size
     q, k, v, dv = _pad_head_dims(q, k, v)
-    k, v = _expand_kv_heads_for_cpu_backward(q, k, v)
     gqa = q.shape[1] != k.shape[1]
-    tile = bs * max(1, SPARSE_TILE_QUERIES // bs)
-    in_block = torch.arange(bs, device=q.device)
     outs = []
-    for lo in range(0, S, tile):
-        hi = min(lo + tile, S)
-        keep = blocks.keep[:, :, lo:hi]  # (B, h, t, n_blocks)
-        picked = keep.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)  # ascending block ids
-        if picked.numel() == 0:  # nothing visible: zeros, as the other backends give
-            outs.append(q.new_zeros(B, H, hi - lo, v.shape[-1]))
+    for rows, k_index, prefix, allowed in TilePlan(mask, window, blocks, H).tiles(S, k.shape[2], q.device):
+        if k_index is None:  # nothing visible: zeros, as the other backends give
+            outs.append(q.new_zeros(B, H, rows.stop - rows.start, v.shape[-1]))
             continue
-        k_index = (picked[:, None] * bs + in_block).flatten()
-        k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
-        nk = k_index.numel()
-        if int(picked[-1]) + 1 == picked.numel():  # the usual causal case: blocks 0..j, a view, no copy
-            kt, vt = k[:, :, :nk], v[:, :, :nk]
-        else:
-            kt, vt = k.index_select(2, k_index), v.index_select(2, k_index)
-        allowed = mask.dense_tile(window, lo, hi, k_index)  # (B|1, 1, t, nk)
-        chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., :nk]  # (B, h, t, nk)
-        if keep.shape[1] > 1:  # one indexer head broadcasts over the query heads; several are repeated
-            chosen = chosen.repeat_interleave(H // keep.shape[1], dim=1)
-        outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], kt, vt, attn_mask=allowed & chosen, scale=scale,
+        outs.append(F.scaled_dot_product_attention(q[:, :, rows], TilePlan.keys(k, k_index, prefix),
+                                                   TilePlan.keys(v, k_index, prefix), attn_mask=allowed, scale=scale,
                                                    enable_gqa=gqa))
     return torch.cat(outs, dim=2)[..., :dv]
 
 
 def _block_local_attention(q, k, v, mask, *, window, scale, has_sink):
-    """Sliding-window attention in O(S * window): query block n (b = window - 1 tokens) sees key
-    blocks n - 1 and n, which hold every key within its window. k, v may end with one sink key."""
-    B, H, S, D = q.shape
-    Hk = k.shape[1]
+    """`BlockLocalPlan` through `F.scaled_dot_product_attention`; k, v may end with one sink key, which every
+    block gets."""
+    B, H, S, _ = q.shape
     if has_sink:
         k, sink_k = k[:, :, :-1], k[:, :, -1:]
         v, sink_v = v[:, :, :-1], v[:, :, -1:]
-    b = max(window - 1, 1)
-    n = -(-S // b)
-    pad = n * b - S
-    # (B, H, S, D) -> (B * n, H, b, D)
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, n, b, D).transpose(1, 2).reshape(B * n, H, b, D)
-
-    def key_blocks(t):  # (B, Hk, S, d) -> (B * n, Hk, 2b, d): one zero block in front, then unfold
-        t = F.pad(t, (0, 0, b, pad))
-        return t.unfold(2, 2 * b, b).permute(0, 2, 1, 4, 3).reshape(B * n, Hk, 2 * b, t.shape[-1])
-
-    kb, vb = key_blocks(k), key_blocks(v)
-
-    # Visibility per block, from stream positions: query (n, r) sits at n*b + r, key (n, c) at (n-1)*b + c.
-    blk = torch.arange(n, device=q.device).view(n, 1, 1)
-    q_pos = blk * b + torch.arange(b, device=q.device).view(1, b, 1)
-    k_pos = (blk - 1) * b + torch.arange(2 * b, device=q.device).view(1, 1, 2 * b)
-    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window) & (k_pos >= 0) & (k_pos < S)  # (n, b, 2b)
-    allowed = allowed.unsqueeze(0)  # (1, n, b, 2b)
-    k_index = k_pos.clamp(0, S - 1).expand(n, 1, 2 * b).reshape(-1)
-    if mask.valid is not None:
-        kv_ok = mask.valid[:, k_index].view(B, n, 1, 2 * b)
-        allowed = allowed & kv_ok
-    if mask.documents is not None:
-        q_doc = F.pad(mask.documents, (0, pad), value=-1).view(B, n, b, 1)
-        k_doc = mask.documents[:, k_index].view(B, n, 1, 2 * b)
-        allowed = allowed & (q_doc == k_doc)
-    allowed = allowed.expand(B, n, b, 2 * b).reshape(B * n, 1, b, 2 * b)
+    plan = BlockLocalPlan(mask, window, S)
+    kb, vb = plan.key_blocks(k), plan.key_blocks(v)
+    allowed = plan.allowed(B, q.device)
     if has_sink:
-        kb = torch.cat([kb, sink_k.repeat_interleave(n, dim=0)], dim=2)
-        vb = torch.cat([vb, sink_v.repeat_interleave(n, dim=0)], dim=2)
+        kb = torch.cat([kb, sink_k.repeat_interleave(plan.n, dim=0)], dim=2)
+        vb = torch.cat([vb, sink_v.repeat_interleave(plan.n, dim=0)], dim=2)
         allowed = F.pad(allowed, (0, 1), value=True)
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=allowed, scale=scale, enable_gqa=H != Hk)
-    # (B * n, H, b, Dv) -> (B, H, S, Dv)
-    out = out.view(B, n, H, b, -1).transpose(1, 2).reshape(B, H, n * b, -1)
-    return out[:, :, :S]
+    out = F.scaled_dot_product_attention(plan.query_blocks(q), kb, vb, attn_mask=allowed, scale=scale,
+                                         enable_gqa=H != k.shape[1])
+    return plan.from_query_blocks(out)
 
 
 _compiled_flex = None

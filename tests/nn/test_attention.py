@@ -9,7 +9,7 @@ from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
 )
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLAttention, MiniMaxM3VLRotaryEmbedding
 
-from plait.nn import attention as attention_module
+from plait.nn import sdpa as sdpa_module
 from plait.nn.attention import (
     Attention,
     AttentionMask,
@@ -94,7 +94,7 @@ def _random_key_blocks(B, h, S, block, picks, seed=0):
 @pytest.mark.parametrize("dims, index_heads", [((4, 1, 16, 16), 1), ((4, 2, 16, 12), 2), ((2, 2, 8, 8), 2)])
 def test_key_block_selection_in_tiles_matches_eager(monkeypatch, mask_kind, dims, index_heads):
     # small tiles, so a sequence runs in several of them and each tile gathers its own union of blocks
-    monkeypatch.setattr(attention_module, "SPARSE_TILE_QUERIES", 8)
+    monkeypatch.setattr(sdpa_module, "SPARSE_TILE_QUERIES", 8)
     H, Hk, D, Dv = dims
     B, S = 2, 45
     q, k, v = _inputs(B, H, Hk, S, D, Dv)
@@ -111,6 +111,47 @@ def test_key_block_selection_in_tiles_matches_eager(monkeypatch, mask_kind, dims
         flex = attend(q, k, v, mask, scale=D**-0.5, backend="flex", restrict=blocks)
     assert_close(flex, out_ref, tol=1e-5)
 
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps from `fn()` for its backward."""
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values())
+
+
+@pytest.mark.parametrize("case", ["causal", "window_with_sinks", "padded_window", "key_blocks"])
+def test_cpu_sdpa_saves_the_layers_own_tensors_not_the_kernels_operands(case):
+    # the kernel wants K/V repeated per query head, V padded to the Q/K head dim and a window's keys unfolded
+    # into overlapping blocks; the backward builds those again, so only q, k, v, output and lse are kept
+    B, H, Hk, S, D, Dv = 2, 4, 1, 64, 16, 8
+    q, k, v = _inputs(B, H, Hk, S, D, Dv)
+    sinks = torch.randn(H).requires_grad_() if case == "window_with_sinks" else None
+    mask = _mask("padded" if case == "padded_window" else "plain", B, S)
+    window = 9 if "window" in case else None
+    restrict = _random_key_blocks(B, 1, S, block=8, picks=3) if case == "key_blocks" else None
+    saved = _saved_bytes(lambda: attend(q, k, v, mask, scale=D**-0.5, window=window, sinks=sinks, restrict=restrict))
+    own = sum(t.nbytes for t in (q, k, v)) + B * H * S * (Dv + 1) * 4 + (sinks.nbytes if sinks is not None else 0)
+    assert saved <= own
+
+
+def test_cpu_sdpa_under_bf16_autocast_runs_the_kernel_in_bf16():
+    q, k, v = _inputs(1, 4, 2, 40, 16, 8)
+    mask = AttentionMask.build(1, 40, "cpu")
+    sinks = torch.randn(4).requires_grad_()
+    ref = attend(q, k, v, mask, scale=0.25, window=7, sinks=sinks, backend="eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, mask, scale=0.25, window=7, sinks=sinks)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and sinks.grad is not None
+    assert (out.float() - ref).abs().max() < 5e-2
 
 def test_key_blocks_of_the_wrong_shape_are_refused():
     q, k, v = _inputs(1, 4, 2, 10, 8, 8)

@@ -1,0 +1,257 @@
+"""How SDPA kernel calls cover plait's attention, and CPU attention that saves only what its backward needs.
+
+`F.scaled_dot_product_attention` saves its operands as the kernel sees them, and for plait's layers those are
+bigger than the layer's own q, k, v: K and V repeated once per query head (the CPU backward runs about 2x
+slower on grouped heads), V zero-padded to the Q/K head dim (the kernel takes one head dim), the keys of a
+sliding window unfolded into overlapping blocks (each key twice), a float mask. Here the kernel's forward and
+backward ops run inside one autograd Function that saves the layer's q, k, v, its output (in the layout the
+output projection reads, so the two share one buffer) and the log-sum-exp, and builds the kernel's operands
+again in backward: copies, cheap beside the attention they feed.
+
+A plan says how kernel calls cover the attention; the GPU path of `attention.sdpa_attention` feeds the same
+plans' blocks, tiles and masks to `F.scaled_dot_product_attention`:
+- `WholePlan`: one call, with the causal flag or a mask built from the `AttentionMask`;
+- `BlockLocalPlan`: sliding windows in O(S * window): query blocks of window - 1 tokens against their own
+  block and the previous one, which hold every key in their window, batched into one call;
+- `TilePlan`: block-sparse key selection: query tiles, each over the union of the key blocks its queries
+  picked (blocks nobody picked, the future ones among them, cost nothing).
+
+Sinks: a softmax with one more logit s_h in its denominator and a zero value gives out' = c * out, where
+c = sigmoid(lse - s_h) and out, lse are the attention over the real keys. Its backward is the kernel's own,
+fed the rescaled gradient c * g and the rescaled output out': the kernel's row term sum(dO * O) then is
+c^2 (g . out), which is the plain term c (g . out) less the gradient that reaches lse. The sink itself gets
+d s_h = -sum over queries of (1 - c) (g . out').
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# queries per tile of the block-sparse plan: enough rows for efficient matmuls, few enough that a tile's
+# queries share most of their key blocks
+SPARSE_TILE_QUERIES = 128
+
+
+def flash_attention_cpu(q, k, v, plan, *, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, H, Sq, D), k (B, Hk, Sk, D), v (B, Hk, Sk, Dv) -> (B, H, Sq, Dv), laid out as (B, Sq, H, Dv)."""
+    if torch.is_autocast_enabled("cpu"):  # what autocast does for scaled_dot_product_attention
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with torch.autocast("cpu", enabled=False):
+        return _FlashAttention.apply(q, k, v, sinks, plan, scale)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, plan, scale):
+        qk, kk, vk = _kernel_operands(q, k, v)
+        out, lse = plan.forward(qk, kk, vk, scale)
+        if sinks is not None:
+            out = out * _sink_factor(lse, sinks).unsqueeze(-1).to(out.dtype)
+        # compact, and in the (B, S, H, Dv) layout that the output projection reads without a copy
+        result = out[..., : v.shape[-1]].transpose(1, 2).contiguous().transpose(1, 2)
+        ctx.save_for_backward(q, k, v, result, lse, sinks)
+        ctx.plan, ctx.scale = plan, scale
+        return result
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        qk, kk, vk = _kernel_operands(q, k, v)
+        grad_sinks = None
+        if sinks is not None:
+            c = _sink_factor(lse, sinks)
+            grad_sinks = -((grad.float() * out.float()).sum(-1) * (1 - c)).sum(dim=(0, 2)).to(sinks.dtype)
+            grad = grad * c.unsqueeze(-1).to(grad.dtype)
+        width = qk.shape[-1] - v.shape[-1]
+        grad_q, grad_k, grad_v = ctx.plan.backward(F.pad(grad, (0, width)), qk, kk, vk, F.pad(out, (0, width)), lse,
+                                                   ctx.scale)
+        return (grad_q[..., : q.shape[-1]], _fold_heads(grad_k, k.shape[1])[..., : k.shape[-1]],
+                _fold_heads(grad_v, v.shape[1])[..., : v.shape[-1]], grad_sinks, None, None)
+
+
+def _sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """c = sigmoid(lse - sink) per (batch, head, query), float32."""
+    return torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
+
+
+def _kernel_operands(q, k, v):
+    """The kernel takes one head dim and (for a fast backward) one K/V head per query head."""
+    d, dv = q.shape[-1], v.shape[-1]
+    width = max(d, dv)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if d < width:
+        q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
+    if dv < width:
+        v = F.pad(v, (0, width - dv))
+    return q, k, v
+
+
+def _fold_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, H, S, D) gradient of K or V repeated per query head -> (B, kv_heads, S, D)."""
+    B, H, S, D = grad.shape
+    return grad if H == kv_heads else grad.view(B, kv_heads, H // kv_heads, S, D).sum(dim=2)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool visibility -> the kernel's additive mask (0 where visible, -inf elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+class WholePlan:
+    """One kernel call over all queries and keys: the causal flag alone when the rule needs nothing more,
+    otherwise `allowed()` (a (B | 1, H | 1, Sq, Sk) bool mask, built again in backward rather than saved)."""
+
+    def __init__(self, is_causal: bool, allowed=None):
+        self.is_causal, self.allowed = is_causal, allowed
+
+    def _mask(self, dtype):
+        return None if self.allowed is None else _additive(self.allowed(), dtype)
+
+    def forward(self, q, k, v, scale):
+        return _flash_forward(q, k, v, 0.0, self.is_causal, attn_mask=self._mask(q.dtype), scale=scale)
+
+    def backward(self, grad, q, k, v, out, lse, scale):
+        return _flash_backward(grad, q, k, v, out, lse, 0.0, self.is_causal, attn_mask=self._mask(q.dtype),
+                               scale=scale)
+
+
+class BlockLocalPlan:
+    """Causal sliding-window attention in O(S * window): query block n (b = window - 1 tokens) sees key
+    blocks n - 1 and n, which hold every key within its window; all blocks run as one batched call."""
+
+    def __init__(self, mask, window: int, seq_len: int):
+        self.mask, self.window, self.S = mask, window, seq_len
+        self.b = max(window - 1, 1)
+        self.n = -(-seq_len // self.b)
+        self.pad = self.n * self.b - seq_len
+
+    def query_blocks(self, t):  # (B, H, S, d) -> (B * n, H, b, d)
+        B, H, _, d = t.shape
+        t = F.pad(t, (0, 0, 0, self.pad))
+        return t.view(B, H, self.n, self.b, d).transpose(1, 2).reshape(B * self.n, H, self.b, d)
+
+    def from_query_blocks(self, t):  # (B * n, H, b, d) -> (B, H, S, d)
+        _, H, b, d = t.shape
+        B = t.shape[0] // self.n
+        return t.view(B, self.n, H, b, d).transpose(1, 2).reshape(B, H, self.n * b, d)[:, :, : self.S]
+
+    def key_blocks(self, t):  # (B, H, S, d) -> (B * n, H, 2b, d): one zero block in front, then unfold
+        B, H, _, d = t.shape
+        t = F.pad(t, (0, 0, self.b, self.pad))
+        return t.unfold(2, 2 * self.b, self.b).permute(0, 2, 1, 4, 3).reshape(B * self.n, H, 2 * self.b, d)
+
+    def from_key_blocks(self, t):  # adjoint of key_blocks: each key's gradient from both blocks that hold it
+        _, H, two_b, d = t.shape
+        B, b, n = t.shape[0] // self.n, self.b, self.n
+        t = t.view(B, n, H, 2, b, d)
+        out = t.new_zeros(B, H, (n + 1) * b, d)
+        out[:, :, : n * b].view(B, H, n, b, d).add_(t[:, :, :, 0].transpose(1, 2))
+        out[:, :, b:].view(B, H, n, b, d).add_(t[:, :, :, 1].transpose(1, 2))
+        return out[:, :, b : b + self.S]
+
+    def lse_blocks(self, lse):  # (B, H, S) -> (B * n, H, b); padded rows get 0 (their gradients are 0)
+        B, H, _ = lse.shape
+        return F.pad(lse, (0, self.pad)).view(B, H, self.n, self.b).transpose(1, 2).reshape(B * self.n, H, self.b)
+
+    def allowed(self, batch: int, device) -> torch.Tensor:
+        """(B * n, 1, b, 2b) bool."""
+        # visibility per block, from stream positions: query (n, r) sits at n*b + r, key (n, c) at (n-1)*b + c
+        n, b, S, mask = self.n, self.b, self.S, self.mask
+        blk = torch.arange(n, device=device).view(n, 1, 1)
+        q_pos = blk * b + torch.arange(b, device=device).view(1, b, 1)
+        k_pos = (blk - 1) * b + torch.arange(2 * b, device=device).view(1, 1, 2 * b)
+        allowed = (k_pos <= q_pos) & (q_pos - k_pos < self.window) & (k_pos >= 0) & (k_pos < S)  # (n, b, 2b)
+        allowed = allowed.unsqueeze(0)  # (1, n, b, 2b)
+        k_index = k_pos.clamp(0, S - 1).expand(n, 1, 2 * b).reshape(-1)
+        if mask.valid is not None:
+            allowed = allowed & mask.valid[:, k_index].view(batch, n, 1, 2 * b)
+        if mask.documents is not None:
+            q_doc = F.pad(mask.documents, (0, self.pad), value=-1).view(batch, n, b, 1)
+            allowed = allowed & (q_doc == mask.documents[:, k_index].view(batch, n, 1, 2 * b))
+        return allowed.expand(batch, n, b, 2 * b).reshape(batch * n, 1, b, 2 * b)
+
+    def forward(self, q, k, v, scale):
+        B = q.shape[0]
+        out, lse = _flash_forward(self.query_blocks(q), self.key_blocks(k), self.key_blocks(v), 0.0, False,
+                                  attn_mask=_additive(self.allowed(B, q.device), q.dtype), scale=scale)
+        lse = lse.view(B, self.n, -1, self.b).transpose(1, 2).reshape(B, -1, self.n * self.b)[:, :, : self.S]
+        return self.from_query_blocks(out), lse
+
+    def backward(self, grad, q, k, v, out, lse, scale):
+        B = q.shape[0]
+        gq, gk, gv = _flash_backward(self.query_blocks(grad), self.query_blocks(q), self.key_blocks(k),
+                                     self.key_blocks(v), self.query_blocks(out), self.lse_blocks(lse), 0.0, False,
+                                     attn_mask=_additive(self.allowed(B, q.device), q.dtype), scale=scale)
+        return self.from_query_blocks(gq), self.from_key_blocks(gk), self.from_key_blocks(gv)
+
+
+class TilePlan:
+    """Attention restricted to per-query key blocks (`KeyBlocks`), without a (Sq, Sk) mask: queries run in
+    tiles, each against the union of the key blocks its queries picked; inside a tile the usual rule and
+    each query's own picks apply."""
+
+    def __init__(self, mask, window: int | None, blocks, heads: int):
+        self.mask, self.window, self.blocks, self.heads = mask, window, blocks, heads
+        bs = blocks.block_size
+        self.tile = bs * max(1, SPARSE_TILE_QUERIES // bs)
+
+    def tiles(self, n_queries: int, n_keys: int, device):
+        """Per tile: (query slice, key index (None when no key is visible), the key count when the keys are
+        blocks 0..j (a view, no copy) or None, (B | 1, H | 1, t, nk) bool mask)."""
+        bs = self.blocks.block_size
+        in_block = torch.arange(bs, device=device)
+        for lo in range(0, n_queries, self.tile):
+            hi = min(lo + self.tile, n_queries)
+            keep = self.blocks.keep[:, :, lo:hi]  # (B, h, t, n_blocks)
+            picked = keep.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)  # ascending block ids
+            if picked.numel() == 0:
+                yield slice(lo, hi), None, None, None
+                continue
+            k_index = (picked[:, None] * bs + in_block).flatten()
+            k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
+            prefix = k_index.numel() if int(picked[-1]) + 1 == picked.numel() else None  # blocks 0..j: a view
+            allowed = self.mask.dense_tile(self.window, lo, hi, k_index)  # (B | 1, 1, t, nk)
+            chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., : k_index.numel()]
+            if keep.shape[1] > 1:  # one indexer head broadcasts over the query heads; several are repeated
+                chosen = chosen.repeat_interleave(self.heads // keep.shape[1], dim=1)
+            yield slice(lo, hi), k_index, prefix, allowed & chosen
+
+    @staticmethod
+    def keys(t, k_index, prefix):
+        return t[:, :, :prefix] if prefix is not None else t.index_select(2, k_index)
+
+    def forward(self, q, k, v, scale):
+        B, H, S, D = q.shape
+        out = q.new_zeros(B, H, S, v.shape[-1])  # a tile with nothing visible stays 0, as other backends give
+        lse = q.new_zeros(B, H, S, dtype=torch.promote_types(q.dtype, torch.float32))  # the kernel's lse dtype
+        for rows, k_index, prefix, m in self.tiles(S, k.shape[2], q.device):
+            if k_index is None:
+                continue
+            o, l = _flash_forward(q[:, :, rows], self.keys(k, k_index, prefix), self.keys(v, k_index, prefix),
+                                  0.0, False, attn_mask=_additive(m, q.dtype), scale=scale)
+            out[:, :, rows], lse[:, :, rows] = o, l
+        return out, lse
+
+    def backward(self, grad, q, k, v, out, lse, scale):
+        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for rows, k_index, prefix, m in self.tiles(q.shape[2], k.shape[2], q.device):
+            if k_index is None:
+                continue
+            dq, dk, dv = _flash_backward(grad[:, :, rows], q[:, :, rows], self.keys(k, k_index, prefix),
+                                         self.keys(v, k_index, prefix), out[:, :, rows], lse[:, :, rows], 0.0,
+                                         False, attn_mask=_additive(m, q.dtype), scale=scale)
+            gq[:, :, rows] = dq
+            if prefix is not None:
+                gk[:, :, :prefix] += dk
+                gv[:, :, :prefix] += dv
+            else:
+                gk.index_add_(2, k_index, dk)
+                gv.index_add_(2, k_index, dv)
+        return gq, gk, gv
