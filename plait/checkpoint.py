@@ -90,7 +90,10 @@ def read_model_weights(path: str | Path) -> dict:
     path = check_model_dir(path)
     state = {}
     for file in (path / name for name in _weight_file_names(path)):
-        tensors = load_file(file)
+        # pread: each tensor in memory of its own. The default memory map stays resident as long as any one
+        # tensor of the file lives, so a parameter loaded as is would keep the bytes of the experts (copied
+        # when stacked) resident too: about the model's size again in a training process's peak memory.
+        tensors = load_file(file, backend="pread")
         clash = state.keys() & tensors.keys()
         if clash:
             raise ValueError(f"model dir {str(path)!r}: tensor {sorted(clash)[0]!r} appears in more than one shard")
