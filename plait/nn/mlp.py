@@ -96,37 +96,103 @@ class _FusedGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, row_scale = ctx.saved_tensors
+        grad_gate, grad_up, grad_scale = _gate_backward(ctx.act, gate, up, row_scale, grad_out, ctx.needs_input_grad[2])
+        return grad_gate, grad_up, grad_scale, None
+
+
+def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: bool):
+    """Gradients of act(gate, up) * row_scale for gate, up and (when `need_scale`) row_scale."""
+    dtype = torch.promote_types(gate.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
+    g, u, dy = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
+    # Both gates are x * sigmoid(a x) = silu(a x) / a of x = g (silu, a = 1) or x = min(g, limit) (swigluoai),
+    # whose derivative is silu'(a x): aten's fused silu kernels do the element-wise work in one pass each.
+    if act.name == "silu":  # silu(g) * u
+        ax, a, u1 = g, 1.0, u
+    else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
+        ax, a = g.clamp(max=act.limit).mul_(act.alpha), act.alpha
+        u1 = u.clamp(-act.limit, act.limit).add_(1.0)
+    gs = F.silu(ax)
+    if a != 1.0:
+        gs.div_(a)
+    grad_scale = None
+    if row_scale is not None:
+        if need_scale:
+            grad_scale = torch.mul(dy, gs).mul_(u1).sum(dim=-1).to(row_scale.dtype)
+        dy = dy * row_scale.unsqueeze(-1)
+    grad_up = gs.mul_(dy)
+    grad_gate = torch.ops.aten.silu_backward(dy * u1, ax)
+    if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds
+        grad_gate.masked_fill_(g > act.limit, 0.0)
+        grad_up.masked_fill_(u.abs() > act.limit, 0.0)
+    return grad_gate.to(gate.dtype), grad_up.to(up.dtype), grad_scale
+
+
+def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x and weight runs in: autocast's where it is on, else the weight's. Functions
+    whose backward runs outside autocast cast to it themselves."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+class DenseDown:
+    """The down projection of a dense MLP for `gated_down`: h @ weight.T. `differentiable` is the autograd
+    version; `forward` / `backward` run inside `_GatedDown`, outside autocast, in `dtype`."""
+
+    @staticmethod
+    def differentiable(h, weight):
+        return F.linear(h, weight)
+
+    @staticmethod
+    def forward(h, weight, dtype):
+        return h.to(dtype) @ weight.to(dtype).t()
+
+    @staticmethod
+    def backward(grad, h, weight, dtype, need_h: bool, need_w: bool):
+        grad, h = grad.to(dtype), h.to(dtype)
+        grad_h = grad @ weight.to(dtype) if need_h else None
+        grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(weight.dtype) if need_w else None
+        return grad_h, grad_w
+
+
+def gated_down(act: Activation, gate, up, row_scale, weight, down=DenseDown) -> torch.Tensor:
+    """down(act(gate, up) * row_scale) with `down` (`DenseDown`, or the MoE's expert matmul) on `weight`, saving
+    gate, up and row_scale but not the activation, which the backward recomputes (one element-wise pass)."""
+    if act.name not in _FUSED_GATES or not torch.is_grad_enabled():
+        return down.differentiable(act.gated(gate, up, row_scale), weight)
+    dtype = matmul_dtype(gate, weight)
+    with torch.autocast(gate.device.type, enabled=False):  # the backward runs outside autocast: one dtype for both
+        return _GatedDown.apply(gate, up, row_scale, weight, act, down, dtype)
+
+
+class _GatedDown(torch.autograd.Function):
+    """The down projection's weight gradient needs its input, the (tokens x intermediate) activation, which
+    autograd would keep beside the gate and up it is made from. The forward runs the ops of `_FusedGate`
+    and then `down`, so outputs are bitwise equal to the unfused path."""
+
+    @staticmethod
+    def forward(ctx, gate, up, row_scale, weight, act, down, dtype):
+        ctx.save_for_backward(gate, up, row_scale, weight)
+        ctx.act, ctx.down, ctx.dtype = act, down, dtype
+        h = act.gated_reference(gate, up)
+        return down.forward(h if row_scale is None else _scale_rows(h, row_scale), weight, dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, row_scale, weight = ctx.saved_tensors
         act = ctx.act
-        dtype = torch.promote_types(gate.dtype, torch.float32)  # float32 at least; float64 stays (gradcheck)
-        g, u, dy = gate.to(dtype), up.to(dtype), grad_out.to(dtype)
-        # Both gates are x * sigmoid(a x) = silu(a x) / a of x = g (silu, a = 1) or x = min(g, limit) (swigluoai),
-        # whose derivative is silu'(a x): aten's fused silu kernels do the element-wise work in one pass each.
-        if act.name == "silu":  # silu(g) * u
-            ax, a, u1 = g, 1.0, u
-        else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
-            ax, a = g.clamp(max=act.limit).mul_(act.alpha), act.alpha
-            u1 = u.clamp(-act.limit, act.limit).add_(1.0)
-        gs = F.silu(ax)
-        if a != 1.0:
-            gs.div_(a)
-        grad_scale = None
+        h = act.gated_reference(gate, up)
         if row_scale is not None:
-            if ctx.needs_input_grad[2]:
-                grad_scale = torch.mul(dy, gs).mul_(u1).sum(dim=-1)
-            dy = dy * row_scale.unsqueeze(-1)
-        grad_up = gs.mul_(dy)
-        grad_gate = torch.ops.aten.silu_backward(dy * u1, ax)
-        if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds
-            grad_gate.masked_fill_(g > act.limit, 0.0)
-            grad_up.masked_fill_(u.abs() > act.limit, 0.0)
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(row_scale.dtype)
-        return grad_gate.to(gate.dtype), grad_up.to(up.dtype), grad_scale, None
+            h = _scale_rows(h, row_scale)
+        grad_h, grad_w = ctx.down.backward(grad_out, h, weight, ctx.dtype, True, ctx.needs_input_grad[3])
+        del h
+        grad_gate, grad_up, grad_scale = _gate_backward(act, gate, up, row_scale, grad_h, ctx.needs_input_grad[2])
+        return grad_gate, grad_up, grad_scale, grad_w, None, None, None
 
 
 class MLP(nn.Module):
-    """Gated: down(act(gate(x), up(x))) with gate_proj / up_proj / down_proj.
-    Plain: fc2(act(fc1(x))) with fc1 / fc2 (vision towers)."""
+    """Gated: down(act(gate(x), up(x))) with gate_proj / up_proj / down_proj (the activation is recomputed in
+    backward, see `gated_down`). Plain: fc2(act(fc1(x))) with fc1 / fc2 (vision towers)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, activation: Activation | str = "silu",
                  gated: bool = True, bias: bool = False):
@@ -148,6 +214,10 @@ class MLP(nn.Module):
             self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
-            return self.down_proj(self.act.gated(self.gate_proj(x), self.up_proj(x)))
-        return self.fc2(self.act.plain(self.fc1(x)))
+        if not self.gated:
+            return self.fc2(self.act.plain(self.fc1(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        down = self.down_proj
+        if down.bias is not None or down._forward_hooks or down._forward_pre_hooks:  # the module as it is
+            return down(self.act.gated(gate, up))
+        return gated_down(self.act, gate, up, None, down.weight)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.nn.mlp import MLP, Activation
+from plait.nn.mlp import MLP, Activation, gated_down, matmul_dtype
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 
@@ -157,12 +157,11 @@ class GroupedExperts(nn.Module):
         plan = (_ExpertRows(None, torch.cumsum(counts, dim=0, dtype=torch.int32)) if grouped
                 else _ExpertRows(counts.tolist(), None))  # the loop needs the sizes on the host (a sync on GPU)
         # (T*K, 2I): each token once per chosen expert, grouped by expert, through its expert's gate/up
-        h = _GatherExpertLinear.apply(x, self.gate_up_proj, token_of_row, row_of_slot, K, plan)
+        gate, up = _GatherExpertLinear.apply(x, self.gate_up_proj, token_of_row, row_of_slot, K, plan).chunk(2, dim=-1)
         # the routing weight scales each row's activation, before the (linear) down projection: the weight
         # gradient then needs only what the activation saves anyway, not a saved (T*K, H) expert output;
-        # the activation runs once over every expert's rows
-        h = self.act.gated_fused(h, weights.reshape(-1)[order])  # (T*K, I)
-        ys = _ExpertLinear.apply(h, self.down_proj, plan)  # (T*K, H)
+        # the activation runs once over every expert's rows, and backward recomputes it rather than keep it
+        ys = gated_down(self.act, gate, up, weights.reshape(-1)[order], self.down_proj, _ExpertDown(plan))  # (T*K, H)
         return _FromExpertRows.apply(ys, token_of_row, row_of_slot, K).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -198,13 +197,6 @@ class _ExpertRows:
 
     sizes: list[int] | None
     offsets: torch.Tensor | None
-
-
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    # the loop's matmuls write into preallocated rows, so they run outside autocast, in autocast's dtype
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
 
 
 def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, plan: _ExpertRows, dtype: torch.dtype) -> torch.Tensor:
@@ -252,13 +244,29 @@ def _expert_matmul_backward(grad_out, x, weight, plan: _ExpertRows, dtype: torch
             grad_w.to(weight.dtype) if grad_w is not None else None)
 
 
+@dataclass(frozen=True)
+class _ExpertDown:
+    """The experts' down projection for `gated_down`: `_expert_matmul` under `plan`."""
+
+    plan: _ExpertRows
+
+    def differentiable(self, h, weight):
+        return _ExpertLinear.apply(h, weight, self.plan)
+
+    def forward(self, h, weight, dtype):
+        return _expert_matmul(h, weight, self.plan, dtype)
+
+    def backward(self, grad, h, weight, dtype, need_h: bool, need_w: bool):
+        return _expert_matmul_backward(grad, h, weight, self.plan, dtype, need_h, need_w)
+
+
 class _ExpertLinear(torch.autograd.Function):
     """`_expert_matmul` with its backward (the down projection)."""
 
     @staticmethod
     def forward(ctx, x, weight, plan: _ExpertRows):
         ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.dtype = plan, _compute_dtype(x, weight)  # backward runs outside autocast: keep its dtype
+        ctx.plan, ctx.dtype = plan, matmul_dtype(x, weight)  # backward runs outside autocast: keep its dtype
         return _expert_matmul(x, weight, plan, ctx.dtype)
 
     @staticmethod
@@ -277,7 +285,7 @@ class _GatherExpertLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, token_of_row, row_of_slot, top_k, plan: _ExpertRows):
         ctx.save_for_backward(x, weight, token_of_row, row_of_slot)
-        ctx.top_k, ctx.plan, ctx.dtype = top_k, plan, _compute_dtype(x, weight)
+        ctx.top_k, ctx.plan, ctx.dtype = top_k, plan, matmul_dtype(x, weight)
         return _expert_matmul(x.index_select(0, token_of_row), weight, plan, ctx.dtype)
 
     @staticmethod

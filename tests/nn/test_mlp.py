@@ -3,7 +3,7 @@ import torch
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashMLP
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLDenseMLP
 
-from plait.nn.mlp import MLP, Activation
+from plait.nn.mlp import MLP, Activation, gated_down
 from tests.nn.reference import assert_close, m3_text_config, mimo_config, randomize_
 
 
@@ -69,3 +69,23 @@ def test_fused_gate_backward_is_the_derivative_of_the_reference(name):
     # and in float32 the fused forward is the reference forward, bit for bit
     a, b = gate.detach().float().requires_grad_(), up.detach().float()
     assert torch.equal(act.gated(a, b), act.gated_reference(a, b))
+
+
+@pytest.mark.parametrize("name", ["silu", "swigluoai"])
+def test_gated_down_backward_is_the_derivative_and_keeps_no_activation(name):
+    act = Activation(name, alpha=1.702, limit=7.0)
+    g = torch.Generator().manual_seed(1)
+    gate, up = (torch.randn(2, 6, 5, generator=g, dtype=torch.float64) * 3 for _ in range(2))
+    gate, up = gate.masked_fill((gate - 7).abs() < 0.1, 3.0).requires_grad_(), up.requires_grad_()
+    scale = torch.rand(2, 6, generator=g, dtype=torch.float64).add_(0.5).requires_grad_()
+    weight = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, w: gated_down(act, a, b, None, w), (gate, up, weight))
+    assert torch.autograd.gradcheck(lambda a, b, c, w: gated_down(act, a, b, c, w), (gate, up, scale, weight))
+    # float32: the output is the unfused one bit for bit, and backward keeps gate, up and the weight only
+    mlp = MLP(8, 16, act)
+    x = torch.randn(3, 7, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = mlp(x)
+    assert torch.equal(out, mlp.down_proj(act.gated_reference(mlp.gate_proj(x), mlp.up_proj(x))))
+    assert saved.count((3, 7, 16)) == 2, saved  # gate and up; not the activation
