@@ -238,8 +238,8 @@ class MiMoV2FlashForCausalLM(nn.Module):
         """Logits (B, S, V); with `labels` (unshifted, -100 ignored) the loss: the mean cross-entropy over
         target tokens plus, when MTP depths exist, loss_scaling_factor / D x the sum of the per-depth
         means (depth d's labels are the labels rolled left by d, masked at row and document ends).
-        Cross-entropies run in chunks from the hidden states; `return_logits=False` skips the (B, S, V)
-        logits when only the loss is wanted. MTP depths run when labels are given or
+        Cross-entropies run in chunks from the hidden states; with labels the (B, S, V) logits are made when
+        first read (`CausalLMOutput`), and `return_logits=False` leaves them out. MTP depths run when labels are given or
         `return_mtp_logits` is set (never during cached generation); they embed the rolled `input_ids`, or
         read `mtp_depth_embeds` (`plait.mtp.rolled_token_embeddings`, sent on by pipeline stage 0)."""
         check_forward_kwargs(unused, type(self).__name__, text_only=True)

@@ -7,7 +7,7 @@ plumbing, so a new native model is a model file plus an adapter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +27,14 @@ from plait.nn.norm import RMSNorm
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor | None
+    """A native model's output. After a forward with labels, `logits` and `mtp_per_depth_logits` are made when
+    first read, from the final hidden states the loss keeps anyway: a training step that reads only the loss
+    never holds the (B, S, V) logits. Read them before the optimizer step: once the LM head (or the hidden
+    states) changed in place they would no longer be this forward's, and reading them is a `ValueError`."""
+
+    logits: torch.Tensor | None = field(default=None, repr=False)
     loss: torch.Tensor | None = None
-    mtp_per_depth_logits: list[torch.Tensor] | None = None
+    mtp_per_depth_logits: list[torch.Tensor] | None = field(default=None, repr=False)
     past_key_values: KVCache | None = None
     hidden_states: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None  # the main cross-entropy alone
@@ -39,6 +44,40 @@ class CausalLMOutput:
     @property
     def mtp_logits(self) -> list[torch.Tensor] | None:
         return self.mtp_per_depth_logits
+
+
+class Deferred:
+    """A value made by `make()` when first read, under the grad mode of the forward that deferred it; refused
+    once a tensor it is made from changed in place since."""
+
+    def __init__(self, make: Callable[[], object], inputs: tuple[torch.Tensor, ...]):
+        self.make, self.grad_enabled = make, torch.is_grad_enabled()
+        self.versions = [(t, t._version) for t in inputs]
+
+    def resolve(self, name: str):
+        if any(t._version != version for t, version in self.versions):
+            raise ValueError(f"output.{name}: the LM head or the hidden states changed in place after the forward "
+                             f"(an optimizer step); read {name} before the step, or run the forward again")
+        with torch.set_grad_enabled(self.grad_enabled):
+            return self.make()
+
+
+def _made_when_read(name: str) -> property:
+    def get(self):
+        value = self.__dict__.get(name)
+        if isinstance(value, Deferred):
+            value = self.__dict__[name] = value.resolve(name)
+        return value
+
+    def set(self, value):
+        self.__dict__[name] = value
+
+    return property(get, set)
+
+
+# after the dataclass is made, so that its __init__ (defaults None) assigns through these
+CausalLMOutput.logits = _made_when_read("logits")
+CausalLMOutput.mtp_per_depth_logits = _made_when_read("mtp_per_depth_logits")
 
 
 # transformers-style callers pass these; they change nothing in a native model's forward
@@ -217,13 +256,11 @@ def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
                          f"num_key_value_heads {config.num_key_value_heads}")
 
 
-def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, return_logits: bool = False):
+def mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over target tokens, from hidden states and the LM head weight (chunked; it checks
-    the labels' shape); with `return_logits`, (loss, logits) from the same LM-head matmul."""
-    loss_sum = causal_lm_chunked_loss_sum(hidden, weight, labels, return_logits=return_logits)
-    loss_sum, logits = loss_sum if return_logits else (loss_sum, None)
-    loss = loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
-    return (loss, logits) if return_logits else loss
+    the labels' shape)."""
+    loss_sum = causal_lm_chunked_loss_sum(hidden, weight, labels)
+    return loss_sum / (shift_labels(labels) != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_ids, cu_seqlens, labels,
@@ -233,8 +270,8 @@ def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_i
     (+ loss_scaling_factor / D x the sum of the per-depth CEs, depth d's labels rolled left by d and masked at
     row and document ends; per-depth values in out.mtp_losses) (+ the MoE aux loss left on the layers). MTP
     depths run when labels are given or `return_mtp_logits` is set, never with a cache; they embed the rolled
-    `input_ids` or read `mtp_depth_embeds`. With labels, logits that are asked for come from the loss's own
-    LM-head matmul."""
+    `input_ids` or read `mtp_depth_embeds`. With labels, the logits asked for are made when first read
+    (`CausalLMOutput`)."""
     h = trunk.hidden_states
     run_mtp = (backbone.mtp is not None and (input_ids is not None or mtp_depth_embeds is not None)
                and past_key_values is None and (labels is not None or return_mtp_logits))
@@ -248,19 +285,14 @@ def lm_output(model: nn.Module, backbone: nn.Module, trunk: TrunkOutput, input_i
             out.mtp_per_depth_logits = [model.lm_head(x) for x in mtp_hidden]
         return out
     weight = model.lm_head.weight
+    out.lm_loss = out.loss = mean_ce(h, weight, labels)
     if return_logits:
-        out.lm_loss, out.logits = mean_ce(h, weight, labels, return_logits=True)
-    else:
-        out.lm_loss = mean_ce(h, weight, labels)
-    out.loss = out.lm_loss
+        out.logits = Deferred(lambda: model.lm_head(h), (weight, h))
     if mtp_hidden is not None:
         documents = trunk.mask.documents
-        depths = [mean_ce(x, weight, mtp_labels(labels, d, documents), return_logits=want_mtp_logits)
-                  for d, x in enumerate(mtp_hidden, 1)]
+        out.mtp_losses = [mean_ce(x, weight, mtp_labels(labels, d, documents)) for d, x in enumerate(mtp_hidden, 1)]
         if want_mtp_logits:
-            out.mtp_losses, out.mtp_per_depth_logits = [loss for loss, _ in depths], [lg for _, lg in depths]
-        else:
-            out.mtp_losses = depths
+            out.mtp_per_depth_logits = Deferred(lambda: [model.lm_head(x) for x in mtp_hidden], (weight, *mtp_hidden))
         scale = model.mtp_config.loss_scaling_factor / len(mtp_hidden)
         out.loss = out.lm_loss + scale * torch.stack(out.mtp_losses).sum()
     aux = collect_aux_loss(model)

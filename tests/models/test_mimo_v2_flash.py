@@ -96,6 +96,29 @@ def test_logits_loss_and_every_gradient_match_transformers(pair, S):
         assert_close(p.grad, g_ref, tol=max(1e-3 * g_ref.abs().max().item(), 1e-7), name=f"grad {name}")
 
 
+
+def test_logits_of_a_forward_with_labels_are_made_when_read_and_refused_after_a_step(tmp_path):
+    ours = plait.from_pretrained(_saved(reference_model("hybrid"), tmp_path)).train()
+    ids, mask, labels = _inputs()
+    with torch.no_grad():
+        want = ours(input_ids=ids, attention_mask=mask).logits
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert "logits" not in out.__dict__ or not torch.is_tensor(out.__dict__["logits"])  # not made yet
+    extra = out.logits.float().pow(2).mean()  # read before backward: gradients reach through them
+    assert_close(out.logits, want, tol=1e-5, name="logits")
+    (out.loss + extra).backward()
+    assert ours.lm_head.weight.grad is not None
+    late = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
+    with pytest.raises(ValueError, match="changed in place after the forward"):
+        late.logits
+    assert ours(input_ids=ids, attention_mask=mask, labels=labels, return_logits=False).logits is None
+
+
+def _saved(ref, path):
+    ref.save_pretrained(path)
+    return path
+
 def test_packed_rows_equal_each_document_run_alone(pair):
     # transformers' MiMo mask crosses documents in a packed row, so the reference is each document alone
     ref, ours, _ = pair
