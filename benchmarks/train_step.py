@@ -7,9 +7,10 @@
 A step is forward + backward + AdamW on a random token batch (MiniMax-M3-VL: each sample starts with one
 224 x 224 random image (64 placeholder tokens), and the rest are text tokens). transformers runs its default
 experts implementation (grouped_mm) and its attention: eager for MiMo-V2-Flash (the only one it has), SDPA
-for MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, block-sparse indexer layers, the
-CPU expert loop, chunked cross-entropy). Both are timed in this process, steps interleaved, median of
---steps after a warm-up.
+for MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, block-sparse indexer layers, grouped_mm
+experts, chunked cross-entropy; the step reads only the loss, so plait never makes the logits, which it makes when
+read, while transformers always does). Both are timed in this process, steps interleaved, median of --steps after
+a warm-up.
 
 Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
 model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)

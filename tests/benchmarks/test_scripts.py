@@ -25,6 +25,15 @@ def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
     assert rows
 
 
+def test_step_bound_script_runs_and_writes_results(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_bound.py"), "--quick", "--out", str(tmp_path),
+                    "--batch", "2", "--seq", "32"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = json.loads((tmp_path / "step_bound-mimo_v2_flash-2x32-cpu-quick.json").read_text())
+    assert r["matmul_calls"] > 0 and 0 < r["matmuls_alone_seconds"]
+    assert r["kernels_in_step_seconds"]["aten::_fused_adamw_"] > 0
+    assert (tmp_path / "step_bound-mimo_v2_flash-2x32-cpu-quick.png").stat().st_size > 0
+
+
 def test_pipeline_bubble_script_runs_and_writes_results(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pipeline_bubble.py"), "--quick", "--out", str(tmp_path),
                     "--schedules", "1f1b", "zbv"], check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
