@@ -111,16 +111,19 @@ def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: b
     else:  # min(g, limit) * sigmoid(alpha * min(g, limit)) * (clamp(u, -limit, limit) + 1)
         ax, a = g.clamp(max=act.limit).mul_(act.alpha), act.alpha
         u1 = u.clamp(-act.limit, act.limit).add_(1.0)
-    gs = F.silu(ax)
-    if a != 1.0:
-        gs.div_(a)
+    # The backward of a wide dense MLP is a peak of the training step, so each (tokens x intermediate) buffer
+    # counts: the results go over the buffers this function made itself (swigluoai's clamps), never over its inputs.
     grad_scale = None
     if row_scale is not None:
         if need_scale:
-            grad_scale = torch.mul(dy, gs).mul_(u1).sum(dim=-1).to(row_scale.dtype)
+            grad_scale = (F.silu(ax).mul_(u1).mul_(dy).sum(dim=-1) / a).to(row_scale.dtype)
         dy = dy * row_scale.unsqueeze(-1)
-    grad_up = gs.mul_(dy)
-    grad_gate = torch.ops.aten.silu_backward(dy * u1, ax)
+    dyu = u1.mul_(dy) if u1 is not u else dy * u1
+    grad_gate = torch.ops.aten.silu_backward.grad_input(dyu, ax, grad_input=dyu)  # silu'(ax) * dy * u1
+    gs = F.silu(ax, inplace=ax is not g)  # ax is done with
+    if a != 1.0:
+        gs.div_(a)
+    grad_up = gs.mul_(dy)  # silu(ax) / a * dy
     if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds
         grad_gate.masked_fill_(g > act.limit, 0.0)
         grad_up.masked_fill_(u.abs() > act.limit, 0.0)

@@ -81,6 +81,9 @@ def test_gated_down_backward_is_the_derivative_and_keeps_no_activation(name):
     weight = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, w: gated_down(act, a, b, None, w), (gate, up, weight))
     assert torch.autograd.gradcheck(lambda a, b, c, w: gated_down(act, a, b, c, w), (gate, up, scale, weight))
+    before = gate.detach().clone(), up.detach().clone()
+    gated_down(act, gate, up, scale, weight).sum().backward()  # the backward writes over its own buffers only
+    assert torch.equal(gate.detach(), before[0]) and torch.equal(up.detach(), before[1])
     # float32: the output is the unfused one bit for bit, and backward keeps gate, up and the weight only
     mlp = MLP(8, 16, act)
     x = torch.randn(3, 7, 8)
