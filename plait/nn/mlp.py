@@ -116,7 +116,10 @@ def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: b
     grad_scale = None
     if row_scale is not None:
         if need_scale:
-            grad_scale = (F.silu(ax).mul_(u1).mul_(dy).sum(dim=-1) / a).to(row_scale.dtype)
+            gs = F.silu(ax)
+            if a != 1.0:
+                gs.div_(a)
+            grad_scale = torch.mul(dy, gs).mul_(u1).sum(dim=-1).to(row_scale.dtype)
         dy = dy * row_scale.unsqueeze(-1)
     dyu = u1.mul_(dy) if u1 is not u else dy * u1
     grad_gate = torch.ops.aten.silu_backward.grad_input(dyu, ax, grad_input=dyu)  # silu'(ax) * dy * u1
