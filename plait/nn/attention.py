@@ -44,7 +44,7 @@ from torch import nn
 
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary
-from plait.nn.sdpa import BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu
+from plait.nn.sdpa import BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu, pad_head_dims
 
 BACKENDS = ("sdpa", "flex", "eager")
 
@@ -290,17 +290,6 @@ def _append_sink_key(q, k, v, sinks, scale):
     return q, k, v
 
 
-def _pad_head_dims(q, k, v):
-    """SDPA's fast CPU kernel needs one head dim for q, k and v: zero-pad the smaller side (extra zero
-    dims change neither the scores nor the output). Returns q, k, v and the true V head dim."""
-    d, dv = q.shape[-1], v.shape[-1]
-    if dv < d:
-        v = F.pad(v, (0, d - dv))
-    elif d < dv:
-        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
-    return q, k, v, dv
-
-
 def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions=None, k_valid=None, restrict=None):
     Sq = q.shape[2]
     no_cache = k_positions is None
@@ -320,7 +309,7 @@ def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions
         return _block_sparse_attention(q, k, v, mask, restrict, scale=scale, window=window)
     if sinks is not None:
         q, k, v = _append_sink_key(q, k, v, sinks, scale)
-    q, k, v, dv = _pad_head_dims(q, k, v)
+    q, k, v, dv = pad_head_dims(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     if block_local:
         out = _block_local_attention(q, k, v, mask, window=window, scale=scale, has_sink=sinks is not None)
@@ -350,7 +339,7 @@ def _allowed(mask, window, k_positions, k_valid, restrict, heads, n_keys):
 def _block_sparse_attention(q, k, v, mask, blocks: KeyBlocks, *, scale, window):
     """`TilePlan` through `F.scaled_dot_product_attention` (autograd saves each tile's operands)."""
     B, H, S, _ = q.shape
-    q, k, v, dv = _pad_head_dims(q, k, v)
+    q, k, v, dv = pad_head_dims(q, k, v)
     gqa = q.shape[1] != k.shape[1]
     outs = []
     for rows, k_index, prefix, allowed in TilePlan(mask, window, blocks, H).tiles(S, k.shape[2], q.device):

@@ -63,10 +63,6 @@ class Activation:
             raise ValueError(f"activation {self.name!r} cannot gate; expected one of {GATED_ACTIVATIONS}")
         return self.plain(gate) * up
 
-    def gated_fused(self, gate_up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.gated(gate, up, row_scale)
-
 
 _FUSED_GATES = ("silu", "swigluoai")
 

@@ -201,7 +201,7 @@ class _ExpertRows:
 
 def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, plan: _ExpertRows, dtype: torch.dtype) -> torch.Tensor:
     """x (N, in), rows grouped by expert -> (N, out): x[rows of e] @ weight[e].T for each expert e, in `dtype`
-    (`_compute_dtype`; grouped_mm is not autocast-aware and runs in the weights' dtype)."""
+    (`matmul_dtype`; grouped_mm is not autocast-aware and runs in the weights' dtype)."""
     if plan.offsets is not None:
         return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=plan.offsets)
     x, weight = x.to(dtype), weight.to(dtype)

@@ -67,9 +67,8 @@ class _FlashAttention(torch.autograd.Function):
             c = _sink_factor(lse, sinks)
             grad_sinks = -((grad.float() * out.float()).sum(-1) * (1 - c)).sum(dim=(0, 2)).to(sinks.dtype)
             grad = grad * c.unsqueeze(-1).to(grad.dtype)
-        width = qk.shape[-1] - v.shape[-1]
-        grad_q, grad_k, grad_v = ctx.plan.backward(F.pad(grad, (0, width)), qk, kk, vk, F.pad(out, (0, width)), lse,
-                                                   ctx.scale)
+        width = qk.shape[-1]
+        grad_q, grad_k, grad_v = ctx.plan.backward(_pad_to(grad, width), qk, kk, vk, _pad_to(out, width), lse, ctx.scale)
         return (grad_q[..., : q.shape[-1]], _fold_heads(grad_k, k.shape[1])[..., : k.shape[-1]],
                 _fold_heads(grad_v, v.shape[1])[..., : v.shape[-1]], grad_sinks, None, None)
 
@@ -79,18 +78,28 @@ def _sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1))
 
 
+def pad_head_dims(q, k, v):
+    """SDPA's fast CPU kernel needs one head dim for q, k and v: zero-pad the smaller side (extra zero
+    dims change neither the scores nor the output). Returns q, k, v and the true V head dim."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:
+        v = F.pad(v, (0, d - dv))
+    elif d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    return q, k, v, dv
+
+
 def _kernel_operands(q, k, v):
     """The kernel takes one head dim and (for a fast backward) one K/V head per query head."""
-    d, dv = q.shape[-1], v.shape[-1]
-    width = max(d, dv)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if d < width:
-        q, k = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))
-    if dv < width:
-        v = F.pad(v, (0, width - dv))
-    return q, k, v
+    return pad_head_dims(q, k, v)[:3]
+
+
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """t's last dim zero-padded to `width` (F.pad copies even when there is nothing to pad)."""
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
 def _fold_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
