@@ -29,7 +29,11 @@ excluded (activation memory, before any allocator overhead).
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
 resident set after imports; model construction, optimizer state and the steps are all inside.
 
-Writes benchmarks/results/train_step-<model>-cpu.json and .png.
+Host allocator (`--host-allocator`): "default" leaves glibc as a plain Python process has it; "keep_freed" applies
+what plait's trainer sets (`plait.host_memory`: freed blocks up to 32 MiB kept in the heap, no trimming) to this
+whole process and to the memory subprocesses, so both implementations run under it.
+
+Writes benchmarks/results/train_step-<model>-cpu.json and .png ("-keep_freed" added to the name for that allocator).
 """
 
 from __future__ import annotations
@@ -261,10 +265,14 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, steps: int) -> None:
+def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, steps: int,
+                 allocator: str) -> None:
     import transformers  # noqa: F401  (imports are outside the measured growth)
 
     import plait  # noqa: F401
+    from plait.host_memory import configure_host_allocator
+
+    configure_host_allocator(allocator)
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -276,14 +284,17 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
     print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
 
 
-def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> int:
+def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, allocator: str) -> int:
     cmd = [sys.executable, __file__, "--model", model_name, "--memory-child", impl, str(batch), str(seq),
-           "--workdir", str(workdir)]
+           "--workdir", str(workdir), "--host-allocator", allocator]
     out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
+def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str = "default") -> dict:
+    from plait.host_memory import configure_host_allocator
+
+    configure_host_allocator(allocator)
     peak = matmul_peak(quick)
     cfg = CONFIGS[model_name](quick)
     shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
@@ -291,7 +302,7 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
     n_params = sum(p.numel() for p in models["plait"].parameters())
     results = {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick,
-               "optimizer": "AdamW(fused=True)", "shapes": []}
+               "optimizer": "AdamW(fused=True)", "host_allocator": allocator, "shapes": []}
     print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
     for batch, seq in shapes:
         inputs = batch_inputs(cfg, batch, seq)
@@ -309,7 +320,7 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path) -> dict:
             t = statistics.median(times[impl])
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
                                   "saved_for_backward_mib": saved_for_backward_bytes(models[impl], inputs) / 2**20,
-                                  "peak_mib": peak_memory(model_name, impl, batch, seq, quick, workdir) / 2**20}
+                                  "peak_mib": peak_memory(model_name, impl, batch, seq, quick, workdir, allocator) / 2**20}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
@@ -336,7 +347,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
         ax.set_title(title, fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads", fontsize=9)
+    fig.suptitle(f"{results['model']} {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads, "
+                 f"host allocator {results.get('host_allocator', 'default')}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -349,6 +361,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--host-allocator", choices=("default", "keep_freed"), default="default",
+                        help="glibc malloc settings for the whole process, both implementations (plait.host_memory)")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BATCH", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import tempfile
@@ -356,11 +370,12 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="plait-bench-"))
     if args.memory_child:
         impl, batch, seq = args.memory_child
-        memory_child(args.model, impl, int(batch), int(seq), args.quick, workdir, steps=2)
+        memory_child(args.model, impl, int(batch), int(seq), args.quick, workdir, steps=2, allocator=args.host_allocator)
         return
-    results = run(args.model, args.quick, args.steps, workdir)
+    results = run(args.model, args.quick, args.steps, workdir, args.host_allocator)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step-{args.model}-cpu" + ("-quick" if args.quick else "")
+    stem = (f"train_step-{args.model}-cpu" + ("-keep_freed" if args.host_allocator == "keep_freed" else "")
+            + ("-quick" if args.quick else ""))
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / f"{stem}.png")
     print(f"wrote {args.out / (stem + '.json')} and .png")

@@ -137,6 +137,9 @@ class TrainSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None keeps torch's default")
+    host_allocator: Literal["keep_freed", "default"] = Field(
+        "keep_freed", description="keep_freed: glibc keeps freed blocks for the next step instead of faulting them in "
+        "again (plait.host_memory); default: leave the C library's settings")
     log_every: int = Field(20, gt=0)
     eval_every: int = Field(200, ge=0, description="0: evaluate at the end only; clipped to the run's length")
     eval_samples: int = Field(200, gt=0, description="validation samples per periodic eval")

@@ -38,6 +38,7 @@ from plait.data.images import normalize
 from plait.data.sources import load_audio_splits, load_splits
 from plait.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 from plait.evaluate import evaluate_dataset
+from plait.host_memory import configure_host_allocator
 from plait.metrics import MetricsLog, plot_loss_curve
 from plait.models.build import MODALITY_PLACEHOLDERS, build_model
 from plait.models.mimo import MimoForCausalLM
@@ -405,6 +406,7 @@ def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
 
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(soft_wrap=True)
+    configure_host_allocator(cfg.train.host_allocator)  # process-wide: the trainer owns its process
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("script, args, stem", [
     ("blocks.py", ["--only", "attn_swa_sinks", "loss", "--repeats", "1"], "blocks-cpu-quick"),
     ("train_step.py", ["--steps", "1", "--model", "mimo_v2_flash"], "train_step-mimo_v2_flash-cpu-quick"),
-    ("train_step.py", ["--steps", "1", "--model", "minimax_m3"], "train_step-minimax_m3-cpu-quick"),
+    ("train_step.py", ["--steps", "1", "--model", "minimax_m3", "--host-allocator", "keep_freed"],
+     "train_step-minimax_m3-cpu-keep_freed-quick"),
 ])
 def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path), *args],
