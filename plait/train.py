@@ -325,12 +325,11 @@ def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict
     stock ones), warmed up on a batch of the training shape. The loss on the last stage is normalised over
     the whole step's targets (each MTP depth's over its own), and its parts are recorded in
     step_total["record"] for the log."""
-    from plait.models import NATIVE_MODELS
     from plait.parallel.hf_pipeline import build_hf_pipeline
     from plait.parallel.pipeline import build_pipeline, lm_and_mtp_loss
 
     model, device = run.model, run.device
-    build = build_pipeline if type(model) in set(NATIVE_MODELS.values()) else build_hf_pipeline
+    build = build_pipeline if is_native(model) else build_hf_pipeline
 
     scale = {"value": 1.0}
     mtp_cfg = getattr(model, "mtp_config", None)
@@ -404,6 +403,35 @@ def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
     return [mtp_labels(batch["labels"], d, documents) for d in range(1, depths + 1)]
 
 
+def is_native(model: nn.Module) -> bool:
+    from plait.models import NATIVE_MODELS
+
+    return type(model) in set(NATIVE_MODELS.values())
+
+
+def _micro_batch_losses(replica: nn.Module, loss_from_hidden: bool, inputs: dict, model_inputs: dict,
+                        labels: torch.Tensor, labels_per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One micro-batch's forward: the summed main cross-entropy and the summed CE of each MTP depth.
+
+    A native model takes the labels and computes its cross-entropies from the hidden states, chunk by chunk
+    (`plait.nn.loss`): the step never holds the (tokens x vocab) logits, nor their gradient. Its losses are means
+    over the micro-batch's own targets, made sums again here by their target counts (the counts the model divided
+    by) so the caller can normalise over the whole step. Other models (transformers', MIMO compositions) return
+    logits, and the sums are taken from them."""
+    if loss_from_hidden:
+        out = replica(**inputs, labels=labels, use_cache=False, return_logits=False, **model_inputs)
+        lm = out.lm_loss * count_targets(labels)
+        depths = [x * count_targets(y) for x, y in zip(out.mtp_losses or [], labels_per_depth)]
+        if len(depths) != len(labels_per_depth):
+            raise ValueError(f"MTP: expected {len(labels_per_depth)} per-depth losses from the model, got {len(depths)}")
+        return lm, depths
+    if labels_per_depth:
+        inputs = {**inputs, "return_mtp_logits": True}
+    out = replica(**inputs, use_cache=False, **model_inputs)
+    lm = causal_lm_loss_sum(out.logits, labels)
+    return lm, [causal_lm_loss_sum(out.mtp_logits[d], y) for d, y in enumerate(labels_per_depth)]
+
+
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(soft_wrap=True)
     configure_host_allocator(cfg.train.host_allocator)  # process-wide: the trainer owns its process
@@ -448,6 +476,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     mtp_depths = mtp_cfg.num_layers if mtp_cfg is not None else 0
     mtp_scale = mtp_cfg.loss_scaling_factor / mtp_depths if mtp_depths else 0.0
     trained = _trained_part(cfg, model, local)
+    loss_from_hidden = is_native(model)
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
@@ -513,14 +542,13 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             else:
                 for b, labels_per_depth in zip(batches, depth_labels):
                     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
-                    if mtp_depths:
-                        inputs["return_mtp_logits"] = True
                     with autocast():
-                        out = replica(**inputs, use_cache=False, **run.model_inputs(b))
-                        lm = causal_lm_loss_sum(out.logits, b["labels"].to(device)) / step_targets
+                        lm, depths = _micro_batch_losses(replica, loss_from_hidden, inputs, run.model_inputs(b),
+                                                         b["labels"].to(device), [x.to(device) for x in labels_per_depth])
+                        lm = lm / step_targets
                         loss = lm
-                        for d in range(mtp_depths):
-                            depth = causal_lm_loss_sum(out.mtp_logits[d], labels_per_depth[d].to(device)) / depth_targets[d]
+                        for d, depth in enumerate(depths):
+                            depth = depth / depth_targets[d]
                             loss = loss + mtp_scale * depth
                             depth_sums[d] += float(depth.detach())
                     loss.backward()  # DDP sums the replicas' gradients

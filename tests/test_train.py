@@ -141,3 +141,43 @@ def test_periodic_exports_keep_the_newest(small_config):
     result = train(cfg, console=Console(quiet=True))
     assert sorted(p.name for p in (cfg.output_dir / "checkpoints").iterdir()) == ["step_4", "step_5"]
     assert result.checkpoint_dir.name == "step_5"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(packed):
+    """The trainer's two ways to a micro-batch's loss sums: a native model's own chunked cross-entropy (no
+    logits) and the cross-entropy of its logits: same sums per depth, same gradients."""
+    import torch
+
+    from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
+    from plait.train import _depth_labels, _micro_batch_losses, is_native
+    from tests.nn.reference import assert_close, assert_grads_close, mimo_config
+
+    torch.manual_seed(0)
+    cfg = mimo_config(num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"],
+                      mlp_layer_types=["dense", "sparse"])
+    model = MiMoV2FlashForCausalLM.from_config(cfg, num_mtp_layers=2)
+    assert is_native(model)
+    ids = torch.randint(0, 64, (2, 13))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[1, -3:] = -100  # padding
+    batch = {"input_ids": ids, "labels": labels}
+    if packed:  # row 0 holds two documents
+        batch["position_ids"] = torch.tensor([list(range(6)) + list(range(7)), list(range(13))])
+    else:
+        batch["attention_mask"] = (labels != -100) | (torch.arange(13) < 4)
+    depth_labels = _depth_labels(batch, 2)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    results = {}
+    for from_hidden in (True, False):
+        model.zero_grad(set_to_none=True)
+        lm, depths = _micro_batch_losses(model, from_hidden, inputs, {}, labels, depth_labels)
+        (lm + 0.5 * depths[0] + 0.25 * depths[1]).backward()
+        results[from_hidden] = (lm.detach(), [d.detach() for d in depths],
+                                {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (lm_h, depths_h, grads_h), (lm_l, depths_l, grads_l) = results[True], results[False]
+    for a, b in zip([lm_h, *depths_h], [lm_l, *depths_l], strict=True):  # sums over ~20 targets
+        assert_close(a, b, tol=1e-6 * b.abs().item())
+    assert any("mtp" in n for n in grads_h)
+    assert_grads_close(grads_h, grads_l)
