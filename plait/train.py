@@ -320,6 +320,15 @@ def _pipeline_vision(run: Run, batch: dict) -> dict | None:
     return {**inputs, "images_per_row": torch.ones(batch["input_ids"].shape[0], dtype=torch.long)}
 
 
+def _pipeline_mask(pipe, batch: dict) -> dict:
+    """Native stages carry the padding mask with the hidden states (their feed-forward layers skip padding);
+    stock transformers stages take none."""
+    from plait.parallel.pipeline import StageModule
+
+    native = any(isinstance(m, StageModule) for m in pipe.modules)
+    return {"attention_mask": batch["attention_mask"]} if native and "attention_mask" in batch else {}
+
+
 def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict, example: dict):
     """This rank's pipeline stages (plait's own stages for native models, patched transformers stages for
     stock ones), warmed up on a batch of the training shape. The loss on the last stage is normalised over
@@ -345,7 +354,8 @@ def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict
     pipe = build(model, rank=ctx.pp_rank, ranks=p.pp, group=ctx.pp_group, schedule=p.schedule,
                  microbatches=p.microbatches, loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
                  virtual_stages=p.virtual_stages, split=p.split, stage_modules=p.stage_modules)
-    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example))
+    pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example),
+                 **_pipeline_mask(pipe, example))
     return pipe
 
 
@@ -534,7 +544,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 for b in batches:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
-                        pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b))
+                        pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b),
+                                  **_pipeline_mask(pipe, b))
                 sum_gradients_over_replicas(list(local.parameters()), ctx)
                 record = step_total["record"]  # filled on the last stage's rank
                 lm_sum = ctx.sum_over_stages(record.get("lm", 0.0))

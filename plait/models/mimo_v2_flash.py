@@ -116,7 +116,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, rope, mask: AttentionMask, kv_cache=None):
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), mask.real_tokens())
 
 
 class MTPLayer(nn.Module):
@@ -140,7 +140,7 @@ class MTPLayer(nn.Module):
 
     def forward(self, h, rope, mask: AttentionMask, position_ids=None, kv_cache=None):
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache)
-        return h + self.mlp(self.pre_mlp_layernorm(h))
+        return h + self.mlp(self.pre_mlp_layernorm(h), mask.real_tokens())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
         h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache, position_ids)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h), mask.real_tokens())
 
 
 class MTPLayer(nn.Module):

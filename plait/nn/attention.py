@@ -69,6 +69,7 @@ class AttentionMask:
     documents: torch.Tensor | None = None
     causal: bool = True
     _flex_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _real_tokens: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -111,6 +112,16 @@ class AttentionMask:
         if documents is not None and past_length:
             raise ValueError("packed documents (cu_seqlens or restarting position_ids) cannot be combined with a KV cache")
         return cls(positions, valid, documents, causal)
+
+    def real_tokens(self) -> torch.Tensor | None:
+        """Flat indices (into B x S) of the new tokens that are not padding, what the feed-forward layers compute
+        (`plait.nn.mlp.on_tokens`); None when nothing is padded. Made once per forward, for all its layers (on a
+        GPU, that is one host sync)."""
+        if self.valid is None:
+            return None
+        if self._real_tokens is None:
+            self._real_tokens = self.valid.reshape(-1).nonzero().squeeze(1)
+        return self._real_tokens
 
     def dense(
         self,

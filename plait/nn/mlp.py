@@ -192,6 +192,19 @@ class _GatedDown(torch.autograd.Function):
         return grad_gate, grad_up, grad_scale, grad_w, None, None, None
 
 
+def on_tokens(ffn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A feed-forward on some tokens only: `ffn` ((N, H) -> (N, H')) on the rows of x (..., H) that `tokens` lists
+    (int64 flat indices over x's leading dims, `AttentionMask.real_tokens`), zeros on the other rows. The others are
+    padding, which no loss and no real token reads: skipped, they cost no compute and (in an MoE) count toward no
+    expert's load."""
+    if tokens.dtype != torch.int64 or tokens.ndim != 1:
+        raise ValueError(f"tokens: expected 1-D int64 row indices, got {tokens.dtype} of shape {list(tokens.shape)}")
+    flat = x.reshape(-1, x.shape[-1])
+    out = ffn(flat.index_select(0, tokens))
+    whole = out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, tokens, out)
+    return whole.view(*x.shape[:-1], out.shape[-1])
+
+
 class MLP(nn.Module):
     """Gated: down(act(gate(x), up(x))) with gate_proj / up_proj / down_proj (the activation is recomputed in
     backward, see `gated_down`). Plain: fc2(act(fc1(x))) with fc1 / fc2 (vision towers)."""
@@ -215,7 +228,10 @@ class MLP(nn.Module):
             self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
             self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H) -> (..., H); with `tokens`, only those rows are computed (`on_tokens`)."""
+        if tokens is not None:
+            return on_tokens(self.forward, x, tokens)
         if not self.gated:
             return self.fc2(self.act.plain(self.fc1(x)))
         gate, up = self.gate_proj(x), self.up_proj(x)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from plait.nn.mlp import MLP, Activation, gated_down, matmul_dtype
+from plait.nn.mlp import MLP, Activation, gated_down, matmul_dtype, on_tokens
 
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 
@@ -316,10 +316,16 @@ class MoE(nn.Module):
         self.aux_loss_weight: float | None = None
         self.aux_loss_logged = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., H) -> (..., H). With `tokens` (flat indices of the real tokens, `AttentionMask.real_tokens`)
+        only those are routed (`on_tokens`): padding takes no expert's compute, counts toward no expert's load
+        and is left out of the aux loss (as transformers' load-balancing loss leaves out masked tokens); its
+        rows of the output are zeros."""
         shape = x.shape
         if shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"MoE input: expected last dim {self.cfg.hidden_size}, got shape {list(shape)}")
+        if tokens is not None:
+            return on_tokens(self.forward, x, tokens)
         x = x.reshape(-1, shape[-1])  # (B, S, H) -> (T, H)
         routing = self.gate(x)
         out = self.experts(x, routing.indices, routing.weights)

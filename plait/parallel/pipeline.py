@@ -309,13 +309,14 @@ class ImageFeedingStage(nn.Module):
         self.vision_chunks: list[dict | None] | None = None
 
     def feed(self, input_ids: torch.Tensor, vision: dict | None, microbatches: int) -> tuple[torch.Tensor, ...]:
-        """Stage 0's inputs for one step: the ids, and for a VLM its microbatch indices (images kept here).
-        `vision` holds the model's pixel inputs and `images_per_row`; patch-flattened pixels (a per-image
-        `image_grid_thw`) are cut by each image's patch count."""
+        """Stage 0's inputs for one step: the ids (and what `_leading_inputs` adds), and for a VLM its
+        microbatch indices (images kept here). `vision` holds the model's pixel inputs and `images_per_row`;
+        patch-flattened pixels (a per-image `image_grid_thw`) are cut by each image's patch count."""
+        lead = self._leading_inputs(input_ids)
         if not self.takes_images:
             if vision is not None:
                 raise ValueError(f"vision: {type(self.model).__name__} is a text model, got images")
-            return (input_ids,)
+            return lead
         if vision is None:
             self.vision_chunks = [None] * microbatches
         else:
@@ -326,7 +327,10 @@ class ImageFeedingStage(nn.Module):
                 pixel_rows_per_image=grid.prod(-1) if grid is not None else None, **vision)
         rows = input_ids.shape[0]
         index = torch.arange(microbatches, device=input_ids.device).repeat_interleave(rows // microbatches)
-        return input_ids, index
+        return (*lead, index)
+
+    def _leading_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (input_ids,)
 
     def images_for(self, microbatch: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
         if microbatch is None:
@@ -337,29 +341,41 @@ class ImageFeedingStage(nn.Module):
 
 class StageModule(ImageFeedingStage):
     """One pipeline stage of a native causal LM or VLM: ids (with a VLM's images) or hidden states in, hidden
-    states or logits out. With `mtp_depths`, the MTP depths' token embeddings travel beside the hidden states
-    (made on stage 0) and the last stage returns the logits of every depth after the model's."""
+    states or logits out. The padding mask travels with the hidden states from stage to stage (every stage's
+    feed-forward layers skip the padding, as in a single process). With `mtp_depths`, the MTP depths' token
+    embeddings travel beside them too (made on stage 0) and the last stage returns the logits of every depth
+    after the model's."""
 
     def __init__(self, model: nn.Module, first: bool, last: bool, mtp_depths: int = 0):
         super().__init__(takes_images=first and getattr(model, "vision_tower", None) is not None)
         self.model = model
         self.first, self.last = first, last
         self.mtp_depths = mtp_depths
+        self.attention_mask: torch.Tensor | None = None  # the step's, set by `PipelineRun.step` on stage 0
 
-    def forward(self, x: torch.Tensor, *extra: torch.Tensor):
+    def _leading_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mask = self.attention_mask
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        elif mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {list(input_ids.shape)} (the ids'), got {list(mask.shape)}")
+        return input_ids, mask.to(device=input_ids.device, dtype=torch.long)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, *extra: torch.Tensor):
         if self.first:  # stage 0 takes the ids and, for a VLM, the microbatch index of its images
             inputs = {"input_ids": x, **self.images_for(extra[0] if extra else None, x.device)}
             depth_embeds = (tuple(rolled_token_embeddings(x, self.model.get_input_embeddings(), self.mtp_depths))
                             if self.mtp_depths else ())
         else:  # later stages take the hidden states and the MTP depths' embeddings
             inputs, depth_embeds = {"inputs_embeds": x}, extra
+        inputs["attention_mask"] = mask
         if self.last and self.mtp_depths:
             out = self.model(**inputs, return_mtp_logits=True, mtp_depth_embeds=list(depth_embeds))
             return (out.logits, *out.mtp_logits)
         out = self.model(**inputs)
         if self.last:
             return out.logits
-        return (out.hidden_states, *depth_embeds) if depth_embeds else out.hidden_states
+        return (out.hidden_states, mask, *depth_embeds)
 
 
 def lm_and_mtp_loss(output: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, lm_targets: float,
@@ -523,13 +539,14 @@ class PipelineRun:
         for m in self.modules:
             yield from m.model.named_parameters()
 
-    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict, vision: dict | None = None) -> None:
+    def warm_up(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale: dict, vision: dict | None = None,
+                attention_mask: torch.Tensor | None = None) -> None:
         """torch's pipeline infers the stages' shapes with extra forwards on its first step. Run that first
         step here, on a batch of the training shape with the loss scaled to zero, then drop what it left:
         gradients and MoE expert counts. Shapes must stay fixed afterwards (pad batches to one length)."""
         loss_scale["value"] = 0.0
         try:
-            self.step(input_ids, labels, vision)
+            self.step(input_ids, labels, vision, attention_mask=attention_mask)
         finally:
             loss_scale["value"] = 1.0
         for m in self.modules:
@@ -540,15 +557,20 @@ class PipelineRun:
                     counts.zero_()
 
     def step(self, input_ids: torch.Tensor | None, labels: torch.Tensor | None,
-             vision: dict | None = None, **first_stage_inputs: torch.Tensor) -> list[torch.Tensor]:
+             vision: dict | None = None, attention_mask: torch.Tensor | None = None,
+             **first_stage_inputs: torch.Tensor) -> list[torch.Tensor]:
         """One forward + backward over all microbatches. Ranks holding stage 0 pass `input_ids` (and a VLM's
         `vision` inputs: pixel_values, images_per_row and per-image tensors; or a MIMO model's flat modality
-        inputs, `mimo_stage_kwargs`), ranks holding the last stage pass `labels`; returns the per-microbatch
-        losses there (else [])."""
+        inputs, `mimo_stage_kwargs`; for a native model the padding mask, `attention_mask`, 1 on real tokens),
+        ranks holding the last stage pass `labels`; returns the per-microbatch losses there (else [])."""
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first else ()
         kwargs = first_stage_inputs if self.has_first else {}
         first = self.modules[self.stage_ids.index(0)] if self.has_first else None
+        if isinstance(first, StageModule):
+            first.attention_mask = attention_mask
+        elif first is not None and attention_mask is not None:
+            raise ValueError(f"attention_mask: this pipeline's first stage ({type(first).__name__}) takes none")
         if hasattr(first, "feed"):  # stages that take more than the ids (stock VLMs) say what stage 0 gets
             args = first.feed(input_ids, vision, self.microbatches)
         elif first is not None and vision is not None:

@@ -7,6 +7,7 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
     load_balancing_loss_func,
 )
 
+from plait.nn.attention import AttentionMask
 from plait.nn.mlp import Activation
 from plait.nn.moe import (
     GroupedExperts,
@@ -292,3 +293,44 @@ def test_experts_match_a_token_by_token_reference_with_an_idle_expert(impl, dtyp
     assert_close(out, ref, tol=rel * ref.abs().max().item())
     for got, want in zip(grads, ref_grads):
         assert_close(got, want, tol=rel * want.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["grouped", "loop"])
+def test_padding_is_not_routed_counted_or_in_the_aux_loss(impl):
+    """With the real tokens listed, padding takes no expert, no load and no part of the aux loss (transformers'
+    load-balancing loss with its attention mask); its output rows are zeros and send no gradient."""
+    cfg = m3_text_config()
+    moe = MoE(m3_moe_config(cfg, impl, aux_loss_coef=0.01))
+    randomize_(moe, seed=9)
+    moe.gate.e_score_correction_bias.zero_()
+    moe.tokens_per_expert.zero_()
+    moe.train()
+    H = cfg.hidden_size
+    x = torch.randn(2, 10, H, requires_grad=True)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    mask[1, 7:] = False  # right padding
+    tokens = AttentionMask.build(2, 10, "cpu", padding_mask=mask.long()).real_tokens()
+    assert torch.equal(tokens, mask.reshape(-1).nonzero().squeeze(1))
+    out = moe(x, tokens)
+    loads, aux = moe.tokens_per_expert.clone(), collect_aux_loss(moe)
+    logits = x.detach().reshape(-1, H) @ moe.gate.weight.detach().T
+    expected = load_balancing_loss_func((logits,), cfg.num_local_experts, cfg.num_experts_per_tok, mask.long())
+    assert_close(aux, 0.01 * expected)
+    real = x.detach().reshape(-1, H)[tokens]
+    assert torch.equal(loads, torch.bincount(moe.gate(real).indices.reshape(-1), minlength=cfg.num_local_experts).float())
+    assert loads.sum() == tokens.numel() * cfg.num_experts_per_tok
+    flat = out.reshape(-1, H)
+    assert torch.equal(flat[~mask.reshape(-1)], torch.zeros(int((~mask).sum()), H))
+    assert_close(flat[tokens], moe(real), tol=1e-6)
+    out.sum().backward()
+    assert x.grad[~mask].abs().max() == 0 and x.grad[mask].abs().min() > 0
+
+
+def test_nothing_padded_lists_no_tokens_and_bad_token_lists_are_clear_errors():
+    assert AttentionMask.build(2, 5, "cpu", padding_mask=torch.ones(2, 5, dtype=torch.long)).real_tokens() is None
+    assert AttentionMask.build(2, 5, "cpu").real_tokens() is None
+    moe = MoE(m3_moe_config(m3_text_config()))
+    x = torch.randn(3, moe.cfg.hidden_size)
+    with pytest.raises(ValueError, match="tokens: expected 1-D int64 row indices, got torch.bool"):
+        moe(x, torch.ones(3, dtype=torch.bool))
