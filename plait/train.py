@@ -320,13 +320,10 @@ def _pipeline_vision(run: Run, batch: dict) -> dict | None:
     return {**inputs, "images_per_row": torch.ones(batch["input_ids"].shape[0], dtype=torch.long)}
 
 
-def _pipeline_mask(pipe, batch: dict) -> dict:
+def _pipeline_mask(model: nn.Module, batch: dict) -> dict:
     """Native stages carry the padding mask with the hidden states (their feed-forward layers skip padding);
     stock transformers stages take none."""
-    from plait.parallel.pipeline import StageModule
-
-    native = any(isinstance(m, StageModule) for m in pipe.modules)
-    return {"attention_mask": batch["attention_mask"]} if native and "attention_mask" in batch else {}
+    return {"attention_mask": batch["attention_mask"]} if is_native(model) and "attention_mask" in batch else {}
 
 
 def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict, example: dict):
@@ -355,7 +352,7 @@ def _build_pipeline(cfg: RunConfig, run: Run, ctx: DistContext, step_total: dict
                  microbatches=p.microbatches, loss_fn=loss_fn, device=device, layers_per_stage=p.layers_per_stage,
                  virtual_stages=p.virtual_stages, split=p.split, stage_modules=p.stage_modules)
     pipe.warm_up(example["input_ids"].to(device), example["labels"].to(device), scale, _pipeline_vision(run, example),
-                 **_pipeline_mask(pipe, example))
+                 **_pipeline_mask(model, example))
     return pipe
 
 
@@ -545,7 +542,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                     # stage 0 feeds the ids, the last stage scores the labels; the loss lives on the last stage's rank
                     with autocast():
                         pipe.step(b["input_ids"].to(device), b["labels"].to(device), _pipeline_vision(run, b),
-                                  **_pipeline_mask(pipe, b))
+                                  **_pipeline_mask(model, b))
                 sum_gradients_over_replicas(list(local.parameters()), ctx)
                 record = step_total["record"]  # filled on the last stage's rank
                 lm_sum = ctx.sum_over_stages(record.get("lm", 0.0))

@@ -309,14 +309,13 @@ class ImageFeedingStage(nn.Module):
         self.vision_chunks: list[dict | None] | None = None
 
     def feed(self, input_ids: torch.Tensor, vision: dict | None, microbatches: int) -> tuple[torch.Tensor, ...]:
-        """Stage 0's inputs for one step: the ids (and what `_leading_inputs` adds), and for a VLM its
-        microbatch indices (images kept here). `vision` holds the model's pixel inputs and `images_per_row`;
-        patch-flattened pixels (a per-image `image_grid_thw`) are cut by each image's patch count."""
-        lead = self._leading_inputs(input_ids)
+        """Stage 0's inputs for one step: the ids, and for a VLM its microbatch indices (images kept here).
+        `vision` holds the model's pixel inputs and `images_per_row`; patch-flattened pixels (a per-image
+        `image_grid_thw`) are cut by each image's patch count."""
         if not self.takes_images:
             if vision is not None:
                 raise ValueError(f"vision: {type(self.model).__name__} is a text model, got images")
-            return lead
+            return (input_ids,)
         if vision is None:
             self.vision_chunks = [None] * microbatches
         else:
@@ -327,10 +326,7 @@ class ImageFeedingStage(nn.Module):
                 pixel_rows_per_image=grid.prod(-1) if grid is not None else None, **vision)
         rows = input_ids.shape[0]
         index = torch.arange(microbatches, device=input_ids.device).repeat_interleave(rows // microbatches)
-        return (*lead, index)
-
-    def _leading_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (input_ids,)
+        return input_ids, index
 
     def images_for(self, microbatch: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor]:
         if microbatch is None:
@@ -351,15 +347,16 @@ class StageModule(ImageFeedingStage):
         self.model = model
         self.first, self.last = first, last
         self.mtp_depths = mtp_depths
-        self.attention_mask: torch.Tensor | None = None  # the step's, set by `PipelineRun.step` on stage 0
 
-    def _leading_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mask = self.attention_mask
-        if mask is None:
-            mask = torch.ones_like(input_ids)
-        elif mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask: expected shape {list(input_ids.shape)} (the ids'), got {list(mask.shape)}")
-        return input_ids, mask.to(device=input_ids.device, dtype=torch.long)
+    @staticmethod
+    def padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Stage 0's mask input, right after the ids: `attention_mask` as long, all ones when none is given."""
+        if attention_mask is None:
+            return torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected shape {list(input_ids.shape)} (the ids'), "
+                             f"got {list(attention_mask.shape)}")
+        return attention_mask.to(device=input_ids.device, dtype=torch.long)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, *extra: torch.Tensor):
         if self.first:  # stage 0 takes the ids and, for a VLM, the microbatch index of its images
@@ -567,14 +564,14 @@ class PipelineRun:
         args = (input_ids,) if self.has_first else ()
         kwargs = first_stage_inputs if self.has_first else {}
         first = self.modules[self.stage_ids.index(0)] if self.has_first else None
-        if isinstance(first, StageModule):
-            first.attention_mask = attention_mask
-        elif first is not None and attention_mask is not None:
+        if attention_mask is not None and first is not None and not isinstance(first, StageModule):
             raise ValueError(f"attention_mask: this pipeline's first stage ({type(first).__name__}) takes none")
         if hasattr(first, "feed"):  # stages that take more than the ids (stock VLMs) say what stage 0 gets
             args = first.feed(input_ids, vision, self.microbatches)
         elif first is not None and vision is not None:
             raise ValueError(f"vision: this pipeline's first stage ({type(first).__name__}) takes token ids only")
+        if isinstance(first, StageModule):  # native stages: the padding mask rides right after the ids
+            args = (args[0], first.padding_mask(input_ids, attention_mask), *args[1:])
         self.schedule.step(*args, target=labels if self.has_last else None, losses=losses, **kwargs)
         return losses
 
