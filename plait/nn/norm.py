@@ -24,35 +24,43 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_o
     return weight * h.to(x.dtype)
 
 
+# Below this, a scale is treated as zero: the normalised value it multiplies cannot be read back from the output.
+_SMALLEST_INVERTIBLE_SCALE = 1e-20
+
+
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm that saves its input and the per-row 1/rms only: autograd on the plain ops would also
-    keep the normalised tensor, one more copy of every normalised activation. The forward runs the
-    reference ops, so outputs are bitwise equal."""
+    """RMSNorm that keeps one activation and the per-row 1/rms for its backward, not also the normalised tensor
+    (as autograd on the plain ops would).
+
+    The activation kept is the output when every scale is invertible (`keep_output`): the layers after a norm keep
+    that same tensor for their own backward (a linear keeps its input), so it costs nothing more, and the
+    normalised values are read back as output / scale (apex's memory-efficient norm does the same). A norm with a
+    zero scale keeps its input instead. The forward runs the reference ops, so outputs are bitwise equal."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, unit_offset):
+    def forward(ctx, x, weight, eps, unit_offset, keep_output):
         h = x.float()
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.unit_offset = unit_offset
         n = h * rstd
-        if unit_offset:
-            return (n * (1.0 + weight.float())).to(x.dtype)
-        return weight * n.to(x.dtype)
+        out = (n * (1.0 + weight.float())).to(x.dtype) if unit_offset else weight * n.to(x.dtype)
+        ctx.save_for_backward(out if keep_output else x, weight, rstd)
+        ctx.unit_offset, ctx.keep_output = unit_offset, keep_output
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, rstd = ctx.saved_tensors
-        n = x.float() * rstd
+        kept, weight, rstd = ctx.saved_tensors
+        scale = (1.0 + weight.float()) if ctx.unit_offset else weight.float()
+        n = kept.float() / scale if ctx.keep_output else kept.float() * rstd
         dy = grad_out.float()
         if ctx.unit_offset:
-            grad_n = dy * (1.0 + weight.float())
+            grad_n = dy * scale
             grad_w = (dy * n).reshape(-1, n.shape[-1]).sum(0)
         else:
             grad_n = (grad_out * weight).float()
-            grad_w = (grad_out * n.to(x.dtype)).float().reshape(-1, n.shape[-1]).sum(0)
+            grad_w = (grad_out * n.to(kept.dtype)).float().reshape(-1, n.shape[-1]).sum(0)
         grad_x = rstd * (grad_n - n * (grad_n * n).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None, None
+        return grad_x.to(kept.dtype), grad_w.to(weight.dtype), None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -63,6 +71,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self._invertible: tuple[tuple, bool] = ((), False)  # (weight identity and version, verdict)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
@@ -71,8 +80,18 @@ class RMSNorm(nn.Module):
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm input: expected last dim {self.weight.shape[0]}, got shape {list(x.shape)}")
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFunction.apply(x, self.weight, self.eps, self.unit_offset)
+            return _RMSNormFunction.apply(x, self.weight, self.eps, self.unit_offset, self._scale_invertible())
         return rms_norm_reference(x, self.weight, self.eps, self.unit_offset)
+
+    def _scale_invertible(self) -> bool:
+        """Whether every scale is far enough from zero to read the normalised values back from the output. Checked
+        once per change of the weight (optimizer step, load): on an accelerator the check waits for the device."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        if self._invertible[0] != key:
+            scale = (1.0 + w.detach().float()) if self.unit_offset else w.detach().float()
+            self._invertible = (key, bool(scale.abs().min() >= _SMALLEST_INVERTIBLE_SCALE))
+        return self._invertible[1]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"

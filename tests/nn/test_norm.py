@@ -51,17 +51,20 @@ def test_wrong_width_is_a_clear_error():
         RMSNorm(16)(torch.randn(2, 8))
 
 
+@pytest.mark.parametrize("zero_scale", [False, True])
 @pytest.mark.parametrize("unit_offset", [False, True])
-def test_saving_backward_matches_autograd_on_the_reference_ops(unit_offset):
+def test_saving_backward_matches_autograd_on_the_reference_ops(unit_offset, zero_scale):
     # the statistics are float32 whatever the input (the reference's rule), so compare with autograd in float32
     g = torch.Generator().manual_seed(0)
     norm = RMSNorm(64, eps=1e-5, unit_offset=unit_offset)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64, generator=g))
+        if zero_scale:  # one channel scaled by exactly 0: its normalised values are not in the output
+            norm.weight[5] = -1.0 if unit_offset else 0.0
     x = (torch.randn(3, 7, 64, generator=g) * 3).requires_grad_()
     dy = torch.randn(3, 7, 64, generator=g)
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = norm(x)
     grads = torch.autograd.grad(out, (x, norm.weight), dy)
     ref = rms_norm_reference(x, norm.weight, 1e-5, unit_offset)
@@ -69,5 +72,34 @@ def test_saving_backward_matches_autograd_on_the_reference_ops(unit_offset):
     assert torch.equal(out, ref)  # the same forward ops, bit for bit
     for got, want in zip(grads, ref_grads):
         assert_close(got, want, tol=1e-5 * float(want.abs().max()))
-    # only x, the weight and 1/rms stay for backward
-    assert sorted(saved) == sorted([x.shape, torch.Size([64]), torch.Size([3, 7, 1])])
+    # one activation (the output, which the next layer keeps anyway; the input where a scale is 0), the weight and
+    # 1/rms stay for backward
+    assert sorted(t.shape for t in saved) == sorted([x.shape, torch.Size([64]), torch.Size([3, 7, 1])])
+    kept = next(t for t in saved if t.shape == x.shape)
+    assert kept.data_ptr() == (x.data_ptr() if zero_scale else out.data_ptr())
+
+
+def test_norm_before_a_linear_adds_no_activation_of_its_own():
+    norm, proj = RMSNorm(32), torch.nn.Linear(32, 16, bias=False)
+    x = torch.randn(4, 32, requires_grad=True)
+    storages = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        proj(norm(x)).sum()
+    params = {p.data_ptr() for p in (norm.weight, proj.weight)}
+    assert len(storages - params) == 2  # the norm's output (kept by both) and 1/rms
+
+
+def test_scale_check_follows_weight_updates():
+    norm = RMSNorm(8)
+    x = torch.randn(2, 8, requires_grad=True)
+    norm(x)
+    assert norm._scale_invertible()
+    with torch.no_grad():
+        norm.weight[3] = 0.0  # an in-place update, as an optimizer step makes
+    assert not norm._scale_invertible()
+    dy = torch.randn(2, 8)
+    got = torch.autograd.grad(norm(x), (x, norm.weight), dy)
+    want = torch.autograd.grad(rms_norm_reference(x, norm.weight, norm.eps, False), (x, norm.weight), dy)
+    for a, b in zip(got, want):
+        assert_close(a, b, tol=1e-5 * float(b.abs().max()))
