@@ -22,3 +22,11 @@ def max_relative_diff(ranks: list[dict], ref_grads: dict, ref_losses: list[float
         assert torch.allclose(g, ref, rtol=1e-5, atol=1e-5 * scale), name
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     return worst
+
+
+def launch_report(res) -> str:
+    """What a failed torchrun launch printed: the failing rank's traceback comes first in its stderr, the launcher's
+    summary last, so both ends."""
+    err = res.stderr
+    body = err if len(err) <= 11000 else f"{err[:8000]}\n...\n{err[-3000:]}"
+    return f"{body}\nstdout: {res.stdout[-2000:]}"

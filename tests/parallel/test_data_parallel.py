@@ -11,6 +11,7 @@ from rich.console import Console
 import plait
 from plait.metrics import read_metrics
 from plait.train import train
+from tests.parallel.compare import launch_report
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -39,7 +40,7 @@ def test_two_processes_log_the_single_process_losses(small_config, tmp_path):
     single = small_config("train.steps=4", "checkpoint.every_steps=2")
     train(single, console=Console(quiet=True))
     res = spawn(2, "configs/default.yaml", *overrides(single, tmp_path / "dp2"), "parallel.dp=2")
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, launch_report(res)
     ours, ref = step_rows(tmp_path / "dp2"), step_rows(single.output_dir)
     assert len(ours) == len(ref) == 4
     for a, b in zip(ours, ref):

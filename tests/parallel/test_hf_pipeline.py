@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from plait.parallel.pipeline import SCHEDULES
-from tests.parallel.compare import max_relative_diff
+from tests.parallel.compare import launch_report, max_relative_diff
 from tests.parallel.hf_pipeline_models import build_model, reference_step
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -27,7 +27,7 @@ def run_schedules(out: Path, nproc: int, microbatches: int, layers: int) -> dict
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(out), str(microbatches),
            str(layers), ",".join(FAMILIES), *SCHEDULES]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_report(res)
     return {(k, s): [torch.load(out / f"{k}.{s}.rank{r}.pt") for r in range(nproc)] for k in FAMILIES for s in SCHEDULES}
 
 
@@ -255,7 +255,7 @@ def test_pipelined_training_of_stock_models_logs_the_single_process_losses(tmp_p
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config,
            f"output_dir={tmp_path / 'pp2'}", *common, "parallel.pp=2", "parallel.microbatches=4", *pipeline]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_report(res)
     ours = [r for r in read_metrics(tmp_path / "pp2" / "metrics.jsonl") if "lm_loss" in r]
     ref = [r for r in read_metrics(single.output_dir / "metrics.jsonl") if "lm_loss" in r]
     assert len(ours) == len(ref) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from plait.parallel.pipeline import split_layers, stage_indices, stages_per_rank
-from tests.parallel.compare import max_relative_diff
+from tests.parallel.compare import launch_report, max_relative_diff
 from tests.parallel.pipeline_models import build_model, reference_step
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -22,7 +22,7 @@ def run_pipeline(tmp_path: Path, nproc: int, schedule: str, microbatches: int, k
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(WORKER), str(tmp_path), schedule,
            str(microbatches), kind, str(dp)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_report(res)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(nproc)]
 
 
@@ -112,7 +112,7 @@ def train_alone_and_under_torchrun(tmp_path: Path, data_cache, config: str, npro
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "plait", "train", config,
            f"output_dir={tmp_path / 'parallel'}", *common, *parallel]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_report(res)
     rows = [[r for r in read_metrics(tmp_path / d / "metrics.jsonl") if "lm_loss" in r] for d in ("parallel", "single")]
     return rows[0], rows[1], res
 
@@ -206,7 +206,7 @@ def test_the_training_state_resumes_across_pipeline_layouts(tmp_path, data_cache
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "plait", "train", config, *common,
            "parallel.pp=2", "parallel.microbatches=2", "parallel.layers_per_stage=[3,1]"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-4000:]
+    assert res.returncode == 0, launch_report(res)
     assert "resumed from step 2" in res.stdout
     assert len(list((out / "checkpoints" / "step_4" / "training_state").glob("*.distcp"))) == 2  # one per stage
     drop("step_6")  # the pipelined run died after saving step 4: continue it in one process
