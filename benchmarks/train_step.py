@@ -27,7 +27,9 @@ Saved for backward: the bytes of the distinct tensors autograd keeps from one tr
 excluded (activation memory, before any allocator overhead).
 
 Peak memory: in a fresh subprocess per implementation, the resident high-water mark (VmHWM) minus the
-resident set after imports; model construction, optimizer state and the steps are all inside.
+resident set after imports; model construction, optimizer state and the steps are all inside. "Live peak" is the
+most the C library had handed out at once over the same span (glibc's mallinfo2, sampled every 0.2 ms by a thread):
+what the tensors needed; the rest of the resident peak is freed heap the allocator kept.
 
 Host allocator (`--host-allocator`): "default" leaves glibc as a plain Python process has it; "keep_freed" applies
 what plait's trainer sets (`plait.host_memory`: freed blocks up to 32 MiB kept in the heap, no trimming) to this
@@ -269,26 +271,41 @@ def memory_child(model_name: str, impl: str, batch: int, seq: int, quick: bool, 
                  allocator: str) -> None:
     import transformers  # noqa: F401  (imports are outside the measured growth)
 
+    import threading
+
     import plait  # noqa: F401
-    from plait.host_memory import configure_host_allocator
+    from plait.host_memory import configure_host_allocator, heap_in_use_bytes
 
     configure_host_allocator(allocator)
 
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
+    live_base, live_peak, done = heap_in_use_bytes(), [0], threading.Event()
+
+    def sample_live() -> None:
+        while not done.wait(0.0002):
+            live_peak[0] = max(live_peak[0], heap_in_use_bytes() - live_base)
+
+    sampler = threading.Thread(target=sample_live, daemon=True)
+    if live_base is not None:
+        sampler.start()
     model = build(model_name, impl, quick, workdir)
     step = make_step(model, batch_inputs(CONFIGS[model_name](quick), batch, seq))
     for _ in range(steps):
         step()
-    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024}))
+    done.set()
+    if live_base is not None:
+        sampler.join()
+    print(json.dumps({"peak_bytes": (_status_kib("VmHWM") - base) * 1024,
+                      "live_peak_bytes": live_peak[0] if live_base is not None else None}))
 
 
-def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, allocator: str) -> int:
+def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path, allocator: str) -> dict:
     cmd = [sys.executable, __file__, "--model", model_name, "--memory-child", impl, str(batch), str(seq),
            "--workdir", str(workdir), "--host-allocator", allocator]
     out = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str = "default") -> dict:
@@ -318,9 +335,12 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         row = {"batch": batch, "seq": seq, "first_step_loss": losses, "impls": {}}
         for impl in IMPLS:
             t = statistics.median(times[impl])
+            memory = peak_memory(model_name, impl, batch, seq, quick, workdir, allocator)
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
                                   "saved_for_backward_mib": saved_for_backward_bytes(models[impl], inputs) / 2**20,
-                                  "peak_mib": peak_memory(model_name, impl, batch, seq, quick, workdir, allocator) / 2**20}
+                                  "peak_mib": memory["peak_bytes"] / 2**20,
+                                  "live_peak_mib": (memory["live_peak_bytes"] / 2**20
+                                                    if memory["live_peak_bytes"] is not None else None)}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
@@ -328,8 +348,13 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
               f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
-              f"{r['saved_for_backward_mib']:.0f} MiB; first losses {losses}")
+              f"{r['saved_for_backward_mib']:.0f} MiB; live peak {_mib(p['live_peak_mib'])} / {_mib(r['live_peak_mib'])}; "
+              f"first losses {losses}")
     return results
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f} MiB"
 
 
 def plot(results: dict, path: Path) -> None:

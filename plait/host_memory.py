@@ -63,6 +63,23 @@ def keep_freed_blocks() -> bool:
     return mmap_set and trim_set
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes the C library has handed out and not had back (glibc's `mallinfo2`: in-use heap chunks of every arena
+    plus mapped blocks): the live allocations, whatever the resident set keeps besides. None where the C library
+    is not glibc 2.33 or newer."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.argtypes, libc.mallinfo2.restype = (), _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 def configure_host_allocator(mode: str) -> bool:
     """Apply `train.host_allocator`: "keep_freed" (see `keep_freed_blocks`) or "default" (leave the C library as
     it is). Returns whether anything was changed."""

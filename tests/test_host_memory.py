@@ -78,3 +78,19 @@ def test_steps_after_the_first_fault_nothing_in():
 def test_unknown_mode_is_a_value_error():
     with pytest.raises(ValueError, match="host_allocator: expected one of"):
         configure_host_allocator("jemalloc")
+
+
+@glibc_only
+def test_heap_in_use_follows_live_tensors():
+    from plait.host_memory import heap_in_use_bytes
+
+    if heap_in_use_bytes() is None:
+        pytest.skip("glibc before 2.33 has no mallinfo2")
+    import torch
+
+    before = heap_in_use_bytes()
+    block = torch.ones(16 * 2**18)  # 16 MiB
+    held = heap_in_use_bytes()
+    del block
+    after = heap_in_use_bytes()
+    assert held - before >= 16 * 2**20 and held - after >= 16 * 2**20, (before, held, after)
