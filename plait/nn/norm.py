@@ -71,7 +71,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
-        self._invertible: tuple[tuple, bool] = ((), False)  # (weight identity and version, verdict)
+        self._invertible: tuple = ((), False)  # accelerators: ((weight id, address, version), verdict)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
@@ -84,14 +84,20 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps, self.unit_offset)
 
     def _scale_invertible(self) -> bool:
-        """Whether every scale is far enough from zero to read the normalised values back from the output. Checked
-        once per change of the weight (optimizer step, load): on an accelerator the check waits for the device."""
+        """Whether every scale is far enough from zero to read the normalised values back from the output. On the
+        CPU checked at every call (microseconds). On an accelerator the check waits for the device, so it is made
+        once per weight tensor and version (each optimizer step, load or in-place update makes a new one; writes
+        through `weight.data`, which bypass the version counter, are not seen)."""
         w = self.weight
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._invertible[0] != key:
-            scale = (1.0 + w.detach().float()) if self.unit_offset else w.detach().float()
-            self._invertible = (key, bool(scale.abs().min() >= _SMALLEST_INVERTIBLE_SCALE))
-        return self._invertible[1]
+        if w.device.type != "cpu":
+            key, verdict = self._invertible
+            if key == (id(w), w.data_ptr(), w._version):
+                return verdict
+        scale = (1.0 + w.detach().float()) if self.unit_offset else w.detach().float()
+        verdict = bool(scale.abs().min() >= _SMALLEST_INVERTIBLE_SCALE)
+        if w.device.type != "cpu":
+            self._invertible = ((id(w), w.data_ptr(), w._version), verdict)
+        return verdict
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"
