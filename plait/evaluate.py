@@ -16,6 +16,8 @@ import torch
 from plait.data.collate import collate_padded
 from plait.data.dataset import CaptionDataset, MixedCaptionDataset
 from plait.generate import generate
+from plait.models import is_native
+from plait.mtp import mtp_labels
 from plait.nn.loss import causal_lm_loss_sum, count_targets
 
 # a collated batch -> the model's keyword inputs beside the token ids (pixels, modality inputs), on its device
@@ -49,12 +51,26 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
     n = len(dataset) if num_samples is None else min(num_samples, len(dataset))
     loss_sum, targets = 0.0, 0
     predictions: list[str] = []
+    native = is_native(model)  # the loss from the hidden states, chunk by chunk: no (tokens x vocab) logits held
+    depth_sums: list[float] = []  # a native model's MTP depths: summed held-out CE per depth, and its targets
+    depth_targets: list[int] = []
     for idx in _batches(n, batch_size):
         batch = collate_padded([dataset[i] for i in idx], dataset.pad_id)
+        labels = batch["labels"].to(device)
         with autocast():
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                        use_cache=False, **model_inputs(batch))
-            loss_sum += float(causal_lm_loss_sum(out.logits, batch["labels"].to(device)))
+            inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          use_cache=False, **model_inputs(batch))
+            if native:
+                out = model(**inputs, labels=labels, return_logits=False)
+                loss_sum += float(out.lm_loss) * count_targets(labels)
+                for d, depth_loss in enumerate(out.mtp_losses or [], start=1):
+                    if len(depth_sums) < d:
+                        depth_sums.append(0.0), depth_targets.append(0)
+                    n_d = count_targets(mtp_labels(labels, d))  # eval batches are padded rows, not packed documents
+                    depth_sums[d - 1] += float(depth_loss) * n_d
+                    depth_targets[d - 1] += n_d
+            else:
+                loss_sum += float(causal_lm_loss_sum(model(**inputs).logits, labels))
             predictions += caption_batch(model, dataset, batch, model_inputs, tokenizer, max_new_tokens, device)
         targets += count_targets(batch["labels"])
     model.train(was_training)
@@ -62,6 +78,8 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
     # splits punctuation), so a caption is not wrong for spacing the model cannot produce.
     references = [t.strip() for t in tokenizer.batch_decode([a[:-1] for a in dataset.answers[:n]], skip_special_tokens=True)]
     metrics = {"loss": loss_sum / max(targets, 1), "samples": float(n)}
+    for d, (total, count) in enumerate(zip(depth_sums, depth_targets), start=1):
+        metrics[f"mtp_loss_{d}"] = total / max(count, 1)  # depth d: the token d + 1 ahead, from the MTP module
     for parse, score in _scorers():
         if all(parse(r) is not None for r in references):
             metrics.update(score(predictions, references))

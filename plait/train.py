@@ -40,6 +40,7 @@ from plait.data.tokenizer import load_tokenizer, special_token_ids, train_tokeni
 from plait.evaluate import evaluate_dataset
 from plait.host_memory import configure_host_allocator
 from plait.metrics import MetricsLog, plot_loss_curve
+from plait.models import is_native
 from plait.models.build import MODALITY_PLACEHOLDERS, build_model
 from plait.models.mimo import MimoForCausalLM
 from plait.models.vlm import vlm_spec
@@ -410,12 +411,6 @@ def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
     return [mtp_labels(batch["labels"], d, documents) for d in range(1, depths + 1)]
 
 
-def is_native(model: nn.Module) -> bool:
-    from plait.models import NATIVE_MODELS
-
-    return type(model) in set(NATIVE_MODELS.values())
-
-
 def _micro_batch_losses(replica: nn.Module, loss_from_hidden: bool, inputs: dict, model_inputs: dict,
                         labels: torch.Tensor, labels_per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One micro-batch's forward: the summed main cross-entropy and the summed CE of each MTP depth.
@@ -619,6 +614,10 @@ def report_eval(console: Console, metrics: dict[str, float], split: str) -> None
     """Print the held-out figures; exactly one line reads `held-out accuracy: <fraction>` (exact match)."""
     console.print(f"held-out split: {split} ({int(metrics['samples'])} samples)", highlight=False)
     console.print(f"held-out loss: {metrics['loss']:.4f}", highlight=False)
+    depths = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("mtp_loss_"))
+    if depths:  # a native model's MTP depths: how well each predicts its token further ahead
+        console.print("held-out MTP loss: " + ", ".join(f"depth {d} {metrics[f'mtp_loss_{d}']:.4f}" for d in depths),
+                      highlight=False)
     attrs = [k for k in ("shape", "colour", "size", "position") if k in metrics]
     if attrs:
         console.print("held-out attribute accuracy: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in attrs), highlight=False)

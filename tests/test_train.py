@@ -150,7 +150,8 @@ def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(pac
     import torch
 
     from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
-    from plait.train import _depth_labels, _micro_batch_losses, is_native
+    from plait.models import is_native
+    from plait.train import _depth_labels, _micro_batch_losses
     from tests.nn.reference import assert_close, assert_grads_close, mimo_config
 
     torch.manual_seed(0)

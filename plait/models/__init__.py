@@ -24,6 +24,12 @@ NATIVE_MODELS: dict[str, type] = {
 }
 
 
+def is_native(model: torch.nn.Module) -> bool:
+    """Whether `model` is one of plait's native classes: they take labels and compute their cross-entropies from the
+    hidden states chunk by chunk, skip padding in their feed-forward layers and cut into plait's pipeline stages."""
+    return type(model) in set(NATIVE_MODELS.values())
+
+
 def from_config(config: PretrainedConfig | dict[str, Any], attn_implementation: str = "sdpa",
                 implementation: str = "native") -> torch.nn.Module:
     """A randomly initialised model: plait's native class for its `model_type`, else the stock transformers one."""
