@@ -110,7 +110,7 @@ class Router(nn.Module):
             group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # (T, n_group)
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
-            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, -1)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, cfg.num_experts)
         indices = choice.topk(cfg.top_k, dim=-1).indices  # (T, K)
         weights = scores.gather(1, indices)  # the bias picks experts; weights come from unbiased scores
         if cfg.norm_topk_prob:
@@ -327,6 +327,9 @@ class MoE(nn.Module):
         if tokens is not None:
             return on_tokens(self.forward, x, tokens)
         x = x.reshape(-1, shape[-1])  # (B, S, H) -> (T, H)
+        if x.shape[0] == 0:  # nothing to route (every token is padding): no expert runs, no load, no aux loss
+            self.aux_loss = None
+            return (x * 0.0).reshape(shape)  # empty, but in the graph, so the caller's backward still runs
         routing = self.gate(x)
         out = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:

@@ -32,12 +32,12 @@ def m3_moe_config(cfg, impl="grouped", **kw) -> MoEConfig:
     )
 
 
-def mimo_moe_config(cfg, impl="grouped") -> MoEConfig:
+def mimo_moe_config(cfg, impl="grouped", **kw) -> MoEConfig:
     return MoEConfig(
         hidden_size=cfg.hidden_size, num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok,
         intermediate_size=cfg.moe_intermediate_size, activation=Activation("silu"), score_func="sigmoid",
         n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-        routed_scaling_factor=cfg.routed_scaling_factor, score_correction_bias=True, experts_impl=impl,
+        routed_scaling_factor=cfg.routed_scaling_factor, score_correction_bias=True, experts_impl=impl, **kw,
     )
 
 
@@ -325,6 +325,30 @@ def test_padding_is_not_routed_counted_or_in_the_aux_loss(impl):
     assert_close(flat[tokens], moe(real), tol=1e-6)
     out.sum().backward()
     assert x.grad[~mask].abs().max() == 0 and x.grad[mask].abs().min() > 0
+
+
+@pytest.mark.parametrize("family", ["m3", "mimo"])  # MiMo: group-limited routing
+def test_a_batch_of_padding_only_routes_nothing(family):
+    """Every token padding (a pipeline stage's shape inference can feed such a mask): zeros out, no load, no aux
+    loss, and the backward runs."""
+    if family == "m3":
+        cfg = m3_text_config()
+        moe = MoE(m3_moe_config(cfg, aux_loss_coef=0.01))
+    else:
+        cfg = mimo_config()
+        moe = MoE(mimo_moe_config(cfg, "grouped", aux_loss_coef=0.01))
+    moe.tokens_per_expert.zero_()
+    moe.train()
+    x = torch.randn(2, 6, cfg.hidden_size, requires_grad=True)
+    moe(x)  # a real forward first: its aux loss must not outlive the next one
+    tokens = AttentionMask.build(2, 6, "cpu", padding_mask=torch.zeros(2, 6, dtype=torch.long)).real_tokens()
+    assert tokens.numel() == 0
+    moe.tokens_per_expert.zero_()
+    out = moe(x, tokens)
+    assert torch.equal(out, torch.zeros_like(x))
+    assert moe.tokens_per_expert.sum() == 0 and collect_aux_loss(moe) is None
+    out.sum().backward()
+    assert x.grad.abs().max() == 0
 
 
 def test_nothing_padded_lists_no_tokens_and_bad_token_lists_are_clear_errors():
