@@ -57,12 +57,13 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
     for idx in _batches(n, batch_size):
         batch = collate_padded([dataset[i] for i in idx], dataset.pad_id)
         labels = batch["labels"].to(device)
+        batch_targets = count_targets(batch["labels"])
         with autocast():
             inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                           use_cache=False, **model_inputs(batch))
             if native:
                 out = model(**inputs, labels=labels, return_logits=False)
-                loss_sum += float(out.lm_loss) * count_targets(labels)
+                loss_sum += float(out.lm_loss) * batch_targets
                 for d, depth_loss in enumerate(out.mtp_losses or [], start=1):
                     if len(depth_sums) < d:
                         depth_sums.append(0.0), depth_targets.append(0)
@@ -72,7 +73,7 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
             else:
                 loss_sum += float(causal_lm_loss_sum(model(**inputs).logits, labels))
             predictions += caption_batch(model, dataset, batch, model_inputs, tokenizer, max_new_tokens, device)
-        targets += count_targets(batch["labels"])
+        targets += batch_targets
     model.train(was_training)
     # Compare with the references as the tokenizer sees them (a word-level tokenizer lowercases and
     # splits punctuation), so a caption is not wrong for spacing the model cannot produce.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 # mallopt parameters, from glibc's malloc.h
@@ -37,6 +38,12 @@ TRIM_THRESHOLD = 2**31 - 1
 ALLOCATOR_MODES = ("keep_freed", "default")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache  # finding the library reads the interpreter's binary: once per process, not per call
 def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -48,6 +55,8 @@ def _glibc() -> ctypes.CDLL | None:
     if not hasattr(libc, "mallopt"):
         return None
     libc.mallopt.argtypes, libc.mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int  # range-checked
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and newer
+        libc.mallinfo2.argtypes, libc.mallinfo2.restype = (), _MallInfo2
     return libc
 
 
@@ -63,11 +72,6 @@ def keep_freed_blocks() -> bool:
     return mmap_set and trim_set
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap_in_use_bytes() -> int | None:
     """Bytes the C library has handed out and not had back (glibc's `mallinfo2`: in-use heap chunks of every arena
     plus mapped blocks): the live allocations, whatever the resident set keeps besides. None where the C library
@@ -75,7 +79,6 @@ def heap_in_use_bytes() -> int | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.argtypes, libc.mallinfo2.restype = (), _MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
 
