@@ -18,7 +18,7 @@ from plait.data.dataset import CaptionDataset, MixedCaptionDataset
 from plait.generate import generate
 from plait.models import is_native
 from plait.mtp import mtp_labels
-from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.nn.loss import count_targets, micro_batch_loss_sums
 
 # a collated batch -> the model's keyword inputs beside the token ids (pixels, modality inputs), on its device
 ModelInputs = Callable[[dict[str, torch.Tensor]], dict]
@@ -52,28 +52,22 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
     loss_sum, targets = 0.0, 0
     predictions: list[str] = []
     native = is_native(model)  # the loss from the hidden states, chunk by chunk: no (tokens x vocab) logits held
-    depth_sums: list[float] = []  # a native model's MTP depths: summed held-out CE per depth, and its targets
-    depth_targets: list[int] = []
+    mtp_config = getattr(model, "mtp_config", None)
+    depths = mtp_config.num_layers if native and mtp_config is not None else 0
+    depth_sums, depth_targets = [0.0] * depths, [0] * depths  # summed held-out CE of each MTP depth, its targets
     for idx in _batches(n, batch_size):
         batch = collate_padded([dataset[i] for i in idx], dataset.pad_id)
         labels = batch["labels"].to(device)
-        batch_targets = count_targets(batch["labels"])
+        labels_per_depth = [mtp_labels(labels, d) for d in range(1, depths + 1)]  # padded rows, no packed documents
         with autocast():
-            inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                          use_cache=False, **model_inputs(batch))
-            if native:
-                out = model(**inputs, labels=labels, return_logits=False)
-                loss_sum += float(out.lm_loss) * batch_targets
-                for d, depth_loss in enumerate(out.mtp_losses or [], start=1):
-                    if len(depth_sums) < d:
-                        depth_sums.append(0.0), depth_targets.append(0)
-                    n_d = count_targets(mtp_labels(labels, d))  # eval batches are padded rows, not packed documents
-                    depth_sums[d - 1] += float(depth_loss) * n_d
-                    depth_targets[d - 1] += n_d
-            else:
-                loss_sum += float(causal_lm_loss_sum(model(**inputs).logits, labels))
+            inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            lm, per_depth = micro_batch_loss_sums(model, native, inputs, model_inputs(batch), labels, labels_per_depth)
+            loss_sum += float(lm)
+            for d, (depth_loss, depth_labels) in enumerate(zip(per_depth, labels_per_depth)):
+                depth_sums[d] += float(depth_loss)
+                depth_targets[d] += count_targets(depth_labels)
             predictions += caption_batch(model, dataset, batch, model_inputs, tokenizer, max_new_tokens, device)
-        targets += batch_targets
+        targets += count_targets(batch["labels"])
     model.train(was_training)
     # Compare with the references as the tokenizer sees them (a word-level tokenizer lowercases and
     # splits punctuation), so a caption is not wrong for spacing the model cannot produce.

@@ -44,7 +44,7 @@ from plait.models import is_native
 from plait.models.build import MODALITY_PLACEHOLDERS, build_model
 from plait.models.mimo import MimoForCausalLM
 from plait.models.vlm import vlm_spec
-from plait.nn.loss import causal_lm_loss_sum, count_targets
+from plait.nn.loss import count_targets, micro_batch_loss_sums
 from plait.mtp import mtp_labels
 from plait.nn.attention import AttentionMask
 from plait.nn.moe import load_imbalance, pop_logged_aux_loss, route_aux_loss_through_backward, update_expert_bias
@@ -411,29 +411,6 @@ def _depth_labels(batch: dict, depths: int) -> list[torch.Tensor]:
     return [mtp_labels(batch["labels"], d, documents) for d in range(1, depths + 1)]
 
 
-def _micro_batch_losses(replica: nn.Module, loss_from_hidden: bool, inputs: dict, model_inputs: dict,
-                        labels: torch.Tensor, labels_per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One micro-batch's forward: the summed main cross-entropy and the summed CE of each MTP depth.
-
-    A native model takes the labels and computes its cross-entropies from the hidden states, chunk by chunk
-    (`plait.nn.loss`): the step never holds the (tokens x vocab) logits, nor their gradient. Its losses are means
-    over the micro-batch's own targets, made sums again here by their target counts (the counts the model divided
-    by) so the caller can normalise over the whole step. Other models (transformers', MIMO compositions) return
-    logits, and the sums are taken from them."""
-    if loss_from_hidden:
-        out = replica(**inputs, labels=labels, use_cache=False, return_logits=False, **model_inputs)
-        lm = out.lm_loss * count_targets(labels)
-        depths = [x * count_targets(y) for x, y in zip(out.mtp_losses or [], labels_per_depth)]
-        if len(depths) != len(labels_per_depth):
-            raise ValueError(f"MTP: expected {len(labels_per_depth)} per-depth losses from the model, got {len(depths)}")
-        return lm, depths
-    if labels_per_depth:
-        inputs = {**inputs, "return_mtp_logits": True}
-    out = replica(**inputs, use_cache=False, **model_inputs)
-    lm = causal_lm_loss_sum(out.logits, labels)
-    return lm, [causal_lm_loss_sum(out.mtp_logits[d], y) for d, y in enumerate(labels_per_depth)]
-
-
 def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     console = console or Console(soft_wrap=True)
     configure_host_allocator(cfg.train.host_allocator)  # process-wide: the trainer owns its process
@@ -546,7 +523,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 for b, labels_per_depth in zip(batches, depth_labels):
                     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
                     with autocast():
-                        lm, depths = _micro_batch_losses(replica, loss_from_hidden, inputs, run.model_inputs(b),
+                        lm, depths = micro_batch_loss_sums(replica, loss_from_hidden, inputs, run.model_inputs(b),
                                                          b["labels"].to(device), [x.to(device) for x in labels_per_depth])
                         lm = lm / step_targets
                         loss = lm

@@ -151,7 +151,8 @@ def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(pac
 
     from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
     from plait.models import is_native
-    from plait.train import _depth_labels, _micro_batch_losses
+    from plait.nn.loss import micro_batch_loss_sums
+    from plait.train import _depth_labels
     from tests.nn.reference import assert_close, assert_grads_close, mimo_config
 
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(pac
     results = {}
     for from_hidden in (True, False):
         model.zero_grad(set_to_none=True)
-        lm, depths = _micro_batch_losses(model, from_hidden, inputs, {}, labels, depth_labels)
+        lm, depths = micro_batch_loss_sums(model, from_hidden, inputs, {}, labels, depth_labels)
         (lm + 0.5 * depths[0] + 0.25 * depths[1]).backward()
         results[from_hidden] = (lm.detach(), [d.detach() for d in depths],
                                 {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

@@ -27,6 +27,30 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((shift_labels(labels) != IGNORE_INDEX).sum())
 
 
+def micro_batch_loss_sums(replica: torch.nn.Module, loss_from_hidden: bool, inputs: dict, model_inputs: dict,
+                        labels: torch.Tensor, labels_per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One micro-batch's forward (training or held-out): the summed main cross-entropy and the summed CE of each
+    MTP depth (`labels_per_depth`: each depth's labels, `plait.mtp.mtp_labels`).
+
+    A native model takes the labels and computes its cross-entropies from the hidden states, chunk by chunk
+    (below): the step never holds the (tokens x vocab) logits, nor their gradient. Its losses are means over the
+    micro-batch's own targets, made sums again here by their target counts (the counts the model divided by) so
+    the caller can normalise over the whole step or held-out set. Other models (transformers', MIMO compositions)
+    return logits, and the sums are taken from them."""
+    if loss_from_hidden:
+        out = replica(**inputs, labels=labels, use_cache=False, return_logits=False, **model_inputs)
+        lm = out.lm_loss * count_targets(labels)
+        depths = [x * count_targets(y) for x, y in zip(out.mtp_losses or [], labels_per_depth)]
+        if len(depths) != len(labels_per_depth):
+            raise ValueError(f"MTP: expected {len(labels_per_depth)} per-depth losses from the model, got {len(depths)}")
+        return lm, depths
+    if labels_per_depth:
+        inputs = {**inputs, "return_mtp_logits": True}
+    out = replica(**inputs, use_cache=False, **model_inputs)
+    lm = causal_lm_loss_sum(out.logits, labels)
+    return lm, [causal_lm_loss_sum(out.mtp_logits[d], y) for d, y in enumerate(labels_per_depth)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory-lean loss: the LM head and the cross-entropy fused and run in sequence chunks
 # ---------------------------------------------------------------------------------------------
