@@ -76,6 +76,15 @@ class LightningIndexer(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
 
+    def keeps_every_block(self, seq_len: int, position_ids: torch.Tensor | None, kv_cache=None) -> bool:
+        """Whether the selection would keep every block a query can see, so that it narrows nothing: no more
+        blocks than `index_topk_blocks`, and each query's position id its slot in the row (the indexer's rule for
+        future keys is then the causal mask's). A cache needs the indexer's keys, so it always runs there."""
+        if kv_cache is not None or -(-seq_len // self.block_size) > self.topk_blocks:
+            return False
+        slots = torch.arange(seq_len, device=position_ids.device) if position_ids is not None else None
+        return position_ids is None or bool((position_ids == slots).all())
+
     @torch.no_grad()
     def forward(self, x, rope, position_ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, S, _ = x.shape
@@ -118,7 +127,9 @@ class IndexedAttention(Attention):
         self.indexer = LightningIndexer(config) if sparse else None
 
     def forward(self, x, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
-        restrict = self.indexer(x, rope, position_ids, kv_cache) if self.indexer is not None else None
+        restrict = None
+        if self.indexer is not None and not self.indexer.keeps_every_block(x.shape[1], position_ids, kv_cache):
+            restrict = self.indexer(x, rope, position_ids, kv_cache)
         return super().forward(x, rope, mask, kv_cache, restrict=restrict)
 
 

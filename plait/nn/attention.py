@@ -44,7 +44,7 @@ from torch import nn
 
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary
-from plait.nn.sdpa import BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu, pad_head_dims
+from plait.nn.sdpa import BlockGatherPlan, BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu, pad_head_dims
 
 BACKENDS = ("sdpa", "flex", "eager")
 
@@ -308,7 +308,7 @@ def sdpa_attention(q, k, v, mask, *, scale, window=None, sinks=None, k_positions
     block_local = no_cache and restrict is None and mask.causal and window is not None and Sq > 2 * window
     if q.device.type == "cpu":
         if block_sparse:
-            plan = TilePlan(mask, window, restrict, q.shape[1])
+            plan = BlockGatherPlan(mask, window, restrict, q.shape[1])
         elif block_local:
             plan = BlockLocalPlan(mask, window, Sq)
         elif _plain(mask, window, Sq, k_positions, restrict):

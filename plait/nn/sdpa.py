@@ -264,3 +264,125 @@ class TilePlan:
                 gk.index_add_(2, k_index, dk)
                 gv.index_add_(2, k_index, dv)
         return gq, gk, gv
+
+
+class BlockGatherPlan:
+    """Block-sparse key selection on the CPU, each query against exactly the key blocks it picked: for every
+    (row, indexer head, key block), one kernel call over the queries that picked that block, and the partial
+    results merged by their log-sum-exp (as flash-decoding merges its key splits).
+
+    `TilePlan` runs each tile of queries over the union of its queries' picks, which for unrelated picks is
+    nearly every earlier block: a (2048 tokens, 8 of 16 blocks) layer there computes more (query, key) pairs
+    than full causal attention. Here the work is the pairs the selection keeps. The backward needs no merge:
+    given the layer's final output and log-sum-exp, the kernel's backward over one block's keys gives exactly
+    that block's share of dq and its keys' dk, dv.
+
+    Under the plain causal rule (no padding, documents or window) a block's keys are all visible to the
+    queries after it, which run without a mask, and a block's own queries see it causally from its start,
+    which is the kernel's causal flag when all of them picked it. Otherwise each call carries its rule mask
+    and drops the queries that see none of the block."""
+
+    def __init__(self, mask, window: int | None, blocks, heads: int):
+        self.mask, self.window, self.blocks, self.heads = mask, window, blocks, heads
+        self._calls = None
+
+    def calls(self, n_queries: int, n_keys: int, device) -> list[tuple]:
+        """Per kernel call: (row, first head, last head + 1, first key, last key + 1, queries (a slice or an int64
+        index, ascending), causal flag, additive-mask source (bool (1, 1, n, keys)) or None). Made once, for the
+        forward and the backward."""
+        if self._calls is None:
+            self._calls = self._plan(n_queries, n_keys, device)
+        return self._calls
+
+    def _plan(self, S: int, n_keys: int, device) -> list[tuple]:
+        keep, bs, mask = self.blocks.keep, self.blocks.block_size, self.mask
+        B, h, _, n_blocks = keep.shape
+        per_head = self.heads // h
+        simple = mask.causal and mask.valid is None and mask.documents is None and self.window is None
+        # every pick as (row, head, block, query), grouped by (row, head, block), queries ascending
+        picks = keep.permute(0, 1, 3, 2).nonzero()
+        group = (picks[:, 0] * h + picks[:, 1]) * n_blocks + picks[:, 2]
+        n_groups = B * h * n_blocks
+        counts = torch.bincount(group, minlength=n_groups)
+        queries, first_key = picks[:, 3], picks[:, 2] * bs
+        # queries before their block see none of it, inside it part of it (causally), after it all of it
+        before = torch.bincount(group[queries < first_key], minlength=n_groups)
+        inside = torch.bincount(group[(queries >= first_key) & (queries < first_key + bs)], minlength=n_groups)
+        calls, start = [], 0
+        for gid, (n, n_before, n_inside) in enumerate(zip(counts.tolist(), before.tolist(), inside.tolist())):
+            if n == 0:
+                continue
+            b, rest = divmod(gid, h * n_blocks)
+            g, j = divmod(rest, n_blocks)
+            k_lo, k_hi = j * bs, min((j + 1) * bs, n_keys)
+            heads = (b, g * per_head, (g + 1) * per_head, k_lo, k_hi)
+            q = queries[start : start + n]
+            start += n
+            if not simple:
+                allowed = self._allowed(b, q, k_lo, k_hi)
+                sees = allowed.any(dim=-1).view(-1)
+                if not bool(sees.all()):
+                    q, allowed = q[sees], allowed[:, :, sees]
+                if q.numel():
+                    calls.append((*heads, q, False, allowed))
+                continue
+            q_inside, q_after = q[n_before : n_before + n_inside], q[n_before + n_inside :]
+            if n_inside == k_hi - k_lo:  # all of the block's own queries (picks are distinct)
+                calls.append((*heads, slice(k_lo, k_hi), True, None))
+            elif n_inside:
+                calls.append((*heads, q_inside, False, self._allowed(b, q_inside, k_lo, k_hi)))
+            if q_after.numel():
+                calls.append((*heads, q_after, False, None))
+        return calls
+
+    def _allowed(self, b: int, q: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
+        """The mask rule for row b's queries `q` against keys k_lo:k_hi: (1, 1, len(q), k_hi - k_lo) bool."""
+        mask, keys = self.mask, slice(k_lo, k_hi)
+        valid = None if mask.valid is None else mask.valid[b : b + 1, keys]
+        docs = mask.documents
+        return mask._visible(self.window, mask.positions[q], mask.positions[keys], valid,
+                             None if docs is None else docs[b : b + 1, q], None if docs is None else docs[b : b + 1, keys])
+
+    @staticmethod
+    def _rows(t: torch.Tensor, queries) -> torch.Tensor:
+        """t's rows (dim 2: the queries of (B, H, S, ...) tensors and of the (B, H, S) lse) `queries` lists."""
+        return t[:, :, queries] if isinstance(queries, slice) else t.index_select(2, queries)
+
+    def forward(self, q, k, v, scale):
+        B, H, S, _ = q.shape
+        lse_dtype = torch.promote_types(q.dtype, torch.float32)  # the kernel's lse dtype
+        # merged in float32 at least; a query that picked nothing it can see keeps 0, as other backends give
+        out = q.new_zeros(B, H, S, v.shape[-1], dtype=lse_dtype)
+        lse = q.new_full((B, H, S), float("-inf"), dtype=lse_dtype)
+        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(S, k.shape[2], q.device):
+            heads = slice(h0, h1)
+            o, l = _flash_forward(self._rows(q[b : b + 1, heads], rows), k[b : b + 1, heads, k_lo:k_hi],
+                                  v[b : b + 1, heads, k_lo:k_hi], 0.0, causal,
+                                  attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
+            out_rows, lse_rows = out[b : b + 1, heads], lse[b : b + 1, heads]
+            seen, seen_out = self._rows(lse_rows, rows), self._rows(out_rows, rows)
+            merged = torch.logaddexp(seen, l)
+            mixed = seen_out.mul_((seen - merged).exp_().unsqueeze(-1)).add_(o * (l - merged).exp_().unsqueeze(-1))
+            if isinstance(rows, slice):
+                out_rows[:, :, rows], lse_rows[:, :, rows] = mixed, merged
+            else:
+                out_rows.index_copy_(2, rows, mixed)
+                lse_rows.index_copy_(2, rows, merged)
+        return out.to(q.dtype), lse
+
+    def backward(self, grad, q, k, v, out, lse, scale):
+        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(q.shape[2], k.shape[2], q.device):
+            heads = slice(h0, h1)
+            pick = lambda t: self._rows(t[b : b + 1, heads], rows)  # noqa: E731
+            dq, dk, dv = _flash_backward(pick(grad), pick(q), k[b : b + 1, heads, k_lo:k_hi],
+                                         v[b : b + 1, heads, k_lo:k_hi], pick(out),
+                                         pick(lse), 0.0, causal,
+                                         attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
+            if isinstance(rows, slice):
+                gq[b : b + 1, heads, rows] += dq
+            else:
+                gq[b : b + 1, heads].index_add_(2, rows, dq)
+            gk[b : b + 1, heads, k_lo:k_hi] += dk
+            gv[b : b + 1, heads, k_lo:k_hi] += dv
+        return gq, gk, gv

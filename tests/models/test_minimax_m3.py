@@ -186,6 +186,30 @@ def test_text_only_model_matches_transformers(tmp_path):
         assert torch.equal(back(input_ids=ids).logits, ref(input_ids=ids).logits)
 
 
+def test_a_selection_that_keeps_every_block_skips_the_indexer(tmp_path):
+    # blocks of 4, top-2: up to 8 tokens the indexer keeps every block a query sees, and the causal mask alone
+    # gives the same attention; past that, or with position ids that are not the slots, the indexer runs
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
+                                vocab_size=40, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = randomize(TextReference(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path).eval()
+    runs = []
+    for layer in ours.model.layers.values():
+        if layer.self_attn.indexer is not None:
+            layer.self_attn.indexer.register_forward_hook(lambda *args: runs.append(1))
+    ids = torch.randint(3, 40, (2, 8))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)
+        assert not runs
+        ours(input_ids=ids, position_ids=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))  # two packed documents
+        assert len(runs) == 2
+        long_ids = torch.randint(3, 40, (2, 9))
+        assert_close(ours(input_ids=long_ids).logits, ref(input_ids=long_ids).logits, tol=1e-4)
+        assert len(runs) == 4
+
+
 def test_from_config_init_and_fp32_rotary():
     model = MiniMaxM3SparseForConditionalGeneration.from_config(plait.models.to_hf_config(vl_config("sparse")))
     lm = model.language_model

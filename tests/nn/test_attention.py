@@ -9,6 +9,7 @@ from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import (
 )
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLAttention, MiniMaxM3VLRotaryEmbedding
 
+from plait.nn import attention as attention_module
 from plait.nn import sdpa as sdpa_module
 from plait.nn.attention import (
     Attention,
@@ -46,10 +47,15 @@ def _mask(kind, B, S):
 
 
 def _run(backend, q, k, v, mask, sinks, **kw):
+    return _run_fn(lambda q, k, v: attend(q, k, v, mask, sinks=sinks, backend=backend, **kw), q, k, v, sinks)
+
+
+def _run_fn(fn, q, k, v, sinks=None):
+    """fn(q, k, v) and the gradients of a fixed weighting of its output."""
     for t in (q, k, v, sinks):
         if t is not None:
             t.grad = None
-    out = attend(q, k, v, mask, sinks=sinks, backend=backend, **kw)
+    out = fn(q, k, v)
     weight = torch.linspace(-1, 1, out.numel()).view_as(out)
     (out * weight).sum().backward()
     grads = {n: t.grad.clone() for n, t in zip("qkvs", (q, k, v, sinks)) if t is not None}
@@ -77,8 +83,9 @@ def test_sdpa_matches_eager_reference(mask_kind, window, with_sinks, dims):
     assert_grads_close(g, g_ref)
 
 
-def _random_key_blocks(B, h, S, block, picks, seed=0):
-    """Each query keeps `picks` random blocks among those that start at or before it, plus its own."""
+def _random_key_blocks(B, h, S, block, picks, seed=0, own_block=True):
+    """Each query keeps `picks` random blocks among those that start at or before it, plus its own (when
+    `own_block`; otherwise some queries leave out the block they sit in)."""
     g = torch.Generator().manual_seed(seed)
     n_blocks = -(-S // block)
     own = torch.arange(S) // block
@@ -86,31 +93,57 @@ def _random_key_blocks(B, h, S, block, picks, seed=0):
     keep = torch.zeros(B, h, S, n_blocks, dtype=torch.bool)
     keep.scatter_(-1, scores.topk(min(picks, n_blocks), dim=-1).indices, True)
     keep &= scores >= 0
-    keep.scatter_(-1, own.view(1, 1, S, 1).expand(B, h, S, 1), True)
+    if own_block:
+        keep.scatter_(-1, own.view(1, 1, S, 1).expand(B, h, S, 1), True)
     return KeyBlocks(keep, block)
 
 
 @pytest.mark.parametrize("mask_kind", ["plain", "padded", "packed"])
 @pytest.mark.parametrize("dims, index_heads", [((4, 1, 16, 16), 1), ((4, 2, 16, 12), 2), ((2, 2, 8, 8), 2)])
-def test_key_block_selection_in_tiles_matches_eager(monkeypatch, mask_kind, dims, index_heads):
-    # small tiles, so a sequence runs in several of them and each tile gathers its own union of blocks
-    monkeypatch.setattr(sdpa_module, "SPARSE_TILE_QUERIES", 8)
+@pytest.mark.parametrize("own_block, window", [(True, None), (False, None), (True, 6)])
+def test_key_block_selection_matches_eager(monkeypatch, mask_kind, dims, index_heads, own_block, window):
+    # the CPU runs each block over exactly the queries that picked it (BlockGatherPlan)
     H, Hk, D, Dv = dims
     B, S = 2, 45
     q, k, v = _inputs(B, H, Hk, S, D, Dv)
     mask = _mask(mask_kind, B, S)
-    blocks = _random_key_blocks(B, index_heads, S, block=4, picks=3)
-    out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, restrict=blocks)
-    out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, restrict=blocks)
+    blocks = _random_key_blocks(B, index_heads, S, block=4, picks=3, own_block=own_block)
+    out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
+    out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
     assert_close(out, out_ref, tol=1e-5)
     assert_grads_close(g, g_ref)
+    # the GPU's SDPA path (query tiles over the union of their picks, `TilePlan`) runs on the CPU too: small
+    # tiles, so a sequence runs in several of them and each tile gathers its own union of blocks
+    monkeypatch.setattr(sdpa_module, "SPARSE_TILE_QUERIES", 8)
+    out_tiles, g_tiles = _run_fn(lambda q, k, v: attention_module._block_sparse_attention(
+        q, k, v, mask, blocks, scale=D**-0.5, window=window), q, k, v)
+    assert_close(out_tiles, out_ref, tol=1e-5)
+    assert_grads_close(g_tiles, g_ref)
     with torch.no_grad():  # and the selection does narrow attention
-        full = attend(q, k, v, mask, scale=D**-0.5, backend="eager")
+        full = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="eager")
+        flex = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="flex", restrict=blocks)
     assert (full - out_ref).abs().max() > 1e-3
-    with torch.no_grad():
-        flex = attend(q, k, v, mask, scale=D**-0.5, backend="flex", restrict=blocks)
     assert_close(flex, out_ref, tol=1e-5)
 
+
+def test_key_block_selection_computes_only_the_pairs_it_keeps():
+    # causal rule, each query's own block among its picks: every kernel call's (query, key) pairs are visible
+    # and selected, and together they are all such pairs (a query tile over the union of its picks would
+    # compute many more)
+    B, H, S, block = 2, 4, 64, 8
+    mask = AttentionMask.build(B, S, "cpu")
+    blocks = _random_key_blocks(B, 1, S, block=block, picks=3)
+    plan = sdpa_module.BlockGatherPlan(mask, None, blocks, H)
+    computed = 0
+    for b, h0, h1, k_lo, k_hi, rows, causal, allowed in plan.calls(S, S, "cpu"):
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        assert allowed is None
+        computed += (h1 - h0) * (n * (n + 1) // 2 if causal else n * (k_hi - k_lo))
+    kept = int((mask.dense(None) & blocks.dense(H, S)).sum())
+    assert computed == kept
+    tiles = sum(H * (rows.stop - rows.start) * k_index.numel()
+                for rows, k_index, _, _ in sdpa_module.TilePlan(mask, None, blocks, H).tiles(S, S, "cpu"))
+    assert tiles > 1.3 * kept
 
 
 def _saved_bytes(fn) -> int:
