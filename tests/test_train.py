@@ -183,3 +183,8 @@ def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(pac
         assert_close(a, b, tol=1e-6 * b.abs().item())
     assert any("mtp" in n for n in grads_h)
     assert_grads_close(grads_h, grads_l)
+    # labels for fewer depths than the model has, or more: a clear error either way, on both paths
+    for from_hidden in (True, False):
+        for wrong in (depth_labels[:1], depth_labels + depth_labels[:1]):
+            with pytest.raises(ValueError, match=f"for {len(wrong)} depths .* got 2"):
+                micro_batch_loss_sums(model, from_hidden, inputs, {}, labels, wrong)

@@ -39,16 +39,23 @@ def micro_batch_loss_sums(replica: torch.nn.Module, loss_from_hidden: bool, inpu
     return logits, and the sums are taken from them."""
     if loss_from_hidden:
         out = replica(**inputs, labels=labels, use_cache=False, return_logits=False, **model_inputs)
-        lm = out.lm_loss * count_targets(labels)
-        depths = [x * count_targets(y) for x, y in zip(out.mtp_losses or [], labels_per_depth)]
-        if len(depths) != len(labels_per_depth):
-            raise ValueError(f"MTP: expected {len(labels_per_depth)} per-depth losses from the model, got {len(depths)}")
-        return lm, depths
+        per_depth = _one_per_depth(out.mtp_losses, labels_per_depth, "losses")
+        return (out.lm_loss * count_targets(labels),
+                [x * count_targets(y) for x, y in zip(per_depth, labels_per_depth)])
     if labels_per_depth:
         inputs = {**inputs, "return_mtp_logits": True}
     out = replica(**inputs, use_cache=False, **model_inputs)
-    lm = causal_lm_loss_sum(out.logits, labels)
-    return lm, [causal_lm_loss_sum(out.mtp_logits[d], y) for d, y in enumerate(labels_per_depth)]
+    per_depth = _one_per_depth(out.mtp_logits if labels_per_depth else None, labels_per_depth, "logits")
+    return causal_lm_loss_sum(out.logits, labels), [causal_lm_loss_sum(x, y) for x, y in zip(per_depth, labels_per_depth)]
+
+
+def _one_per_depth(outputs: list | None, labels_per_depth: list, what: str) -> list:
+    """The model's per-depth outputs, exactly one per depth the caller has labels for."""
+    outputs = list(outputs or [])
+    if len(outputs) != len(labels_per_depth):
+        raise ValueError(f"MTP: expected per-depth {what} for {len(labels_per_depth)} depths (the run's "
+                         f"mtp.num_layers) from the model, got {len(outputs)}")
+    return outputs
 
 
 # ---------------------------------------------------------------------------------------------
