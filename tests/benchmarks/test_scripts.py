@@ -32,6 +32,8 @@ def test_step_bound_script_runs_and_writes_results(tmp_path):
     r = json.loads((tmp_path / "step_bound-mimo_v2_flash-2x32-cpu-quick.json").read_text())
     assert r["matmul_calls"] > 0 and 0 < r["matmuls_alone_seconds"]
     assert r["kernels_in_step_seconds"]["aten::_fused_adamw_"] > 0
+    assert r["transformers_step_seconds"] > 0 and r["bound_seconds"] > r["matmuls_alone_seconds"]
+    assert r["speedup_ceiling"] == r["transformers_step_seconds"] / r["bound_seconds"]
     assert (tmp_path / "step_bound-mimo_v2_flash-2x32-cpu-quick.png").stat().st_size > 0
 
 
