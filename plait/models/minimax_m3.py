@@ -60,6 +60,13 @@ FULL, SPARSE = "full_attention", "minimax_m3_sparse"
 # ---------------------------------------------------------------------------------------------
 
 
+def _positions_are_slots(position_ids: torch.Tensor | None, seq_len: int) -> bool:
+    """Whether every row's position ids are its slots 0..S-1 (no packed documents, no offset)."""
+    if position_ids is None:
+        return True
+    return bool((position_ids == torch.arange(seq_len, device=position_ids.device)).all())
+
+
 class LightningIndexer(nn.Module):
     """Per query and indexer head, the key blocks to attend (KeyBlocks: (B, heads, Sq, key blocks) bool)."""
 
@@ -82,8 +89,38 @@ class LightningIndexer(nn.Module):
         future keys is then the causal mask's). A cache needs the indexer's keys, so it always runs there."""
         if kv_cache is not None or -(-seq_len // self.block_size) > self.topk_blocks:
             return False
-        slots = torch.arange(seq_len, device=position_ids.device) if position_ids is not None else None
-        return position_ids is None or bool((position_ids == slots).all())
+        return _positions_are_slots(position_ids, seq_len)
+
+    def _block_scores(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, h, Sq, key blocks) maxima of the scores q . k over each block's keys that are not in the query's
+        future. Keys are anchored to their slot in the row and compared with the query's position id (the
+        reference's rule)."""
+        B, h, S, _ = q.shape
+        Sk = k.shape[2]
+        n_blocks = -(-Sk // self.block_size)
+        scores = q.float() @ k.float().transpose(-1, -2)  # (B, h, Sq, Sk)
+        future = torch.arange(Sk, device=q.device).view(1, 1, 1, Sk) > position_ids.view(B, 1, S, 1)
+        scores = scores.masked_fill(future, float("-inf"))
+        scores = nn.functional.pad(scores, (0, n_blocks * self.block_size - Sk), value=float("-inf"))
+        return scores.view(B, h, S, n_blocks, self.block_size).amax(dim=-1)
+
+    def _causal_block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Block maxima of the scores when a key's future is its slot's (position ids = slots, no cache): each
+        block of queries scores only its own and the earlier key blocks (the later ones stay -inf), and only its
+        own block needs the causal mask, so half the scores are computed and no (S x S) mask is built."""
+        B, h, S, _ = q.shape
+        bs = self.block_size
+        q, kt = q.float(), k.float().transpose(-1, -2)
+        block_scores = q.new_full((B, h, S, -(-S // bs)), float("-inf"))
+        later = torch.ones(bs, bs, dtype=torch.bool, device=q.device).triu_(1)  # key after query, one block
+        for t, lo in enumerate(range(0, S, bs)):
+            hi = min(lo + bs, S)
+            scores = q[:, :, lo:hi] @ kt[..., :hi]  # (B, h, queries of block t, keys of blocks 0..t)
+            if t:
+                block_scores[:, :, lo:hi, :t] = scores[..., :lo].unflatten(-1, (t, bs)).amax(dim=-1)
+            own = scores[..., lo:].masked_fill_(later[: hi - lo, : hi - lo], float("-inf"))
+            block_scores[:, :, lo:hi, t] = own.amax(dim=-1)
+        return block_scores
 
     @torch.no_grad()
     def forward(self, x, rope, position_ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
@@ -98,12 +135,10 @@ class LightningIndexer(nn.Module):
             kv_cache.index_keys = k
         Sk = k.shape[2]
         n_blocks = -(-Sk // self.block_size)
-        scores = q.float() @ k.float().transpose(-1, -2)  # (B, h, Sq, Sk)
-        # keys are anchored to their slot in the row and compared with the query's position id (the reference's rule)
-        future = torch.arange(Sk, device=x.device).view(1, 1, 1, Sk) > position_ids.view(B, 1, S, 1)
-        scores = scores.masked_fill(future, float("-inf"))
-        scores = nn.functional.pad(scores, (0, n_blocks * self.block_size - Sk), value=float("-inf"))
-        block_scores = scores.view(B, self.num_heads, S, n_blocks, self.block_size).amax(dim=-1)
+        if kv_cache is None and _positions_are_slots(position_ids, S):
+            block_scores = self._causal_block_scores(q, k)
+        else:
+            block_scores = self._block_scores(q, k, position_ids)
         if self.local_blocks > 0:  # the query's own block and the ones before it always win
             own = position_ids.view(B, 1, S, 1) // self.block_size
             local = (own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1)).clamp(min=0)

@@ -12,6 +12,7 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VL
 import plait
 from plait.generate import generate, left_pad
 from plait.models.minimax_m3 import (
+    LightningIndexer,
     MiniMaxM3SparseForCausalLM,
     MiniMaxM3SparseForConditionalGeneration,
     StateDictAdapter,
@@ -208,6 +209,23 @@ def test_a_selection_that_keeps_every_block_skips_the_indexer(tmp_path):
         long_ids = torch.randint(3, 40, (2, 9))
         assert_close(ours(input_ids=long_ids).logits, ref(input_ids=long_ids).logits, tol=1e-4)
         assert len(runs) == 4
+
+
+@pytest.mark.parametrize("seq_len", [37, 48])  # a partial last block, and none
+def test_the_indexers_causal_block_scores_equal_the_masked_ones(seq_len):
+    # with slot position ids the indexer scores each query block against its own and earlier key blocks only;
+    # the maxima must be those of the full masked score matrix (the rule for any position ids)
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]))
+    cfg.index_block_size = 8
+    indexer = LightningIndexer(cfg)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, indexer.num_heads, seq_len, indexer.head_dim, generator=g)
+    k = torch.randn(2, 1, seq_len, indexer.head_dim, generator=g)
+    slots = torch.arange(seq_len).expand(2, seq_len)
+    fast, masked = indexer._causal_block_scores(q, k), indexer._block_scores(q, k, slots)
+    future = masked.isinf()  # blocks wholly in a query's future
+    assert torch.equal(fast.isinf(), future) and future.any()
+    assert_close(fast.masked_fill(future, 0.0), masked.masked_fill(future, 0.0), tol=1e-5)
 
 
 def test_from_config_init_and_fp32_rotary():
