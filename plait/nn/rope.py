@@ -86,8 +86,10 @@ def rotary_per_layer_type(
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    # split at d // 2, as transformers' rotate_half: for an odd width (an indexer's head_dim below the rotary
+    # width, say) chunk(2) would put the longer half first
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -110,3 +110,13 @@ def test_bad_rotary_settings_are_clear_errors():
         rotary_per_layer_type(64, {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(ValueError, match="spatial_merge_size"):
         vision_patch_positions(torch.tensor([[1, 3, 4]]), 2)
+
+
+@pytest.mark.parametrize("width", [5, 6, 7])
+def test_rotate_half_splits_odd_widths_as_transformers_does(width):
+    from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import rotate_half as reference_rotate_half
+
+    from plait.nn.rope import rotate_half
+
+    x = torch.randn(2, 3, width)
+    assert torch.equal(rotate_half(x), reference_rotate_half(x))
