@@ -6,7 +6,8 @@ fused `gate_up_proj`) and return the hidden activation:
 - "swigluoai":      gate = min(gate, limit); up = clamp(up, -limit, limit);
                     gate * sigmoid(alpha * gate) * (up + 1)        (MiniMax-M3, gpt-oss style)
 - "gelu", "gelu_tanh": GeGLU variants.
-Plain (non-gated) MLPs, as in vision towers, use "gelu", "gelu_tanh", "quick_gelu" or "silu".
+Plain (non-gated) MLPs, as in vision towers, use "gelu", "gelu_tanh", "quick_gelu", "silu" or "relu"; transformers'
+names for these ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "swish") are accepted too.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 GATED_ACTIVATIONS = ("silu", "swigluoai", "gelu", "gelu_tanh")
-PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+# transformers' names (ACT2FN) for the same functions: the tanh approximation of gelu three times over, and swish
+HF_ACTIVATION_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                       "swish": "silu"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class Activation:
     limit: float = 7.0
 
     def __post_init__(self):
+        object.__setattr__(self, "name", HF_ACTIVATION_NAMES.get(self.name, self.name))
         if self.name not in set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS):
             raise ValueError(f"activation: expected one of {sorted(set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS))}, got {self.name!r}")
 
@@ -42,6 +47,8 @@ class Activation:
             return x * torch.sigmoid(1.702 * x)
         if self.name == "silu":
             return F.silu(x)
+        if self.name == "relu":
+            return F.relu(x)
         raise ValueError(f"activation {self.name!r} is gated-only")
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:

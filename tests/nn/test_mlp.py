@@ -92,3 +92,14 @@ def test_gated_down_backward_is_the_derivative_and_keeps_no_activation(name):
         out = mlp(x)
     assert torch.equal(out, mlp.down_proj(act.gated_reference(mlp.gate_proj(x), mlp.up_proj(x))))
     assert saved.count((3, 7, 16)) == 2, saved  # gate and up; not the activation
+
+
+@pytest.mark.parametrize("hf_name, ours", [("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"),
+                                           ("gelu_fast", "gelu_tanh"), ("swish", "silu"), ("relu", "relu")])
+def test_transformers_activation_names_run_their_functions(hf_name, ours):
+    from transformers.activations import ACT2FN
+
+    act = Activation(hf_name)
+    assert act.name == ours
+    x = torch.randn(64) * 4
+    assert_close(act.plain(x), ACT2FN[hf_name](x), tol=1e-6, name=hf_name)
