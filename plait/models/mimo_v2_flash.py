@@ -35,6 +35,7 @@ from plait.models.native import (
     TrunkOutput,
     check_forward_kwargs,
     check_layer_lists,
+    embed_token_ids,
     init_reference_weights,
     lm_output,
     load_checkpoint_into,
@@ -182,7 +183,7 @@ class MiMoV2FlashModel(nn.Module):
         if self.embed_tokens is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("MiMoV2FlashModel: pass exactly one of input_ids and inputs_embeds")
-            h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            h = embed_token_ids(self.embed_tokens, input_ids) if inputs_embeds is None else inputs_embeds
         else:  # a later pipeline stage: the input is the previous stage's hidden states
             h = inputs_embeds if inputs_embeds is not None else input_ids
         position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)

@@ -36,6 +36,7 @@ from plait.models.native import (
     TrunkOutput,
     check_forward_kwargs,
     check_layer_lists,
+    embed_token_ids,
     init_reference_weights,
     lm_output,
     load_checkpoint_into,
@@ -282,7 +283,7 @@ class MiniMaxM3TextModel(nn.Module):
         if self.embed_tokens is not None and inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("MiniMaxM3TextModel: pass input_ids or inputs_embeds")
-            h = self.embed_tokens(input_ids)
+            h = embed_token_ids(self.embed_tokens, input_ids)
         else:
             h = inputs_embeds if inputs_embeds is not None else input_ids
         position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)
@@ -481,13 +482,18 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 mtp_depth_embeds=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass input_ids or inputs_embeds")
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = embed_token_ids(self.get_input_embeddings(), input_ids)
             for kind, pixels, grid, token in (("images", pixel_values, image_grid_thw, self.config.image_token_index),
                                               ("videos", pixel_values_videos, video_grid_thw, self.config.video_token_index)):
                 if pixels is None:
+                    if grid is not None:
+                        raise ValueError(f"{kind}: a grid_thw came without its pixel values")
+                    placeholders = (input_ids == token).sum(dim=1).tolist()
+                    if any(placeholders):  # they would run as the placeholder token's own embedding
+                        raise ValueError(f"{kind}: placeholder tokens per sample {placeholders} but no pixel values")
                     continue
                 if grid is None:
                     raise ValueError(f"{kind}: pixel values came without their grid_thw")

@@ -98,15 +98,39 @@ def check_forward_kwargs(kwargs: dict, model_name: str, text_only: bool) -> None
         raise ValueError(f"{model_name}.forward: unexpected argument(s) {sorted(unknown)}")
 
 
+def embed_token_ids(embed: nn.Embedding, input_ids) -> torch.Tensor:
+    """embed(input_ids), once the ids are known to be a (batch, sequence) integer tensor within the vocabulary
+    (the embedding itself would fail deep inside torch, or on a GPU with a device-side assert)."""
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype.is_floating_point
+            or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+        got = (f"{input_ids.dtype} of shape {list(input_ids.shape)}" if isinstance(input_ids, torch.Tensor)
+               else type(input_ids).__name__)
+        raise ValueError(f"input_ids: expected a (batch, sequence) tensor of integer token ids, got {got}")
+    if input_ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+        if lo < 0 or hi >= embed.num_embeddings:
+            raise ValueError(f"input_ids: expected token ids in [0, {embed.num_embeddings}), got ids from {lo} to {hi}")
+    return embed(input_ids)
+
+
 def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens,
                        past_key_values: KVCache | None) -> tuple[torch.Tensor, AttentionMask]:
     """(B, S) position ids (counting on from the cache when not given) and the forward's attention mask."""
+    if h.ndim != 3:
+        raise ValueError(f"inputs: expected (batch, sequence) token ids or (batch, sequence, hidden) embeddings, "
+                         f"got hidden states of shape {list(h.shape)}")
     B, S = h.shape[:2]
+    if S == 0 and B:
+        raise ValueError(f"inputs: expected at least one token per row, got shape {list(h.shape[:2])}")
     past = past_key_values.seen if past_key_values is not None else 0
     if position_ids is None:
         position_ids = torch.arange(past, past + S, device=h.device)
     elif position_ids.shape[-1] != S:
         raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
+    elif (position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool or position_ids.ndim > 2
+          or (position_ids.ndim == 2 and position_ids.shape[0] not in (1, B))):
+        raise ValueError(f"position_ids: expected integer positions of shape ({B}, {S}) or ({S},), got "
+                         f"{position_ids.dtype} of shape {list(position_ids.shape)}")
     position_ids = position_ids.expand(B, S)
     mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
                                cu_seqlens=cu_seqlens, past_length=past)

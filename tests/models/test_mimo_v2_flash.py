@@ -130,6 +130,13 @@ def test_packed_rows_equal_each_document_run_alone(pair):
         alone_ref = torch.cat([ref(input_ids=ids[:, :6]).logits, ref(input_ids=ids[:, 6:]).logits], dim=1)
     assert_close(packed, alone_ref, tol=1e-4)
     assert_close(with_cu, packed, tol=1e-6)
+    # a padded tail does not hide the documents that the position ids mark
+    padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=ids.dtype)], dim=1)
+    padded_pos = torch.cat([pos, torch.zeros(1, 3, dtype=pos.dtype)], dim=1)
+    mask = torch.cat([torch.ones(1, 14), torch.zeros(1, 3)], dim=1).long()
+    with torch.no_grad():
+        padded = ours(input_ids=padded_ids, position_ids=padded_pos, attention_mask=mask).logits
+    assert_close(padded[:, :14], packed, tol=1e-5)
 
 
 def test_greedy_generation_with_the_kv_cache_matches_transformers(pair):
@@ -267,3 +274,18 @@ def test_bad_configs_and_inputs_are_clear_errors():
         model(input_ids=ids, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="text-only"):
         model(input_ids=ids, pixel_values=torch.zeros(1, 3))
+
+
+def test_bad_token_ids_positions_and_empty_rows_are_clear_errors():
+    model = MiMoV2FlashForCausalLM.from_config(mimo_config())
+    ids = torch.randint(0, 64, (2, 5))
+    for bad, expected in ((ids.float(), r"integer token ids, got torch.float32"), (ids[0], r"\(batch, sequence\)"),
+                          (ids + 64, r"token ids in \[0, 64\), got ids from \d+ to \d+"),
+                          (ids - 64, r"token ids in \[0, 64\)"),
+                          (ids[:, :0], "at least one token per row")):
+        with pytest.raises(ValueError, match=expected):
+            model(input_ids=bad)
+    with pytest.raises(ValueError, match="integer positions"):
+        model(input_ids=ids, position_ids=torch.arange(5.0).expand(2, 5))
+    with pytest.raises(ValueError, match=r"integer positions of shape \(2, 5\)"):
+        model(input_ids=ids, position_ids=torch.arange(5).expand(3, 5))

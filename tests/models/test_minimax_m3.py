@@ -138,6 +138,12 @@ def test_placeholder_count_mismatch_names_the_samples(pair):
         ours(input_ids=ids, **inputs)
     with pytest.raises(ValueError, match="pixel_values: expected shape"):
         ours(input_ids=_batch()[0], pixel_values=inputs["pixel_values"][:-1], image_grid_thw=inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 9\] but no pixel values"):
+        ours(input_ids=_batch()[0])
+    with pytest.raises(ValueError, match="grid_thw came without its pixel values"):
+        ours(input_ids=_batch()[0], image_grid_thw=inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        ours(input_ids=ids, inputs_embeds=ours.get_input_embeddings()(ids))
     assert to_grid_list([[1, 6, 6]]).tolist() == to_grid_list(torch.tensor([[1, 6, 6]])).tolist()
     with pytest.raises(ValueError, match="grid_thw"):
         to_grid_list([[1, 0, 6]])
