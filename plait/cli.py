@@ -223,6 +223,8 @@ def convert(
         from plait.data.tokenizer import load_tokenizer
         from plait.train import RUN_CONFIG_FILE, write_model_dir
 
+        if output.exists() or output.is_symlink():  # checked first: the write replaces whatever is there
+            raise ValueError(f"output: expected a path that does not exist yet, got the existing {output}")
         model = plait.from_pretrained(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         run_config = checkpoint / RUN_CONFIG_FILE

@@ -121,6 +121,16 @@ def test_convert_writes_a_model_dir_that_transformers_loads(trained_checkpoint, 
     assert saved.keys() == converted.keys() and all(torch.equal(saved[k], converted[k]) for k in saved)
     ours = plait.from_pretrained(trained_checkpoint).eval()
     theirs = AutoModelForImageTextToText.from_pretrained(out, local_files_only=True).eval()
-    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    placeholders = {ours.config.image_token_index, ours.config.video_token_index}  # text only: no placeholders
+    ids = torch.tensor([[i for i in range(1, 20) if i not in placeholders][:5]])
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_convert_refuses_an_existing_output_and_leaves_it_alone(trained_checkpoint, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    res = plait_cmd("convert", trained_checkpoint, out)
+    assert res.returncode != 0 and "does not exist yet" in res.stderr + res.stdout
+    assert (out / "notes.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["notes.txt"]
