@@ -103,7 +103,7 @@ class AttentionMask:
         documents = None
         if cu_seqlens is not None:
             documents = documents_from_cu_seqlens(cu_seqlens, batch_size, seq_len).to(device)
-        elif position_ids is not None and past_length == 0 and valid is None:
+        elif position_ids is not None and past_length == 0:  # with padding too: pads are invalid keys either way
             if position_ids.shape[-1] != seq_len:
                 raise ValueError(f"position_ids: expected {seq_len} positions per row, got shape {list(position_ids.shape)}")
             pos = position_ids.expand(batch_size, seq_len) if position_ids.ndim == 2 else position_ids.view(1, -1).expand(batch_size, -1)
