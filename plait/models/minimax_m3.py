@@ -491,8 +491,11 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 if pixels is None:
                     if grid is not None:
                         raise ValueError(f"{kind}: a grid_thw came without its pixel values")
-                    placeholders = (input_ids == token).sum(dim=1).tolist()
-                    if any(placeholders):  # they would run as the placeholder token's own embedding
+                    # a prompt's placeholders would run as the placeholder token's own embedding; decode steps
+                    # (a cache already filled) feed back generated tokens, which may be the placeholder id
+                    prompt = past_key_values is None or past_key_values.seen == 0
+                    placeholders = (input_ids == token).sum(dim=1).tolist() if prompt else []
+                    if any(placeholders):
                         raise ValueError(f"{kind}: placeholder tokens per sample {placeholders} but no pixel values")
                     continue
                 if grid is None:
