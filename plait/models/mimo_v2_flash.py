@@ -36,6 +36,7 @@ from plait.models.native import (
     check_forward_kwargs,
     check_layer_lists,
     embed_token_ids,
+    refuse_attention_dropout,
     init_reference_weights,
     lm_output,
     load_checkpoint_into,
@@ -244,6 +245,7 @@ class MiMoV2FlashForCausalLM(nn.Module):
         `return_mtp_logits` is set (never during cached generation); they embed the rolled `input_ids`, or
         read `mtp_depth_embeds` (`plait.mtp.rolled_token_embeddings`, sent on by pipeline stage 0)."""
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
+        refuse_attention_dropout(self.config, self.training)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)

@@ -37,6 +37,7 @@ from plait.models.native import (
     check_forward_kwargs,
     check_layer_lists,
     embed_token_ids,
+    refuse_attention_dropout,
     init_reference_weights,
     lm_output,
     load_checkpoint_into,
@@ -363,6 +364,7 @@ class _M3Base(nn.Module):
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
              return_logits, return_mtp_logits, use_cache, mtp_depth_embeds=None) -> MiniMaxM3CausalLMOutput:
         """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
+        refuse_attention_dropout(_text_config(self.config), self.training)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         text = self._text_model()

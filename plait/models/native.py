@@ -98,6 +98,15 @@ def check_forward_kwargs(kwargs: dict, model_name: str, text_only: bool) -> None
         raise ValueError(f"{model_name}.forward: unexpected argument(s) {sorted(unknown)}")
 
 
+def refuse_attention_dropout(config, training: bool) -> None:
+    """plait's attention kernels run without dropout: a config that asks for it is refused in training rather than
+    trained without it silently (inference never drops)."""
+    p = getattr(config, "attention_dropout", 0.0) or 0.0
+    if training and p > 0:
+        raise ValueError(f"attention_dropout: not supported yet in training (plait's attention has no dropout); "
+                         f"expected 0, got {p}")
+
+
 def embed_token_ids(embed: nn.Embedding, input_ids) -> torch.Tensor:
     """embed(input_ids), once the ids are known to be a (batch, sequence) integer tensor within the vocabulary
     (the embedding itself would fail deep inside torch, or on a GPU with a device-side assert)."""

@@ -289,3 +289,11 @@ def test_bad_token_ids_positions_and_empty_rows_are_clear_errors():
         model(input_ids=ids, position_ids=torch.arange(5.0).expand(2, 5))
     with pytest.raises(ValueError, match=r"integer positions of shape \(2, 5\)"):
         model(input_ids=ids, position_ids=torch.arange(5).expand(3, 5))
+
+
+def test_attention_dropout_is_refused_in_training_not_ignored():
+    model = MiMoV2FlashForCausalLM.from_config(mimo_config(attention_dropout=0.1))
+    ids = torch.randint(0, 64, (1, 5))
+    with pytest.raises(ValueError, match="attention_dropout: not supported yet in training"):
+        model.train()(input_ids=ids, labels=ids)
+    model.eval()(input_ids=ids)  # inference never drops
