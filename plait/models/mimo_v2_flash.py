@@ -36,13 +36,13 @@ from plait.models.native import (
     check_forward_kwargs,
     check_layer_lists,
     embed_token_ids,
-    refuse_attention_dropout,
     init_reference_weights,
     lm_output,
     load_checkpoint_into,
     mtp_decode_step,
     mtp_layers_in_checkpoint,
     positions_and_mask,
+    refuse_attention_dropout,
     save_checkpoint,
 )
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
