@@ -62,15 +62,32 @@ FULL, SPARSE = "full_attention", "minimax_m3_sparse"
 # ---------------------------------------------------------------------------------------------
 
 
-def _positions_are_slots(position_ids: torch.Tensor | None, seq_len: int) -> bool:
-    """Whether every row's position ids are its slots 0..S-1 (no packed documents, no offset)."""
-    if position_ids is None:
-        return True
-    return bool((position_ids == torch.arange(seq_len, device=position_ids.device)).all())
+def content_blocks(valid: torch.Tensor | None, documents: torch.Tensor | None, n_keys: int,
+                   block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Key blocks that follow each row's content: a block is `block_size` consecutive real keys of one document,
+    counted from the document's first real key, so padding and packing leave every document the blocks it has
+    alone. -> (key_block (B, Sk): block id per key, ids consecutive along the row; rank (B, Sk): each key's index
+    among its document's real keys), or None when the blocks are the slots' (nothing padded, one document)."""
+    if documents is None and (valid is None or bool(valid.all())):
+        return None
+    B = (valid if valid is not None else documents).shape[0]
+    real = (valid if valid is not None else torch.ones(B, n_keys, dtype=torch.bool, device=documents.device)).long()
+    before = real.cumsum(dim=1) - real  # real keys of the row before each slot
+    if documents is not None:  # counted from the document's first slot
+        starts = torch.ones_like(documents, dtype=torch.bool)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        before = before - torch.where(starts, before, 0).cummax(dim=1).values
+    opens = (real == 1) & (before % block_size == 0)
+    key_block = (opens.long().cumsum(dim=1) - 1).clamp(min=0)  # a padded key joins the block about it
+    return key_block, before
 
 
 class LightningIndexer(nn.Module):
-    """Per query and indexer head, the key blocks to attend (KeyBlocks: (B, heads, Sq, key blocks) bool)."""
+    """Per query and indexer head, the key blocks to attend (KeyBlocks: (B, heads, Sq, key blocks) bool).
+
+    Blocks are those of each document's own real tokens (`content_blocks`): unpadded, unpacked rows get the
+    slots' blocks, as in the reference; a left-padded or packed row picks the blocks its documents would pick
+    alone, and padding never enters a block's score."""
 
     def __init__(self, config: PretrainedConfig):
         super().__init__()
@@ -85,29 +102,27 @@ class LightningIndexer(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
 
-    def keeps_every_block(self, seq_len: int, position_ids: torch.Tensor | None, kv_cache=None) -> bool:
+    def keeps_every_block(self, seq_len: int, kv_cache=None) -> bool:
         """Whether the selection would keep every block a query can see, so that it narrows nothing: no more
-        blocks than `index_topk_blocks`, and each query's position id its slot in the row (the indexer's rule for
-        future keys is then the causal mask's). A cache needs the indexer's keys, so it always runs there."""
-        if kv_cache is not None or -(-seq_len // self.block_size) > self.topk_blocks:
-            return False
-        return _positions_are_slots(position_ids, seq_len)
+        slot blocks than `index_topk_blocks` (a document, padded or packed, has no more blocks than the row). A
+        cache needs the indexer's keys, so it always runs there."""
+        return kv_cache is None and -(-seq_len // self.block_size) <= self.topk_blocks
 
-    def _block_scores(self, q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """(B, h, Sq, key blocks) maxima of the scores q . k over each block's keys that are not in the query's
-        future. Keys are anchored to their slot in the row and compared with the query's position id (the
-        reference's rule)."""
+    def _block_scores(self, q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor,
+                      key_block: torch.Tensor | None, n_blocks: int) -> torch.Tensor:
+        """(B, h, Sq, n_blocks) maxima of the scores q . k over each block's keys that the query can see
+        (`visible`: (B | 1, 1, Sq, Sk), the attention's own rule); -inf for a block it sees nothing of."""
         B, h, S, _ = q.shape
         Sk = k.shape[2]
-        n_blocks = -(-Sk // self.block_size)
-        scores = q.float() @ k.float().transpose(-1, -2)  # (B, h, Sq, Sk)
-        future = torch.arange(Sk, device=q.device).view(1, 1, 1, Sk) > position_ids.view(B, 1, S, 1)
-        scores = scores.masked_fill(future, float("-inf"))
-        scores = nn.functional.pad(scores, (0, n_blocks * self.block_size - Sk), value=float("-inf"))
-        return scores.view(B, h, S, n_blocks, self.block_size).amax(dim=-1)
+        scores = (q.float() @ k.float().transpose(-1, -2)).masked_fill(~visible, float("-inf"))  # (B, h, Sq, Sk)
+        if key_block is None:
+            scores = nn.functional.pad(scores, (0, n_blocks * self.block_size - Sk), value=float("-inf"))
+            return scores.view(B, h, S, n_blocks, self.block_size).amax(dim=-1)
+        pooled = scores.new_full((B, h, S, n_blocks), float("-inf"))
+        return pooled.scatter_reduce_(-1, key_block.view(B, 1, 1, Sk).expand(B, h, S, Sk), scores, "amax")
 
     def _causal_block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Block maxima of the scores when a key's future is its slot's (position ids = slots, no cache): each
+        """Block maxima of the scores under the plain causal rule (slot blocks, no padding, no cache): each
         block of queries scores only its own and the earlier key blocks (the later ones stay -inf), and only its
         own block needs the causal mask, so half the scores are computed and no (S x S) mask is built."""
         B, h, S, _ = q.shape
@@ -125,34 +140,49 @@ class LightningIndexer(nn.Module):
         return block_scores
 
     @torch.no_grad()
-    def forward(self, x, rope, position_ids: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(self, x, rope, mask: AttentionMask, kv_cache=None) -> KeyBlocks:
         B, S, _ = x.shape
         cos, sin = rope
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, S, self.num_heads, self.head_dim)),
                          cos[..., : self.head_dim], sin[..., : self.head_dim]).transpose(1, 2)  # (B, h, S, D)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(B, S, 1, self.head_dim)),
                          cos[..., : self.head_dim], sin[..., : self.head_dim]).transpose(1, 2)  # (B, 1, S, D)
-        if kv_cache is not None:  # the indexer's keys are cached beside the layer's K and V
-            k = k if kv_cache.index_keys is None else torch.cat([kv_cache.index_keys, k], dim=2)
+        k_positions, k_valid = mask.positions, mask.valid  # the keys' stream slots and padding
+        if kv_cache is not None:  # the indexer's keys are cached beside the layer's K and V (all slots: no window)
+            if kv_cache.index_keys is not None:
+                k = torch.cat([kv_cache.index_keys, k], dim=2)
+                k_positions = torch.cat([kv_cache.positions, mask.positions])
+                new_valid = mask.valid if mask.valid is not None else torch.ones(B, S, dtype=torch.bool, device=x.device)
+                k_valid = torch.cat([kv_cache.valid, new_valid], dim=1)
             kv_cache.index_keys = k
         Sk = k.shape[2]
-        n_blocks = -(-Sk // self.block_size)
-        if kv_cache is None and _positions_are_slots(position_ids, S):
-            block_scores = self._causal_block_scores(q, k)
+        layout = content_blocks(k_valid, mask.documents, Sk, self.block_size)
+        if layout is None:  # the slots' blocks: a query's own block is its slot's
+            key_block, n_blocks = None, -(-Sk // self.block_size)
+            own = (mask.positions // self.block_size).view(1, 1, S, 1)
+            first = torch.zeros_like(own)
+            if kv_cache is None:
+                block_scores = self._causal_block_scores(q, k)
+            else:
+                block_scores = self._block_scores(q, k, mask.dense(None, k_positions, k_valid), None, n_blocks)
         else:
-            block_scores = self._block_scores(q, k, position_ids)
-        if self.local_blocks > 0:  # the query's own block and the ones before it always win
-            own = position_ids.view(B, 1, S, 1) // self.block_size
-            local = (own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1)).clamp(min=0)
+            key_block, rank = layout
+            n_blocks = int(key_block[:, -1].max()) + 1
+            block_scores = self._block_scores(q, k, mask.dense(None, k_positions, k_valid), key_block, n_blocks)
+            slots = mask.positions  # each query is the key at its own stream slot
+            own = key_block[:, slots].view(B, 1, S, 1)
+            first = own - (rank[:, slots] // self.block_size).view(B, 1, S, 1)  # its document's first block
+        if self.local_blocks > 0:  # the query's own block and the ones before it in its document always win
+            local = torch.maximum(own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1), first)
             block_scores.scatter_(-1, local.expand(B, self.num_heads, S, -1), float("inf"))
-        # a stable sort, not topk: tied blocks (left-padding keys share one score) resolve to the lowest index
-        # whatever the key count, so a query picks the same blocks in one forward, step by step, or after a crop
+        # a stable sort, not topk: tied blocks resolve to the lowest index whatever the key count, so a query
+        # picks the same blocks in one forward, step by step, or after a crop
         ranked, order = block_scores.sort(dim=-1, descending=True, stable=True)
         ranked, order = ranked[..., : self.topk_blocks], order[..., : self.topk_blocks]
         keep = torch.zeros(B, self.num_heads, S, n_blocks + 1, dtype=torch.bool, device=x.device)
         chosen = order.masked_fill(ranked == float("-inf"), n_blocks)  # empty picks -> a spare column
         keep.scatter_(-1, chosen, True)
-        return KeyBlocks(keep[..., :n_blocks], self.block_size)
+        return KeyBlocks(keep[..., :n_blocks], self.block_size, key_block)
 
 
 class IndexedAttention(Attention):
@@ -163,10 +193,10 @@ class IndexedAttention(Attention):
                          qk_norm="rms_unit_offset", norm_eps=config.rms_norm_eps, backend=backend)
         self.indexer = LightningIndexer(config) if sparse else None
 
-    def forward(self, x, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
+    def forward(self, x, rope, mask: AttentionMask, kv_cache=None):
         restrict = None
-        if self.indexer is not None and not self.indexer.keeps_every_block(x.shape[1], position_ids, kv_cache):
-            restrict = self.indexer(x, rope, position_ids, kv_cache)
+        if self.indexer is not None and not self.indexer.keeps_every_block(x.shape[1], kv_cache):
+            restrict = self.indexer(x, rope, mask, kv_cache)
         return super().forward(x, rope, mask, kv_cache, restrict=restrict)
 
 
@@ -209,8 +239,8 @@ class DecoderLayer(nn.Module):
         self.mlp = (MoE(moe_cfg) if mlp_type == "sparse"
                     else MLP(H, config.dense_intermediate_size, _swigluoai(config)))
 
-    def forward(self, h, rope, mask: AttentionMask, kv_cache=None, position_ids=None):
-        h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache, position_ids)
+    def forward(self, h, rope, mask: AttentionMask, kv_cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, mask, kv_cache)
         return h + self.mlp(self.post_attention_layernorm(h), mask.real_tokens())
 
 
@@ -230,8 +260,8 @@ class MTPLayer(nn.Module):
             self.final_layernorm = RMSNorm(H, eps, unit_offset=True)
 
     def forward(self, h, rope, mask: AttentionMask, position_ids=None, kv_cache=None):
-        # RoPE uses the trunk's positions (rolled position ids only reach the block as `position_ids`)
-        return self.transformer_layer(h, rope, mask, kv_cache, position_ids)
+        # RoPE uses the trunk's positions; the block is full attention, which reads no position ids
+        return self.transformer_layer(h, rope, mask, kv_cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +321,7 @@ class MiniMaxM3TextModel(nn.Module):
         rope = self.rotary(position_ids)
         for key, layer in self.layers.items():
             cache = past_key_values.layer(key, None) if past_key_values is not None else None
-            h = layer(h, rope, mask, cache, position_ids)
+            h = layer(h, rope, mask, cache)
         if past_key_values is not None:
             past_key_values.seen += h.shape[1]
         normed = self.norm(h) if self.norm is not None else h

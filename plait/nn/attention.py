@@ -175,17 +175,36 @@ def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len
 class KeyBlocks:
     """Which blocks of keys each query may attend: a block-sparse restriction of the mask rule.
 
-    keep: (B, h, Sq, n_blocks) bool; key slot j lies in block j // block_size. h divides the query
-    heads, and query head i reads row i // (heads / h) (MiniMax-M3's indexer heads).
+    keep: (B, h, Sq, n_blocks) bool. h divides the query heads, and query head i reads row i // (heads / h)
+    (MiniMax-M3's indexer heads). Key slot j lies in block j // block_size, or, when `key_block` is given, in
+    block key_block[b, j]: (B, Sk) int64, non-decreasing along each row, so that every block is a run of
+    consecutive slots (blocks that follow documents and skip padding rather than the row's slots).
     Kept at block level so no backend needs the (B, H, Sq, Sk) dense mask unless it asks for it."""
 
     keep: torch.Tensor
     block_size: int
+    key_block: torch.Tensor | None = None
 
     def dense(self, num_heads: int, n_keys: int) -> torch.Tensor:
         """(B, num_heads, Sq, n_keys) bool."""
-        per_key = self.keep.repeat_interleave(self.block_size, dim=-1)[..., :n_keys]
+        if self.key_block is None:
+            per_key = self.keep.repeat_interleave(self.block_size, dim=-1)[..., :n_keys]
+        else:
+            B, h, Sq, _ = self.keep.shape
+            per_key = self.keep.gather(-1, self.key_block.view(B, 1, 1, n_keys).expand(B, h, Sq, n_keys))
         return per_key.repeat_interleave(num_heads // self.keep.shape[1], dim=1)
+
+    def bounds(self, n_keys: int) -> tuple[list[list[int]], list[list[int]]]:
+        """Per row and block, its first key slot and one past its last (equal for a block with no keys)."""
+        B, n_blocks = self.keep.shape[0], self.keep.shape[-1]
+        if self.key_block is None:
+            starts = [min(j * self.block_size, n_keys) for j in range(n_blocks)]
+            ends = [min((j + 1) * self.block_size, n_keys) for j in range(n_blocks)]
+            return [starts] * B, [ends] * B
+        blocks = torch.arange(n_blocks, device=self.key_block.device)
+        ends = torch.searchsorted(self.key_block, blocks.expand(B, n_blocks).contiguous(), right=True)
+        starts = torch.searchsorted(self.key_block, blocks.expand(B, n_blocks).contiguous(), right=False)
+        return starts.tolist(), ends.tolist()
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,12 +269,20 @@ def _check_shapes(q, k, v, mask, sinks, k_positions, restrict=None) -> None:
         raise ValueError(f"attention sinks: expected shape [{q.shape[1]}] (one per query head), got {list(sinks.shape)}")
     if restrict is not None:
         B, H, Sq = q.shape[:3]
-        n_blocks = -(-k.shape[2] // restrict.block_size)
-        keep = restrict.keep
+        keep, key_block = restrict.keep, restrict.key_block
+        if key_block is None:
+            n_blocks = -(-k.shape[2] // restrict.block_size)
+            layout = f"{k.shape[2]} keys in blocks of {restrict.block_size}"
+        else:
+            if key_block.shape != (B, k.shape[2]) or key_block.dtype != torch.int64:
+                raise ValueError(f"attention key blocks: expected key_block of int64 [{B}, {k.shape[2]}] (one block id "
+                                 f"per key), got {key_block.dtype} {list(key_block.shape)}")
+            n_blocks = keep.shape[-1] if keep.ndim == 4 else -1
+            layout = "key_block ids"
         if (keep.dtype != torch.bool or keep.ndim != 4 or keep.shape[0] != B or keep.shape[2:] != (Sq, n_blocks)
                 or H % keep.shape[1]):
             raise ValueError(f"attention key blocks: expected a bool tensor [{B}, heads dividing {H}, {Sq}, {n_blocks}] "
-                             f"({k.shape[2]} keys in blocks of {restrict.block_size}), got {keep.dtype} {list(keep.shape)}")
+                             f"({layout}), got {keep.dtype} {list(keep.shape)}")
 
 
 def eager_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=None, k_positions=None, k_valid=None,
@@ -401,13 +428,14 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
     docs = mask.documents
     causal = mask.causal
     if restrict is not None:
-        keep_blocks, block_size = restrict.keep, restrict.block_size
+        keep_blocks, block_size, key_block = restrict.keep, restrict.block_size, restrict.key_block
         head_group = H // keep_blocks.shape[1]
 
     def mask_mod(b, h, qi, ki):
         ok = k_pos[ki] <= q_pos[qi] if causal else qi >= 0
         if restrict is not None:
-            ok = ok & keep_blocks[b, h // head_group, qi, ki // block_size]
+            block = ki // block_size if key_block is None else key_block[b, ki]
+            ok = ok & keep_blocks[b, h // head_group, qi, block]
         if window is not None:
             ok = ok & (q_pos[qi] - k_pos[ki] < window)
         if valid is not None:

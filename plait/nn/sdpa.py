@@ -214,20 +214,30 @@ class TilePlan:
     def tiles(self, n_queries: int, n_keys: int, device):
         """Per tile: (query slice, key index (None when no key is visible), the key count when the keys are
         blocks 0..j (a view, no copy) or None, (B | 1, H | 1, t, nk) bool mask)."""
-        bs = self.blocks.block_size
+        bs, key_block = self.blocks.block_size, self.blocks.key_block
         in_block = torch.arange(bs, device=device)
         for lo in range(0, n_queries, self.tile):
             hi = min(lo + self.tile, n_queries)
             keep = self.blocks.keep[:, :, lo:hi]  # (B, h, t, n_blocks)
-            picked = keep.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)  # ascending block ids
-            if picked.numel() == 0:
-                yield slice(lo, hi), None, None, None
-                continue
-            k_index = (picked[:, None] * bs + in_block).flatten()
-            k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
-            prefix = k_index.numel() if int(picked[-1]) + 1 == picked.numel() else None  # blocks 0..j: a view
+            if key_block is None:
+                picked = keep.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)  # ascending block ids
+                if picked.numel() == 0:
+                    yield slice(lo, hi), None, None, None
+                    continue
+                k_index = (picked[:, None] * bs + in_block).flatten()
+                k_index = k_index[k_index < n_keys]  # only the last block can be partial, and it sorts last
+                prefix = k_index.numel() if int(picked[-1]) + 1 == picked.numel() else None  # blocks 0..j: a view
+                chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., : k_index.numel()]
+            else:  # blocks of each row's own slots: the union is taken over keys
+                B, h, t, _ = keep.shape
+                per_key = keep.gather(-1, key_block.view(B, 1, 1, n_keys).expand(B, h, t, n_keys))
+                k_index = per_key.any(dim=2).any(dim=1).any(dim=0).nonzero().squeeze(1)
+                if k_index.numel() == 0:
+                    yield slice(lo, hi), None, None, None
+                    continue
+                prefix = k_index.numel() if int(k_index[-1]) + 1 == k_index.numel() else None
+                chosen = per_key.index_select(-1, k_index)
             allowed = self.mask.dense_tile(self.window, lo, hi, k_index)  # (B | 1, 1, t, nk)
-            chosen = keep.index_select(-1, picked).repeat_interleave(bs, dim=-1)[..., : k_index.numel()]
             if keep.shape[1] > 1:  # one indexer head broadcasts over the query heads; several are repeated
                 chosen = chosen.repeat_interleave(self.heads // keep.shape[1], dim=1)
             yield slice(lo, hi), k_index, prefix, allowed & chosen
@@ -295,29 +305,34 @@ class BlockGatherPlan:
         return self._calls
 
     def _plan(self, S: int, n_keys: int, device) -> list[tuple]:
-        keep, bs, mask = self.blocks.keep, self.blocks.block_size, self.mask
+        keep, mask = self.blocks.keep, self.mask
         B, h, _, n_blocks = keep.shape
         per_head = self.heads // h
         simple = mask.causal and mask.valid is None and mask.documents is None and self.window is None
+        starts, ends = self.blocks.bounds(n_keys)  # per row and block: its key slots starts[b][j]:ends[b][j]
         # every pick as (row, head, block, query), grouped by (row, head, block), queries ascending
         picks = keep.permute(0, 1, 3, 2).nonzero()
         group = (picks[:, 0] * h + picks[:, 1]) * n_blocks + picks[:, 2]
         n_groups = B * h * n_blocks
         counts = torch.bincount(group, minlength=n_groups)
-        queries, first_key = picks[:, 3], picks[:, 2] * bs
+        queries = picks[:, 3]
+        first_key = torch.tensor(starts, device=device)[picks[:, 0], picks[:, 2]]
+        end_key = torch.tensor(ends, device=device)[picks[:, 0], picks[:, 2]]
         # queries before their block see none of it, inside it part of it (causally), after it all of it
         before = torch.bincount(group[queries < first_key], minlength=n_groups)
-        inside = torch.bincount(group[(queries >= first_key) & (queries < first_key + bs)], minlength=n_groups)
+        inside = torch.bincount(group[(queries >= first_key) & (queries < end_key)], minlength=n_groups)
         calls, start = [], 0
         for gid, (n, n_before, n_inside) in enumerate(zip(counts.tolist(), before.tolist(), inside.tolist())):
             if n == 0:
                 continue
             b, rest = divmod(gid, h * n_blocks)
             g, j = divmod(rest, n_blocks)
-            k_lo, k_hi = j * bs, min((j + 1) * bs, n_keys)
+            k_lo, k_hi = starts[b][j], ends[b][j]
             heads = (b, g * per_head, (g + 1) * per_head, k_lo, k_hi)
             q = queries[start : start + n]
             start += n
+            if k_hi == k_lo:  # a block id this row has no keys for
+                continue
             if not simple:
                 allowed = self._allowed(b, q, k_lo, k_hi)
                 sees = allowed.any(dim=-1).view(-1)

@@ -16,10 +16,12 @@ from plait.models.minimax_m3 import (
     MiniMaxM3SparseForCausalLM,
     MiniMaxM3SparseForConditionalGeneration,
     StateDictAdapter,
+    content_blocks,
 )
 from plait.models.minimax_m3_vision import to_grid_list
 from plait.models.presets import preset_dict
 from plait.models.vlm import _m3_inputs, vlm_spec
+from plait.nn.attention import AttentionMask
 from tests.nn.reference import assert_close
 
 IMAGE, VIDEO = 4, 5
@@ -155,8 +157,16 @@ def test_greedy_generation_with_the_kv_cache_matches_transformers(pair):
     inputs = _m3_inputs(ref.config, images)
     prompts = [torch.tensor([1] + [IMAGE] * 9 + [11, 12]), torch.tensor([1] + [IMAGE] * 9)]
     ids, mask = left_pad(prompts, pad_id=0)
-    kw = dict(max_new_tokens=8, eos_token_id=2, pad_token_id=0, **inputs)
-    assert torch.equal(generate(ours, ids, mask, **kw), generate(ref, ids, mask, **kw))
+    kw = dict(max_new_tokens=8, eos_token_id=2, pad_token_id=0)
+    batched = generate(ours, ids, mask, **kw, **inputs)
+    if ref.config.text_config.layer_types == ["full_attention"] * len(ref.config.text_config.layer_types):
+        assert torch.equal(batched, generate(ref, ids, mask, **kw, **inputs))
+    # each left-padded row as that prompt alone (transformers' indexer supports right padding only: its
+    # left-padded rows pick blocks by slot, so sparse layers are compared one prompt at a time there)
+    for i, prompt in enumerate(prompts):
+        alone = _m3_inputs(ref.config, images[i : i + 1])
+        row = prompt.view(1, -1)
+        assert torch.equal(batched[i : i + 1], generate(ref, row, torch.ones_like(row), **kw, **alone)), i
 
 
 def test_round_trips_through_both_libraries(pair, tmp_path):
@@ -194,8 +204,8 @@ def test_text_only_model_matches_transformers(tmp_path):
 
 
 def test_a_selection_that_keeps_every_block_skips_the_indexer(tmp_path):
-    # blocks of 4, top-2: up to 8 tokens the indexer keeps every block a query sees, and the causal mask alone
-    # gives the same attention; past that, or with position ids that are not the slots, the indexer runs
+    # blocks of 4, top-2: up to 8 tokens the indexer keeps every block a query sees (a packed document has no
+    # more blocks than its row), and the causal mask alone gives the same attention; past that it runs
     cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
                                 vocab_size=40, pad_token_id=0)
     torch.manual_seed(0)
@@ -209,29 +219,41 @@ def test_a_selection_that_keeps_every_block_skips_the_indexer(tmp_path):
     ids = torch.randint(3, 40, (2, 8))
     with torch.no_grad():
         assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)
-        assert not runs
         ours(input_ids=ids, position_ids=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))  # two packed documents
-        assert len(runs) == 2
+        assert not runs
         long_ids = torch.randint(3, 40, (2, 9))
         assert_close(ours(input_ids=long_ids).logits, ref(input_ids=long_ids).logits, tol=1e-4)
-        assert len(runs) == 4
+        assert len(runs) == 2
 
 
 @pytest.mark.parametrize("seq_len", [37, 48])  # a partial last block, and none
 def test_the_indexers_causal_block_scores_equal_the_masked_ones(seq_len):
-    # with slot position ids the indexer scores each query block against its own and earlier key blocks only;
-    # the maxima must be those of the full masked score matrix (the rule for any position ids)
+    # under the plain causal rule the indexer scores each query block against its own and earlier key blocks
+    # only; the maxima must be those of the full masked score matrix, pooled by slot blocks or by block ids
     cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]))
     cfg.index_block_size = 8
     indexer = LightningIndexer(cfg)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, indexer.num_heads, seq_len, indexer.head_dim, generator=g)
     k = torch.randn(2, 1, seq_len, indexer.head_dim, generator=g)
-    slots = torch.arange(seq_len).expand(2, seq_len)
-    fast, masked = indexer._causal_block_scores(q, k), indexer._block_scores(q, k, slots)
+    visible = AttentionMask.build(2, seq_len, "cpu").dense(None)
+    n_blocks = -(-seq_len // 8)
+    fast, masked = indexer._causal_block_scores(q, k), indexer._block_scores(q, k, visible, None, n_blocks)
+    by_id = indexer._block_scores(q, k, visible, (torch.arange(seq_len) // 8).expand(2, -1).contiguous(), n_blocks)
     future = masked.isinf()  # blocks wholly in a query's future
-    assert torch.equal(fast.isinf(), future) and future.any()
+    assert torch.equal(fast.isinf(), future) and future.any() and torch.equal(by_id, masked)
     assert_close(fast.masked_fill(future, 0.0), masked.masked_fill(future, 0.0), tol=1e-5)
+
+
+def test_content_blocks_follow_documents_and_skip_padding():
+    # blocks of 2 over: two left pads then 5 real tokens; a packed row of documents 3 + 4 with one pad at its end
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    docs = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 2, 2]])
+    key_block, rank = content_blocks(valid, docs, 8, 2)
+    assert key_block.tolist() == [[0, 0, 0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 3, 3, 3]]
+    assert rank.tolist()[0][2:] == [0, 1, 2, 3, 4, 5] and rank.tolist()[1][:7] == [0, 1, 2, 0, 1, 2, 3]
+    assert content_blocks(None, None, 8, 2) is None
+    assert content_blocks(torch.ones(2, 8, dtype=torch.bool), None, 8, 2) is None
 
 
 def test_from_config_init_and_fp32_rotary():
@@ -253,3 +275,50 @@ def test_the_run_config_picks_native_or_stock_classes():
     stock = build_model(ModelSettings(preset="tiny-minimax-m3", implementation="transformers"), 40, ids, 48)
     assert isinstance(native, MiniMaxM3SparseForConditionalGeneration)
     assert isinstance(stock, Reference)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex"])  # flex trains through sdpa on CPU
+def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(tmp_path, backend):
+    # blocks of 2, top-2, one local block: every sparse layer drops blocks. A left-padded row, a packed row (by
+    # restarting position ids and by cu_seqlens) and a packed row with a padded tail must give each document the
+    # logits and gradients transformers gives that document alone
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
+                                   | {"index_block_size": 2}), vocab_size=40, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = randomize(TextReference(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path, attn_implementation=backend).eval()
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(3, 40, (n,), generator=g) for n in (11, 7, 5)]
+    alone = []
+    for d in docs:
+        out = ref(input_ids=d.view(1, -1), labels=d.view(1, -1))
+        ref.zero_grad()
+        out.loss.backward()
+        alone.append((out.logits[0].detach(), {n: p.grad.clone() for n, p in ref.named_parameters() if p.grad is not None}))
+
+    def check(ids, spans, **kw):  # spans: (row, first slot, document index) of each document
+        logits = ours(input_ids=ids, **kw).logits
+        for row, lo, i in spans:
+            assert_close(logits[row, lo : lo + len(docs[i])], alone[i][0], tol=1e-4)
+
+    with torch.no_grad():
+        left, mask = left_pad([docs[0], docs[2]], pad_id=0)
+        check(left, [(0, 0, 0), (1, 6, 2)], attention_mask=mask)
+        packed = torch.cat(docs).view(1, -1)
+        positions = torch.cat([torch.arange(len(d)) for d in docs]).view(1, -1)
+        spans = [(0, 0, 0), (0, 11, 1), (0, 18, 2)]
+        check(packed, spans, position_ids=positions)
+        check(packed, spans, position_ids=positions, cu_seqlens=torch.tensor([0, 11, 18, 23]))
+        tail = torch.cat([packed, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+        check(tail, spans, attention_mask=(torch.arange(26) < 23).long().view(1, -1),
+              position_ids=torch.cat([positions, torch.arange(3).view(1, -1)], dim=1))
+    # gradients of a packed row: the sum of each document's own (one mean loss per document, summed)
+    ours.train()
+    logits = ours(input_ids=packed, position_ids=positions).logits.float()
+    log_probs = logits[0].log_softmax(-1)
+    loss = sum(-log_probs[lo : lo + len(d) - 1].gather(1, d[1:].view(-1, 1)).mean() for lo, d in zip((0, 11, 18), docs))
+    loss.backward()
+    grads = StateDictAdapter(ref.config).to_hf({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
+    for name, grad in grads.items():
+        assert_close(grad, sum(a[1][name] for a in alone if name in a[1]), tol=1e-4)

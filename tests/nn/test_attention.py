@@ -126,6 +126,52 @@ def test_key_block_selection_matches_eager(monkeypatch, mask_kind, dims, index_h
     assert_close(flex, out_ref, tol=1e-5)
 
 
+def _random_id_blocks(B, h, S, picks, seed=0):
+    """KeyBlocks by block ids: each row cut into runs of 1-6 consecutive keys (rows differ), each query keeping
+    its own run and up to `picks` random runs that start at or before it."""
+    g = torch.Generator().manual_seed(seed)
+    key_block = torch.zeros(B, S, dtype=torch.long)
+    for b in range(B):
+        sizes = torch.randint(1, 7, (S,), generator=g)
+        key_block[b] = torch.repeat_interleave(torch.arange(S), sizes)[:S]
+    n_blocks = int(key_block.max()) + 1
+    own = key_block.view(B, 1, S, 1)
+    scores = torch.rand(B, h, S, n_blocks, generator=g).masked_fill(torch.arange(n_blocks) > own, -1.0)
+    keep = torch.zeros(B, h, S, n_blocks, dtype=torch.bool)
+    keep.scatter_(-1, scores.topk(min(picks, n_blocks), dim=-1).indices, True)
+    keep &= scores >= 0
+    keep.scatter_(-1, own.expand(B, h, S, 1), True)
+    return KeyBlocks(keep, 4, key_block)
+
+
+@pytest.mark.parametrize("mask_kind", ["plain", "padded", "packed"])
+@pytest.mark.parametrize("index_heads, window", [(1, None), (2, None), (2, 6)])
+def test_key_blocks_by_id_match_eager(monkeypatch, mask_kind, index_heads, window):
+    # blocks given as per-row runs of keys (what an indexer over padded or packed rows picks): the block-gather
+    # plan, the query-tile plan and flex against the dense rule
+    H, Hk, D, Dv = 4, 2, 16, 12
+    B, S = 2, 45
+    q, k, v = _inputs(B, H, Hk, S, D, Dv)
+    mask = _mask(mask_kind, B, S)
+    blocks = _random_id_blocks(B, index_heads, S, picks=3)
+    out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
+    out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
+    assert_close(out, out_ref, tol=1e-5)
+    assert_grads_close(g, g_ref)
+    monkeypatch.setattr(sdpa_module, "SPARSE_TILE_QUERIES", 8)
+    out_tiles, g_tiles = _run_fn(lambda q, k, v: attention_module._block_sparse_attention(
+        q, k, v, mask, blocks, scale=D**-0.5, window=window), q, k, v)
+    assert_close(out_tiles, out_ref, tol=1e-5)
+    assert_grads_close(g_tiles, g_ref)
+    with torch.no_grad():
+        full = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="eager")
+        flex = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="flex", restrict=blocks)
+    assert (full - out_ref).abs().max() > 1e-3
+    assert_close(flex, out_ref, tol=1e-5)
+    with pytest.raises(ValueError, match="key_block"):
+        attend(q, k, v, mask, scale=1.0, restrict=KeyBlocks(blocks.keep, 4, blocks.key_block[:, :-1]))
+
+
 def test_key_block_selection_computes_only_the_pairs_it_keeps():
     # causal rule, each query's own block among its picks: every kernel call's (query, key) pairs are visible
     # and selected, and together they are all such pairs (a query tile over the union of its picks would
