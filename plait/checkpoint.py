@@ -36,7 +36,17 @@ def check_safetensors_file(path: Path) -> None:
             raise ValueError(f"{path}: corrupt safetensors header: {e}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)
+                or not isinstance(entry.get("shape"), list)):
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {name!r} needs dtype, shape and two "
+                             f"increasing data_offsets, got {entry!r:.200}")
+        data_end = max(data_end, offsets[1])
     if 8 + header_len + data_end > size:
         raise ValueError(
             f"{path}: truncated safetensors file: the header needs {8 + header_len + data_end} bytes, the file has {size}"
@@ -74,10 +84,12 @@ def _weight_file_names(path: Path) -> list[str]:
     """The safetensors files of a model dir: the shards its index lists (sorted), or the single file."""
     index = path / WEIGHTS_INDEX_FILE
     if index.is_file():
-        try:
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index}: malformed weight index: {e}") from None
+        weight_map = _read_json_object("model dir", path, WEIGHTS_INDEX_FILE, "weight_map", dict)["weight_map"]
+        shards = set(weight_map.values())
+        if not shards or not all(isinstance(s, str) and s and Path(s).name == s for s in shards):
+            raise ValueError(f"{index}: malformed weight index: expected a weight_map of tensor names to shard file "
+                             f"names in the model dir, got {sorted(map(repr, shards))[:5]}")
+        return sorted(shards)
     if (path / WEIGHTS_FILE).is_file():
         return [WEIGHTS_FILE]
     raise ValueError(f"model dir {str(path)!r}: no {WEIGHTS_FILE} and no {WEIGHTS_INDEX_FILE}")
@@ -93,7 +105,10 @@ def read_model_weights(path: str | Path) -> dict:
         # pread: each tensor in memory of its own. The default memory map stays resident as long as any one
         # tensor of the file lives, so a parameter loaded as is would keep the bytes of the experts (copied
         # when stacked) resident too: about the model's size again in a training process's peak memory.
-        tensors = load_file(file, backend="pread")
+        try:
+            tensors = load_file(file, backend="pread")
+        except Exception as e:  # safetensors' own error type: a header that does not describe the bytes
+            raise ValueError(f"{file}: corrupt safetensors file: {e}") from None
         clash = state.keys() & tensors.keys()
         if clash:
             raise ValueError(f"model dir {str(path)!r}: tensor {sorted(clash)[0]!r} appears in more than one shard")
@@ -244,6 +259,9 @@ def check_training_checkpoint(path: Path) -> dict:
     """Check a training checkpoint dir is complete and return its trainer state; `ValueError` otherwise."""
     check_model_dir(path)
     state = _read_json_object("training checkpoint", path, TRAINER_STATE_FILE, "step", int)
+    if path.name.startswith("step_") and path.name[5:].isdigit() and int(path.name[5:]) != state["step"]:
+        raise ValueError(f"training checkpoint {str(path)!r}: {TRAINER_STATE_FILE} says step {state['step']}, "
+                         f"the directory step {int(path.name[5:])}")
     if not (path / TRAINING_STATE_DIR / ".metadata").is_file():
         raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINING_STATE_DIR}/.metadata")
     return state

@@ -1,8 +1,11 @@
 import json
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 import plait
@@ -85,6 +88,58 @@ def test_missing_shard_is_rejected(ckpt_copy):
     (ckpt_copy / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="model-00001-of-00002.safetensors' listed in the index is missing"):
         check_model_dir(ckpt_copy)
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its tensor bytes."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_malformed_headers_and_indexes_are_rejected(ckpt_copy):
+    weights = ckpt_copy / "model.safetensors"
+    original = weights.read_bytes()
+    name = next(k for k in load_file(weights) if k.endswith("embed_tokens.weight"))
+    for edit, match in [
+        (lambda h: h[name].pop("data_offsets"), "needs dtype, shape and two increasing data_offsets"),
+        (lambda h: h.__setitem__(name, [1, 2]), "needs dtype, shape"),
+        (lambda h: h[name].__setitem__("data_offsets", [8, 4]), "increasing data_offsets"),
+        (lambda h: h[name].__setitem__("shape", [h[name]["shape"][0] + 1, h[name]["shape"][1]]), "corrupt safetensors"),
+    ]:
+        weights.write_bytes(original)
+        _rewrite_header(weights, edit)
+        with pytest.raises(ValueError, match=match):
+            plait.from_pretrained(ckpt_copy)
+    weights.write_bytes(original)
+    index = ckpt_copy / "model.safetensors.index.json"
+    for weight_map, match in [([], "'weight_map' key of type dict"), ({"a": 3}, "malformed weight index"),
+                              ({"a": "../model.safetensors"}, "malformed weight index")]:
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=match):
+            check_model_dir(ckpt_copy)
+
+
+def test_tensors_of_the_wrong_kind_and_bad_configs_are_rejected(ckpt_copy):
+    weights = ckpt_copy / "model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("embed_tokens.weight"))
+    save_file({**state, name: state[name].to(torch.int32)}, weights)
+    with pytest.raises(ValueError, match=rf"wrong dtype 1: \['.*embed_tokens.weight \(expected torch.float32, got torch.int32"):
+        plait.from_pretrained(ckpt_copy)
+    save_file({**state, name: state[name].to(torch.bfloat16)}, weights)  # another float dtype loads as it is
+    assert plait.from_pretrained(ckpt_copy).get_input_embeddings().weight.dtype == torch.bfloat16
+    save_file(state, weights)
+    config = json.loads((ckpt_copy / "config.json").read_text())
+    for text_config, match in [({"num_attention_heads": "x"}, "config.json: .*num_attention_heads"),
+                               ({"hidden_size": -3}, "hidden_size: expected a positive integer, got -3")]:
+        bad = {**config, "text_config": {**config["text_config"], **text_config}}
+        (ckpt_copy / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            plait.from_pretrained(ckpt_copy)
 
 
 def test_broken_tokenizer_is_rejected(ckpt_copy):

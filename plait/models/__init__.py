@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from plait.checkpoint import CONFIG_FILE, check_model_dir
-from plait.models.hf import build_stock_model, load_stock_model, to_hf_config  # noqa: F401  (re-exported)
+from plait.models.hf import build_stock_model, load_hf_config, load_stock_model, to_hf_config  # noqa: F401  (re-exported)
 
 from plait.models.mimo import MIMO_MODEL_TYPE, MimoModel
 from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
@@ -49,7 +49,7 @@ def from_pretrained(path: str | Path, attn_implementation: str = "sdpa", impleme
     path = check_model_dir(path)
     if _model_type(path) == MIMO_MODEL_TYPE:  # plait's own composition, unknown to transformers
         return MimoModel.from_pretrained(path)
-    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    hf_config = load_hf_config(path)
     native = NATIVE_MODELS.get(hf_config.model_type) if implementation == "native" else None
     if native is not None:
         return native.from_pretrained(path, backend=attn_implementation)

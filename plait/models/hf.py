@@ -32,6 +32,16 @@ def to_hf_config(config: PretrainedConfig | dict[str, Any]) -> PretrainedConfig:
         raise ValueError(f"config ({model_type}): {cause}") from None
 
 
+def load_hf_config(path: str | Path) -> PretrainedConfig:
+    """A local model dir's config.json as its transformers config class; nothing is downloaded. The config
+    class's validators raise their own error types (huggingface_hub's strict dataclasses): a ValueError here."""
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        cause = e.__cause__ or e
+        raise ValueError(f"{Path(path) / 'config.json'}: {cause}") from None
+
+
 def stock_model_class(model_type: str) -> type:
     """Vision-language models get their image-text-to-text class, text models their causal-LM class."""
     for mapping in (MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):

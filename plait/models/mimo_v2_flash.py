@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from plait.checkpoint import check_model_dir
+from plait.models.hf import load_hf_config
 from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
@@ -274,7 +275,7 @@ class MiMoV2FlashForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "sdpa", experts_impl: str = "auto") -> MiMoV2FlashForCausalLM:
         path = check_model_dir(path)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = load_hf_config(path)
         if config.model_type != MODEL_TYPE:
             raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {MODEL_TYPE!r}")
         # the MTP depth count is not in the config: it is the checkpoint's model.mtp.layers.N

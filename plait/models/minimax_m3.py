@@ -27,15 +27,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from plait.checkpoint import check_model_dir
+from plait.models.hf import load_hf_config
 from plait.models.minimax_m3_vision import MultiModalProjector, VisionTower, to_grid_list
 from plait.models.native import (
     CausalLMOutput,
     TrunkOutput,
     check_forward_kwargs,
     check_layer_lists,
+    check_positive_sizes,
     embed_token_ids,
     init_reference_weights,
     lm_output,
@@ -55,6 +57,8 @@ from plait.nn.rope import RotaryEmbedding, apply_rotary
 
 VL_MODEL_TYPE, TEXT_MODEL_TYPE = "minimax_m3_vl", "minimax_m3_vl_text"
 FULL, SPARSE = "full_attention", "minimax_m3_sparse"
+VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                "patch_size", "temporal_patch_size", "spatial_merge_size")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +433,7 @@ class _M3Base(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, backend: str = "sdpa", experts_impl: str = "auto"):
         path = check_model_dir(path)
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = load_hf_config(path)
         if config.model_type not in (VL_MODEL_TYPE, TEXT_MODEL_TYPE):
             raise ValueError(f"{path}: config model_type is {config.model_type!r}, expected {VL_MODEL_TYPE!r} "
                              f"or {TEXT_MODEL_TYPE!r}")
@@ -489,6 +493,8 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
+        check_layer_lists(config.text_config, "text_config")  # before anything is built from it
+        check_positive_sizes(config.vision_config, "vision_config", VISION_SIZES)
         self.vision_tower = VisionTower(config.vision_config, backend)
         self.multi_modal_projector = MultiModalProjector(config)
         self._build_text(config.text_config, moe_config, backend, experts_impl, num_mtp_layers,

@@ -227,8 +227,14 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    both = sorted(set(expected) & set(state))
     wrong = [f"{k} (expected {list(expected[k].shape)}, got {list(state[k].shape)})"
-             for k in sorted(set(expected) & set(state)) if expected[k].shape != state[k].shape]
+             for k in both if expected[k].shape != state[k].shape]
+    # floating weights load in whatever float dtype the checkpoint has (bf16 stays bf16); a float weight
+    # stored as integers or bool, or the other way round, is a broken checkpoint
+    wrong_dtype = [f"{k} (expected {expected[k].dtype}, got {state[k].dtype})" for k in both
+                   if expected[k].dtype.is_floating_point != state[k].dtype.is_floating_point
+                   or (not expected[k].dtype.is_floating_point and expected[k].dtype != state[k].dtype)]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {missing[:5]}")
@@ -236,6 +242,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         problems.append(f"unexpected {len(unexpected)}: {unexpected[:5]}")
     if wrong:
         problems.append(f"wrong shape {len(wrong)}: {wrong[:5]}")
+    if wrong_dtype:
+        problems.append(f"wrong dtype {len(wrong_dtype)}: {wrong_dtype[:5]}")
     if problems:
         raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
 
@@ -277,8 +285,26 @@ def save_checkpoint(model: nn.Module, adapter, path: str | Path, architecture: s
     write_model_weights(path, adapter.to_hf(state))
 
 
+# sizes a native model's config must give as positive integers, where it has them
+POSITIVE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "v_head_dim", "intermediate_size", "moe_intermediate_size", "dense_intermediate_size",
+                  "n_routed_experts", "num_local_experts", "num_experts_per_tok", "n_group", "topk_group",
+                  "swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "swa_v_head_dim",
+                  "index_n_heads", "index_head_dim", "index_block_size", "index_topk_blocks")
+
+
+def check_positive_sizes(config: PretrainedConfig, prefix: str = "config", names=POSITIVE_SIZES) -> None:
+    """Each of `names` the config has (and does not leave None) is a positive integer."""
+    for key in names:
+        value = getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{prefix}.{key}: expected a positive integer, got {value!r}")
+
+
 def check_layer_lists(config: PretrainedConfig, prefix: str = "config") -> None:
-    """`layer_types` and `mlp_layer_types` have one entry per layer; the heads divide evenly."""
+    """Sizes are positive integers; `layer_types` and `mlp_layer_types` have one entry per layer; the heads
+    divide evenly."""
+    check_positive_sizes(config, prefix)
     n = config.num_hidden_layers
     for key in ("layer_types", "mlp_layer_types"):
         value = getattr(config, key, None)
