@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,6 +118,9 @@ class DataSettings(_Section):
         return self
 
 
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]  # an AdamW moment decay
+
+
 class TrainSettings(_Section):
     steps: int = Field(600, gt=0)
     batch_size: int = Field(64, gt=0, description="samples per optimizer step (the global batch)")
@@ -128,12 +131,14 @@ class TrainSettings(_Section):
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps spent decaying")
     weight_decay: float = Field(0.05, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)
     seed: int = 0
-    resume: Literal["never", "auto"] = Field(
-        "never", description="auto: continue from the newest training checkpoint in output_dir, if any")
+    resume: Literal["never", "auto", "overwrite"] = Field(
+        "never", description="never: start a run, refused when output_dir holds training checkpoints; auto: continue "
+        "from the newest training checkpoint in output_dir, if any; overwrite: start over, deleting output_dir's "
+        "checkpoints")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     autocast: Literal["auto", "bf16", "off"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
     num_threads: int | None = Field(None, gt=0, description="torch intra-op threads; None keeps torch's default")

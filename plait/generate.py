@@ -67,8 +67,8 @@ def generate(
         raise ValueError(f"input_ids: expected (B, S), got shape {list(input_ids.shape)}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive count, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if not 0 <= temperature < float("inf"):  # nan too
+        raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
     if top_k is not None and top_k <= 0:

@@ -261,8 +261,16 @@ def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | 
     experiments in one output_dir. `train.resume` and the `parallel` section do not count: the layout
     (processes, pipeline stages, schedule, microbatches) changes where the step's sums are computed, not the
     step (same global batch, same normalisation), and the training state is saved by full-model names, so it
-    loads into any layout.
+    loads into any layout. `never` refuses an output_dir that holds checkpoints (a new run there would leave
+    the earlier run's later steps beside its own, and `auto` would then continue the wrong one).
     """
+    if cfg.train.resume == "never":
+        earlier = step_dirs(ckpt_root)
+        if earlier:
+            raise ValueError(
+                f"train.resume=never: {ckpt_root} holds checkpoints of an earlier run (steps "
+                f"{', '.join(str(s) for s, _ in earlier[-5:])}); pass train.resume=auto to continue it, "
+                "train.resume=overwrite to start over (its checkpoints are deleted), or another output_dir")
     if cfg.train.resume != "auto":
         return None, None
     latest = latest_training_checkpoint(ckpt_root)
@@ -468,6 +476,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     log = None
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # first write of the run: everything above only reads
+        if tcfg.resume == "overwrite" and ckpt_root.exists():
+            shutil.rmtree(ckpt_root)
         (out_dir / RUN_CONFIG_FILE).write_text(cfg.to_yaml())
         log = MetricsLog(out_dir, resume_step=start if resume_from is not None else None)
 

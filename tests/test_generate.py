@@ -64,7 +64,8 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(llama):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_new_tokens": 0}, "max_new_tokens: expected a positive count"),
-    ({"temperature": -1.0}, "temperature: expected >= 0"),
+    ({"temperature": -1.0}, "temperature: expected a finite value >= 0"),
+    ({"temperature": float("nan")}, "temperature: expected a finite value >= 0, got nan"),
     ({"top_p": 1.5}, r"top_p: expected a value in \(0, 1\]"),
     ({"top_k": 0}, "top_k: expected a positive count"),
 ])

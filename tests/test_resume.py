@@ -74,6 +74,30 @@ def test_resuming_a_finished_run_re_evaluates_and_re_exports(small_config):
     assert again.checkpoint_dir == first.checkpoint_dir and (again.checkpoint_dir / "model.safetensors").is_file()
 
 
+def test_a_new_run_into_an_earlier_runs_checkpoints_is_refused_or_starts_over(small_config):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    ckpts = cfg.output_dir / "checkpoints"
+    before = (cfg.output_dir / "metrics.jsonl").read_text()
+    shorter = ["train.steps=4", "checkpoint.every_steps=2"]
+    with pytest.raises(ValueError, match=r"train.resume=never: .* holds checkpoints of an earlier run \(steps 2, 4, 6\)"):
+        train(small_config(*shorter, "train.resume=never"), console=Console(quiet=True))
+    assert (cfg.output_dir / "metrics.jsonl").read_text() == before
+    # overwrite: the earlier run's step_6 must not survive beside the new run's last step
+    train(small_config(*shorter, "train.resume=overwrite"), console=Console(quiet=True))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_2", "step_4"]
+    assert len(losses(cfg.output_dir)) == 4
+
+
+def test_a_trainer_state_that_disagrees_with_its_directory_is_refused(small_config):
+    cfg = small_config(*RESUMABLE)
+    train(cfg, console=Console(quiet=True))
+    state = cfg.output_dir / "checkpoints" / "step_6" / "trainer_state.json"
+    state.write_text(state.read_text().replace('"step": 6', '"step": 5'))
+    with pytest.raises(ValueError, match="trainer_state.json says step 5, the directory step 6"):
+        train(cfg, console=Console(quiet=True))
+
+
 def test_resume_without_a_checkpoint_starts_fresh(small_config):
     cfg = small_config(*RESUMABLE)
     console = Console(record=True, width=200)
