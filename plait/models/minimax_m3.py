@@ -614,6 +614,7 @@ class StateDictAdapter:
 
     # plait -> disk
     def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        state = self._with_empty_shared_experts(state)
         if not self.vl:  # transformers' text-only class writes its in-memory names
             return self._fuse_text_only(dict(state))
         out = {}
@@ -653,6 +654,21 @@ class StateDictAdapter:
             return [(name.replace(".self_attn.indexer.", ".self_attn.index_"), t)]
         return [(name, t)]
 
+    def _with_empty_shared_experts(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With shared_intermediate_size = 0 plait builds no shared expert, while transformers keeps one of
+        width 0 in every MoE layer of the trunk and saves its zero-size weights: write them too, so that
+        transformers loads the checkpoint with nothing missing."""
+        if self.text.shared_intermediate_size:
+            return state
+        out = dict(state)
+        for name, gate in state.items():
+            if name.endswith(".mlp.gate.weight") and "mtp." not in name:
+                prefix, H = name[: -len("gate.weight")] + "shared_experts.", gate.shape[1]
+                out[prefix + "gate_proj.weight"] = gate.new_zeros(0, H)
+                out[prefix + "up_proj.weight"] = gate.new_zeros(0, H)
+                out[prefix + "down_proj.weight"] = gate.new_zeros(H, 0)
+        return out
+
     def _fuse_text_only(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """transformers' text-only class stores dense and shared MLPs as one fused `gate_up_proj`."""
         for name in [n for n in out if n.endswith(".gate_proj.weight") and ".experts." not in n]:
@@ -669,6 +685,8 @@ class StateDictAdapter:
                 experts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
                 continue
             local, t = self._one_from_hf(name, t)
+            if ".mlp.shared_experts." in local and t.numel() == 0:  # a width-0 shared expert: none (above)
+                continue
             if local.endswith(".gate_up_proj.weight"):  # fused dense / shared MLP (text-only checkpoints)
                 gate, up = t.chunk(2, dim=0)
                 out[local.replace(".gate_up_proj.", ".gate_proj.")] = gate

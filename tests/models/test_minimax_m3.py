@@ -22,6 +22,7 @@ from plait.models.minimax_m3_vision import to_grid_list
 from plait.models.presets import preset_dict
 from plait.models.vlm import _m3_inputs, vlm_spec
 from plait.nn.attention import AttentionMask
+from plait.nn.moe import MoE
 from tests.nn.reference import assert_close
 
 IMAGE, VIDEO = 4, 5
@@ -322,3 +323,27 @@ def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(
     grads = StateDictAdapter(ref.config).to_hf({n: p.grad for n, p in ours.named_parameters() if p.grad is not None})
     for name, grad in grads.items():
         assert_close(grad, sum(a[1][name] for a in alone if name in a[1]), tol=1e-4)
+
+
+@pytest.mark.parametrize("vl", [False, True])
+def test_a_checkpoint_without_shared_experts_loads_and_saves(tmp_path, vl):
+    # shared_intermediate_size = 0: transformers keeps width-0 shared experts and saves their empty weights
+    if vl:
+        cfg = plait.models.to_hf_config(vl_config("sparse") | {"text_config": vl_config("sparse")["text_config"]
+                                                               | {"shared_intermediate_size": 0}})
+        ref = randomize(Reference(cfg)).eval()
+    else:
+        cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
+                                       | {"shared_intermediate_size": 0}), vocab_size=40, pad_token_id=0)
+        ref = randomize(TextReference(cfg)).eval()
+    ref.save_pretrained(tmp_path / "ref")
+    ours = plait.from_pretrained(tmp_path / "ref").eval()
+    assert all(m.shared_experts is None for m in ours.modules() if isinstance(m, MoE))
+    ids = torch.randint(6, 40, (2, 12))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)
+    ours.save_pretrained(tmp_path / "ours")
+    back, info = type(ref).from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        assert torch.equal(back.eval()(input_ids=ids).logits, ref(input_ids=ids).logits)
