@@ -163,20 +163,26 @@ class MiMoV2FlashModel(nn.Module):
             for i in range(config.num_hidden_layers)
         })
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = rotary_per_layer_type(config.head_dim, config.rope_parameters, DEFAULT_PARTIAL_ROTARY_FACTOR)
+        self.rotary = self._rotary(set(config.layer_types))
         self.backend = backend
         self.mtp = None
         if mtp_config is not None and mtp_config.enabled:
             self.build_mtp(mtp_config)
+
+    def _rotary(self, layer_types: set[str]) -> nn.ModuleDict:
+        return rotary_per_layer_type(self.config.head_dim, self.config.rope_parameters, DEFAULT_PARTIAL_ROTARY_FACTOR,
+                                     layer_types, getattr(self.config, "max_position_embeddings", None))
 
     def build_mtp(self, mtp_config: MTPConfig) -> None:
         """The MTP depths (one SWA attention + dense MLP block each), with the construction-time init."""
         if mtp_config.layer_pattern != "*":
             raise ValueError(f"MiMo-V2-Flash MTP depths are one whole block: layer_pattern must be '*', "
                              f"got {mtp_config.layer_pattern!r}")
-        if SLIDING not in self.rotary:
-            raise ValueError(f"config.rope_parameters: MTP depths use sliding-window attention and need a "
-                             f"{SLIDING!r} entry")
+        if SLIDING not in self.rotary:  # no trunk layer is SWA: the depths alone read that entry
+            if SLIDING not in (self.config.rope_parameters or {}):
+                raise ValueError(f"config.rope_parameters: MTP depths use sliding-window attention and need a "
+                                 f"{SLIDING!r} entry")
+            self.rotary.update(self._rotary({SLIDING}))
         self.mtp = MTPModule(mtp_config, "*", lambda gi, d, j, kind, fusion, final:
                              MTPLayer(self.config, self.backend, fusion, final))
 

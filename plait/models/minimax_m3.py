@@ -53,7 +53,7 @@ from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
 from plait.nn.moe import MoE, MoEConfig
 from plait.nn.norm import RMSNorm
-from plait.nn.rope import RotaryEmbedding, apply_rotary
+from plait.nn.rope import apply_rotary, rotary_from_parameters
 
 VL_MODEL_TYPE, TEXT_MODEL_TYPE = "minimax_m3_vl", "minimax_m3_vl_text"
 FULL, SPARSE = "full_attention", "minimax_m3_sparse"
@@ -288,11 +288,9 @@ class MiniMaxM3TextModel(nn.Module):
             for i in range(config.num_hidden_layers)
         })
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, unit_offset=True)
-        rope = config.rope_parameters or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"text_config.rope_parameters.rope_type: plait supports 'default', got {rope.get('rope_type')!r}")
-        self.rotary = RotaryEmbedding(config.head_dim, rope.get("rope_theta", 5_000_000.0),
-                                      rope.get("partial_rotary_factor", 1.0))
+        self.rotary = rotary_from_parameters(config.head_dim, {"rope_theta": 5_000_000.0, **(config.rope_parameters or {})},
+                                             1.0, getattr(config, "max_position_embeddings", None),
+                                             name="text_config.rope_parameters")
         self.backend, self.moe_config = backend, moe_cfg
         self.mtp = None
         if mtp_config is not None and mtp_config.enabled:

@@ -5,6 +5,10 @@
   rotate-half layout that Hugging Face checkpoints use.
 - Dual-base models (a local base for sliding-window layers, a global one for full layers) hold one
   `RotaryEmbedding` per layer type (`rotary_per_layer_type`), and each layer picks its own.
+- Context-extension scalings of the frequencies, named as in HF `rope_parameters.rope_type`: "linear"
+  (position interpolation), "yarn" (per-band blend of interpolation and extrapolation, plus an attention
+  factor on cos/sin) and "llama3" (per-wavelength smoothing); "dynamic" and "longrope" change with the
+  sequence length at run time and are refused.
 - `AxialRotaryEmbedding`: 3-D (t, h, w) RoPE for vision patches, equal frequency bands per axis.
 - Packed rows need nothing special: `position_ids` restart at 0 for each document and the cos/sin
   are looked up per position.
@@ -14,6 +18,8 @@ bf16 positions above 256 are not even representable exactly.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -37,6 +43,67 @@ def inverse_frequencies(dim: int, base: float) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
 
 
+SCALED_ROPE_TYPES = ("linear", "yarn", "llama3")
+
+
+def _param(params: dict, key: str, rope_type: str):
+    if params.get(key) is None:
+        raise ValueError(f"rope_type {rope_type!r} needs {key!r}, got {params!r:.300}")
+    return params[key]
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, dim: int, base: float, params: dict,
+                       max_position_embeddings: int | None = None, truncate: bool = True) -> tuple[torch.Tensor, float]:
+    """The `rope_type` scaling of `inv_freq` (the default frequencies for `dim` and `base`) -> (scaled
+    frequencies, attention factor that multiplies cos and sin). The formulas are those of the HF configs that
+    carry these types (YaRN, arXiv 2309.00071; Llama 3.1's wavelength smoothing)."""
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":  # interpolating positions by 1 / factor is dividing the frequencies by it
+        return inv_freq / _param(params, "factor", rope_type), 1.0
+    if rope_type == "llama3":
+        factor, low, high = (_param(params, k, rope_type) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+        context = _param(params, "original_max_position_embeddings", rope_type)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)  # long waves: interpolated
+        smooth = (context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        original = _param(params, "original_max_position_embeddings", rope_type)
+        factor = params.get("factor")
+        if factor is None:
+            if max_position_embeddings is None:
+                raise ValueError("rope_type 'yarn' without 'factor' needs max_position_embeddings")
+            factor = max_position_embeddings / original
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = params.get("attention_factor")
+        if attention is None:
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+        def band(rotations):  # the frequency index that turns `rotations` times over the original context
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = band(beta_fast), band(beta_slow)
+        if truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # no zero-width ramp
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: keep the frequency (fast bands), 0: interpolate it (slow bands)
+        return inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate, attention
+    raise ValueError(f"rope_type: plait supports 'default', {', '.join(map(repr, SCALED_ROPE_TYPES))} (the "
+                     f"frequencies of 'dynamic' and 'longrope' change with the sequence length); got {rope_type!r}")
+
+
 class _Float32Frequencies(nn.Module):
     """Holds `inv_freq` for `freq_dim` and `base` as a float32 buffer that stays float32 and exact: a move or
     cast (model.to(bfloat16), to_empty after a meta build) recomputes it on the new device."""
@@ -44,21 +111,37 @@ class _Float32Frequencies(nn.Module):
     def __init__(self, freq_dim: int, base: float):
         super().__init__()
         self.freq_dim, self.base = freq_dim, float(base)
-        self.register_buffer("inv_freq", inverse_frequencies(self.freq_dim, self.base), persistent=False)
+        self.register_buffer("inv_freq", self._frequencies(), persistent=False)
+
+    def _frequencies(self) -> torch.Tensor:
+        return inverse_frequencies(self.freq_dim, self.base)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self.inv_freq = inverse_frequencies(self.freq_dim, self.base).to(self.inv_freq.device)
+        self.inv_freq = self._frequencies().to(self.inv_freq.device)
         return self
 
 
 class RotaryEmbedding(_Float32Frequencies):
-    """position_ids (B, S) -> (cos, sin), each (B, S, rotary_dim) float32."""
+    """position_ids (B, S) -> (cos, sin), each (B, S, rotary_dim) float32.
 
-    def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0):
-        super().__init__(rotary_dim(head_dim, partial_rotary_factor), base)
+    `rope_parameters` (HF style: rope_type, factor, ...) scales the frequencies (`scaled_frequencies`), and its
+    attention factor multiplies cos and sin, as does `scaling`."""
+
+    def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0,
+                 rope_parameters: dict | None = None, max_position_embeddings: int | None = None,
+                 truncate: bool = True):
+        freq_dim = rotary_dim(head_dim, partial_rotary_factor)
+        self._scaling_args = (dict(rope_parameters or {}), max_position_embeddings, truncate)
+        _, attention = scaled_frequencies(inverse_frequencies(freq_dim, base), freq_dim, base, *self._scaling_args)
+        super().__init__(freq_dim, base)
         self.dim = self.freq_dim + self.freq_dim % 2  # rotated width: one pair per frequency
-        self.scaling = scaling
+        self.scaling = scaling * attention
+        self.rope_type = self._scaling_args[0].get("rope_type", "default")
+
+    def _frequencies(self) -> torch.Tensor:
+        default = inverse_frequencies(self.freq_dim, self.base)
+        return scaled_frequencies(default, self.freq_dim, self.base, *self._scaling_args)[0]
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,21 +150,38 @@ class RotaryEmbedding(_Float32Frequencies):
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}"
+        kind = "" if self.rope_type == "default" else f", rope_type={self.rope_type}"
+        return f"dim={self.dim}, base={self.base}{kind}"
+
+
+def rotary_from_parameters(head_dim: int, params: dict, default_partial_rotary_factor: float = 1.0,
+                           max_position_embeddings: int | None = None, truncate: bool | None = None,
+                           name: str = "rope_parameters") -> RotaryEmbedding:
+    """A RotaryEmbedding from one HF-style `rope_parameters` dict (rope_theta, partial_rotary_factor,
+    rope_type and its scaling keys); `truncate` None reads the dict's own (yarn, default True)."""
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise ValueError(f"{name}: expected a dict with 'rope_theta', got {params!r:.300}")
+    try:
+        return RotaryEmbedding(head_dim, params["rope_theta"], params.get("partial_rotary_factor", default_partial_rotary_factor),
+                               rope_parameters=params, max_position_embeddings=max_position_embeddings,
+                               truncate=params.get("truncate", True) if truncate is None else truncate)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def rotary_per_layer_type(
-    head_dim: int, params_per_type: dict[str, dict], default_partial_rotary_factor: float = 1.0
+    head_dim: int, params_per_type: dict[str, dict], default_partial_rotary_factor: float = 1.0,
+    layer_types=None, max_position_embeddings: int | None = None,
 ) -> nn.ModuleDict:
     """One RotaryEmbedding per layer type from HF-style `rope_parameters` per type
-    ({"full_attention": {"rope_theta": 5e6, "partial_rotary_factor": 0.33, "rope_type": "default"}, ...})."""
+    ({"full_attention": {"rope_theta": 5e6, "partial_rotary_factor": 0.33, "rope_type": "default"}, ...}),
+    for the `layer_types` given (default: every entry); an entry no layer uses is not read, as in transformers.
+    yarn's `truncate` is True: transformers reads it from the outer (per-type) dict, which never has it."""
     out = nn.ModuleDict()
     for layer_type, params in params_per_type.items():
-        rope_type = params.get("rope_type", "default")
-        if rope_type != "default":
-            raise ValueError(f"rope_parameters[{layer_type!r}].rope_type: plait supports 'default', got {rope_type!r}")
-        factor = params.get("partial_rotary_factor", default_partial_rotary_factor)
-        out[layer_type] = RotaryEmbedding(head_dim, params["rope_theta"], factor)
+        if layer_types is None or layer_type in layer_types:
+            out[layer_type] = rotary_from_parameters(head_dim, params, default_partial_rotary_factor,
+                                                     max_position_embeddings, True, f"rope_parameters[{layer_type!r}]")
     return out
 
 

@@ -297,3 +297,23 @@ def test_attention_dropout_is_refused_in_training_not_ignored():
     with pytest.raises(ValueError, match="attention_dropout: not supported yet in training"):
         model.train()(input_ids=ids, labels=ids)
     model.eval()(input_ids=ids)  # inference never drops
+
+
+def test_scaled_rope_and_an_unused_rope_entry_match_transformers(tmp_path):
+    # yarn on full layers, linear on sliding ones; an entry for a layer type no layer has is not read
+    rope = {"full_attention": {"rope_type": "yarn", "rope_theta": 1e6, "partial_rotary_factor": 0.5, "factor": 4.0,
+                               "original_max_position_embeddings": 16},
+            "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "partial_rotary_factor": 0.5, "factor": 2.0}}
+    torch.manual_seed(0)
+    ref = Reference(mimo_config(**CONFIGS["hybrid"], rope_parameters=rope, max_position_embeddings=64)).eval()
+    ref.config.rope_parameters["chunked_attention"] = {"rope_type": "longrope", "rope_theta": 1.0}
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path).eval()
+    assert ours.model.rotary["full_attention"].rope_type == "yarn"
+    assert set(ours.model.rotary) == {"full_attention", "sliding_attention"}
+    ids, mask, _ = _inputs(S=40)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        valid = mask.bool().unsqueeze(-1)
+        assert_close(ours(input_ids=ids, attention_mask=mask, position_ids=pos).logits * valid,
+                     ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits * valid, tol=1e-4)

@@ -347,3 +347,18 @@ def test_a_checkpoint_without_shared_experts_loads_and_saves(tmp_path, vl):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():
         assert torch.equal(back.eval()(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_a_scaled_rope_matches_transformers(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
+                                   | {"rope_parameters": rope}), vocab_size=40, pad_token_id=0)
+    torch.manual_seed(0)
+    ref = randomize(TextReference(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path).eval()
+    assert ours.model.rotary.rope_type == "llama3"
+    ids = torch.randint(3, 40, (2, 40))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)

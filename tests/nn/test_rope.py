@@ -16,6 +16,7 @@ from plait.nn.rope import (
     AxialRotaryEmbedding,
     RotaryEmbedding,
     apply_rotary,
+    rotary_from_parameters,
     rotary_per_layer_type,
     vision_patch_positions,
 )
@@ -101,13 +102,59 @@ def test_axial_vision_rotary_matches_minimax_m3(grid):
     assert_close(apply_rotary(q, cos, sin), q_ref)
 
 
+SCALINGS = [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 0.707, "mscale_all_dim": 1.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "attention_factor": 1.3,
+     "truncate": False},
+    {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 256},  # factor from the context ratio
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+]
+POSITIONS = torch.tensor([[0, 1, 2, 3, 50, 500, 5000, 70000]])
+
+
+@pytest.mark.parametrize("scaling", SCALINGS, ids=lambda s: s["rope_type"])
+def test_scaled_rope_types_match_transformers(scaling):
+    # M3: one rope_parameters dict; MiMo: per layer type, the scaling on full attention only
+    cfg = m3_text_config(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5, **scaling},
+                         max_position_embeddings=1024)
+    cos_ref, sin_ref = MiniMaxM3VLRotaryEmbedding(cfg)(torch.zeros(1), POSITIONS)
+    ours = rotary_from_parameters(cfg.head_dim, dict(cfg.rope_parameters), 1.0, cfg.max_position_embeddings)
+    cos, sin = ours(POSITIONS)
+    assert_close(cos, cos_ref, tol=1e-6)
+    assert_close(sin, sin_ref, tol=1e-6)
+    per_type = {"full_attention": {"rope_theta": 5e6, "partial_rotary_factor": 0.334, **scaling},
+                "sliding_attention": {"rope_theta": 1e4, "partial_rotary_factor": 0.334, "rope_type": "default"}}
+    cfg = mimo_config(rope_parameters=per_type, max_position_embeddings=1024)
+    ref = MiMoV2FlashRotaryEmbedding(cfg)
+    ours = rotary_per_layer_type(cfg.head_dim, cfg.rope_parameters, 0.334, set(cfg.layer_types), 1024)
+    for layer_type in ("full_attention", "sliding_attention"):
+        cos_ref, sin_ref = ref(torch.zeros(1), POSITIONS, layer_type)
+        cos, sin = ours[layer_type](POSITIONS)
+        assert_close(cos, cos_ref, tol=1e-6)
+        assert_close(sin, sin_ref, tol=1e-6)
+    moved = rotary_per_layer_type(cfg.head_dim, cfg.rope_parameters, 0.334, None, 1024)["full_attention"]
+    moved.to(torch.bfloat16)
+    assert torch.equal(moved.inv_freq, ours["full_attention"].inv_freq)  # a cast recomputes the scaled frequencies
+
+
 def test_bad_rotary_settings_are_clear_errors():
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         RotaryEmbedding(64, 1e4, partial_rotary_factor=1.5)
     with pytest.raises(ValueError, match="rotary dims"):
         RotaryEmbedding(2, 1e4, partial_rotary_factor=0.3)
-    with pytest.raises(ValueError, match="rope_type"):
+    with pytest.raises(ValueError, match=r"rope_parameters\['full_attention'\]: rope_type 'yarn' needs 'original_max"):
         rotary_per_layer_type(64, {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match=r"rope_type: plait supports 'default', 'linear', 'yarn', 'llama3' .*got 'dynamic'"):
+        rotary_from_parameters(64, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
+    with pytest.raises(ValueError, match="expected a dict with 'rope_theta'"):
+        rotary_from_parameters(64, {"rope_type": "default"})
+    # an entry that no layer type uses is not read (transformers ignores it too)
+    assert set(rotary_per_layer_type(64, {"full_attention": {"rope_theta": 1e4}, "unused": {"rope_type": "?"}},
+                                     layer_types={"full_attention"})) == {"full_attention"}
     with pytest.raises(ValueError, match="spatial_merge_size"):
         vision_patch_positions(torch.tensor([[1, 3, 4]]), 2)
 
