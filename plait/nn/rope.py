@@ -214,9 +214,9 @@ class AxialRotaryEmbedding(_Float32Frequencies):
     remaining dims pass through."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
-        axis_dim = 2 * ((head_dim // 3) // 2)
-        if axis_dim < 2:
-            raise ValueError(f"axial rotary: head_dim {head_dim} is too small for 3 axes")
+        if head_dim < 1:
+            raise ValueError(f"axial rotary: expected a positive head_dim, got {head_dim}")
+        axis_dim = 2 * ((head_dim // 3) // 2)  # 0 below head_dim 6: no dim rotates, as in transformers
         super().__init__(axis_dim, base)
         self.axis_dim = axis_dim
 

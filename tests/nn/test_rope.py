@@ -84,8 +84,9 @@ def test_rotation_of_bf16_heads_is_computed_in_float32():
 
 
 @pytest.mark.parametrize("grid", [[[1, 4, 6]], [[2, 4, 4], [1, 2, 6]]])
-def test_axial_vision_rotary_matches_minimax_m3(grid):
-    cfg = MiniMaxM3VLVisionConfig(hidden_size=96, num_attention_heads=2, spatial_merge_size=2)
+@pytest.mark.parametrize("hidden_size", [96, 10, 8])  # head dims 48, 5 and 4: below 6 no dim rotates
+def test_axial_vision_rotary_matches_minimax_m3(grid, hidden_size):
+    cfg = MiniMaxM3VLVisionConfig(hidden_size=hidden_size, num_attention_heads=2, spatial_merge_size=2)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     grid_thw = torch.tensor(grid)
     ref_pos = get_vision_position_ids(grid_thw, cfg.spatial_merge_size, include_temporal=True)
