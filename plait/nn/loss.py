@@ -78,6 +78,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     whole, in the forward or the backward, and nothing is recomputed. The backward only scales the
     stored gradients by the incoming one.
 
+    Without `keep_logits`, only the rows that have a target go through the LM head: a prompt, image
+    placeholders, padding and each row's last token cost no head matmul, forward or backward (their loss
+    and gradient are 0 either way).
+
     With `keep_logits` the logits are also returned, from the same matmul: a caller that wants both the
     loss and the logits pays for one LM-head matmul, not two. A gradient that reaches those logits (a loss
     of the caller's own on them) adds its two matmuls in backward."""
@@ -87,6 +91,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # unused logits send no gradient, and cost no backward matmul
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
+        all_hidden, rows = hidden, None
+        if not keep_logits:
+            has_target = targets != ignore_index
+            if not bool(has_target.all()):
+                rows = has_target.nonzero().squeeze(1)
+                hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -118,6 +128,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 if grad_weight is not None:
                     grad_weight.addmm_(grad.t().float(), h.float())
             del logits, probs, linear
+        if rows is not None and grad_hidden is not None:  # the rows without a target get a zero gradient
+            grad_hidden = torch.zeros_like(all_hidden).index_copy_(0, rows, grad_hidden)
         ctx.save_for_backward(grad_hidden, grad_weight, *((hidden, weight) if keep_logits else ()))
         return total, kept
 
