@@ -67,11 +67,15 @@ VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 
 
 def content_blocks(valid: torch.Tensor | None, documents: torch.Tensor | None, n_keys: int,
-                   block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   block_size: int, queries_are_keys: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Key blocks that follow each row's content: a block is `block_size` consecutive real keys of one document,
     counted from the document's first real key, so padding and packing leave every document the blocks it has
     alone. -> (key_block (B, Sk): block id per key, ids consecutive along the row; rank (B, Sk): each key's index
-    among its document's real keys), or None when the blocks are the slots' (nothing padded, one document)."""
+    among its document's real keys), or None when the blocks are the slots' for every real query: nothing
+    padded and one document, or (`queries_are_keys`: no cache) padding only at the rows' ends, which no real
+    query sees."""
+    if documents is None and valid is not None and queries_are_keys and bool((valid[:, 1:] <= valid[:, :-1]).all()):
+        return None
     if documents is None and (valid is None or bool(valid.all())):
         return None
     B = (valid if valid is not None else documents).shape[0]
@@ -160,7 +164,7 @@ class LightningIndexer(nn.Module):
                 k_valid = torch.cat([kv_cache.valid, new_valid], dim=1)
             kv_cache.index_keys = k
         Sk = k.shape[2]
-        layout = content_blocks(k_valid, mask.documents, Sk, self.block_size)
+        layout = content_blocks(k_valid, mask.documents, Sk, self.block_size, queries_are_keys=kv_cache is None)
         if layout is None:  # the slots' blocks: a query's own block is its slot's
             key_block, n_blocks = None, -(-Sk // self.block_size)
             own = (mask.positions // self.block_size).view(1, 1, S, 1)

@@ -93,6 +93,10 @@ def test_logits_loss_and_gradients_match_transformers(pair, tmp_path):
     assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
     out_ref.loss.backward()
     out.loss.backward()
+    _assert_gradients_match(ref, ours, tmp_path)
+
+
+def _assert_gradients_match(ref, ours, tmp_path):
     # transformers' gradients under their on-disk names: save them as if they were weights
     grads_model = type(ref)(ref.config)
     grads_model.load_state_dict({n: (p.grad if p.grad is not None else torch.zeros_like(p))
@@ -104,6 +108,28 @@ def test_logits_loss_and_gradients_match_transformers(pair, tmp_path):
     for name, g in mine.items():
         g_ref = theirs[name]
         assert_close(g.reshape(g_ref.shape), g_ref, tol=max(1e-3 * g_ref.abs().max().item(), 1e-7), name=f"grad {name}")
+
+
+def test_a_right_padded_mixed_batch_matches_transformers(pair, tmp_path):
+    # the second row is 6 tokens shorter: padded at its end, as training batches are
+    ref, ours, _ = pair
+    ref.zero_grad()
+    ours.zero_grad()
+    ids, labels, images = _batch()
+    mask = torch.ones_like(ids)
+    mask[1, -6:] = 0
+    ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
+    inputs = _m3_inputs(ref.config, images)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
+    valid = mask.bool().unsqueeze(-1)
+    assert_close(out.logits * valid, out_ref.logits * valid, tol=1e-4, name="logits")
+    assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
+    out_ref.loss.backward()
+    out.loss.backward()
+    _assert_gradients_match(ref, ours, tmp_path)
+    ref.zero_grad()
+    ours.zero_grad()
 
 
 def test_videos_and_several_images_per_sample_splice_in_order(pair):
@@ -255,6 +281,10 @@ def test_content_blocks_follow_documents_and_skip_padding():
     assert rank.tolist()[0][2:] == [0, 1, 2, 3, 4, 5] and rank.tolist()[1][:7] == [0, 1, 2, 0, 1, 2, 3]
     assert content_blocks(None, None, 8, 2) is None
     assert content_blocks(torch.ones(2, 8, dtype=torch.bool), None, 8, 2) is None
+    # right padding, queries that are the keys (no cache): no real query sees a pad, the slots' blocks serve
+    right = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert content_blocks(right, None, 8, 2, queries_are_keys=True) is None
+    assert content_blocks(right, None, 8, 2) is not None and content_blocks(valid, None, 8, 2, True) is not None
 
 
 def test_from_config_init_and_fp32_rotary():
