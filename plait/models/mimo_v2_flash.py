@@ -33,6 +33,7 @@ from plait.checkpoint import check_model_dir
 from plait.models.hf import load_hf_config
 from plait.models.native import (
     CausalLMOutput,
+    PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
     check_layer_lists,
@@ -222,9 +223,10 @@ class MiMoV2FlashModel(nn.Module):
                                h_prev, token_ids, position_ids, attention_mask, cache)
 
 
-class MiMoV2FlashForCausalLM(nn.Module):
+class MiMoV2FlashForCausalLM(PipelineStageHooks, nn.Module):
     model_type = MODEL_TYPE
     supports_mtp = True
+    text_attr = "model"
 
     def __init__(self, config: PretrainedConfig, num_mtp_layers: int | None = None, backend: str = "sdpa",
                  experts_impl: str = "auto", mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
@@ -253,13 +255,16 @@ class MiMoV2FlashForCausalLM(nn.Module):
         read `mtp_depth_embeds` (`plait.mtp.rolled_token_embeddings`, sent on by pipeline stage 0)."""
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         refuse_attention_dropout(self.config, self.training)
+        input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)
         if self.lm_head is None:  # a non-last pipeline stage
-            return CausalLMOutput(logits=None, hidden_states=trunk.hidden_states, past_key_values=past_key_values)
-        return lm_output(self, self.model, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
-                         past_key_values, use_cache, mtp_depth_embeds)
+            out = CausalLMOutput(logits=None, hidden_states=trunk.hidden_states, past_key_values=past_key_values)
+        else:
+            out = lm_output(self, self.model, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
+                            past_key_values, use_cache, mtp_depth_embeds)
+        return self._stage_result(out, labels, return_mtp_logits)
 
     # --- construction, weights, checkpoints -------------------------------------------------
 
@@ -303,6 +308,9 @@ class MiMoV2FlashForCausalLM(nn.Module):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+
+ModelClass = MiMoV2FlashForCausalLM  # the top-level class a loader builds for this file
 
 
 # ---------------------------------------------------------------------------------------------

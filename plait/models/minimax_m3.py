@@ -34,6 +34,7 @@ from plait.models.hf import load_hf_config
 from plait.models.minimax_m3_vision import MultiModalProjector, VisionTower, to_grid_list
 from plait.models.native import (
     CausalLMOutput,
+    PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
     check_layer_lists,
@@ -363,16 +364,14 @@ class MiniMaxM3TextModel(nn.Module):
             self.rotary.to(buffer_device)
 
 
-class _M3Base(nn.Module):
-    """What the text-only and the vision-language classes share: loss, construction, checkpoints."""
+class _M3Base(PipelineStageHooks, nn.Module):
+    """What the text-only and the vision-language classes share: loss, construction, checkpoints, and the
+    pipeline-stage protocol (`PipelineStageHooks`)."""
 
     text_attr = ""  # the attribute holding the text model (its prefix in this class's state dict)
     text_prefix_on_disk = ""  # the text model's key prefix in the HF checkpoint
     supports_mtp = True
     _keep_in_fp32_modules = ["rotary"]
-
-    def _text_model(self) -> MiniMaxM3TextModel:
-        return getattr(self, self.text_attr)
 
     def _build_text(self, text_config: PretrainedConfig, moe_config, backend: str, experts_impl: str,
                     num_mtp_layers: int, mtp_loss_scaling_factor: float, mtp_repeated_layer: bool,
@@ -479,8 +478,10 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 mtp_depth_embeds=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
-        return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                         return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+        input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
+        out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
+                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+        return self._stage_result(out, labels, return_mtp_logits)
 
 
 class MiniMaxM3SparseForConditionalGeneration(_M3Base):
@@ -503,6 +504,8 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                          mtp_loss_scaling_factor, mtp_repeated_layer,
                          tie=config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False))
 
+    _to_grid_list = staticmethod(to_grid_list)  # (t, h, w) per item from a tensor or nested lists
+
     def image_features(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """(patches, C*T*P*P) -> (tokens, text hidden): m x m patches become one token."""
         grid = to_grid_list(grid_thw)
@@ -522,6 +525,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
                 mtp_depth_embeds=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
+        input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -545,8 +549,12 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                                                   self.config.vision_config.spatial_merge_size, kind)
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
-        return self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                         return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+        out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
+                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+        return self._stage_result(out, labels, return_mtp_logits)
+
+
+ModelClass = MiniMaxM3SparseForConditionalGeneration  # the top-level class a loader builds for this file
 
 
 def splice_multimodal(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int,

@@ -367,3 +367,98 @@ def mtp_layers_in_checkpoint(hf_state: dict, prefix: str) -> int:
     if depths and depths != set(range(len(depths))):
         raise ValueError(f"checkpoint MTP layers: expected {prefix}mtp.layers.0..{len(depths) - 1}, got {sorted(depths)}")
     return len(depths)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline-stage protocol (what a schedule that runs a model's own forward per stage asks of it)
+# ---------------------------------------------------------------------------------------------
+
+MULTIMODAL_MODULES = ("vision_tower", "multi_modal_projector")
+
+
+class PipelineStageHooks:
+    """A native causal LM / VLM as a pipeline stage of its own: pruned in place (decoder layers deleted from the
+    ModuleDict, `embed_tokens`, `norm`, `lm_head`, the vision side set to None), its forward takes token ids on
+    the first stage and the previous stage's hidden states (in the `input_ids` slot, or as `inputs_embeds`)
+    later, and returns a plain tensor: hidden states, or the logits on the stage with the head. The same names
+    and conventions as NeMo AutoModel's native models, so a schedule written for those runs plait's too.
+    plait's own pipeline (`plait.parallel.pipeline`) wraps the stages from outside and uses the same forward.
+
+    A class sets `text_attr` (the attribute of its text model) and has `config`, `lm_head`."""
+
+    _pp_keep_self_forward = True  # the forward is stage-aware: a schedule need not replace it
+    text_attr = "model"
+
+    def _text_model(self) -> nn.Module:
+        return getattr(self, self.text_attr)
+
+    def _text_config(self) -> PretrainedConfig:
+        return getattr(self.config, "text_config", None) or self.config
+
+    def _is_pipeline_parallel_stage(self) -> bool:
+        """Whether this is a pruned stage: no head, no embedding, or fewer decoder layers than the config."""
+        text = self._text_model()
+        return (self.lm_head is None or text.embed_tokens is None
+                or len(text.layers) != self._text_config().num_hidden_layers)
+
+    def get_pipeline_stage_metas(self, *, is_first: bool, microbatch_size: int, seq_len: int,
+                                 dtype: torch.dtype) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Meta tensors of this stage's input and output, for a schedule's shape inference: the first stage
+        takes (mb, S) int64 token ids, the others (mb, S, H) hidden states in `dtype`; the stage with the LM head
+        gives (mb, S, V) logits in the head's dtype, the others hidden states."""
+        cfg = self._text_config()
+        hidden = torch.empty(microbatch_size, seq_len, cfg.hidden_size, device="meta", dtype=dtype)
+        inputs = (torch.empty(microbatch_size, seq_len, device="meta", dtype=torch.long) if is_first else hidden,)
+        if self.lm_head is None:
+            return inputs, (hidden,)
+        return inputs, (torch.empty(microbatch_size, seq_len, cfg.vocab_size, device="meta",
+                                    dtype=self.lm_head.weight.dtype),)
+
+    def customize_pipeline_stage_modules(self, module_names_per_stage: list[list[str]], *, layers_prefix: str,
+                                         text_model: nn.Module | None = None) -> list[list[str]]:
+        """A splitter's generic module names per stage -> this model's own paths. The generic names put the text
+        stack under `layers_prefix` (say "model.language_model.") and the vision side under "model."; here the
+        text model is `text_attr` and the vision modules are top-level. Every stage also keeps the text model's
+        rotary embedding (no weights; each stage's layers need its angles), and the last stage the MTP depths.
+        A name that matches no submodule is a ValueError."""
+        del text_model  # this model knows its own text model
+        prefix = f"{self.text_attr}."
+        stages = []
+        for names in module_names_per_stage:
+            stage = []
+            for name in names:
+                if layers_prefix != prefix and name.startswith(layers_prefix):
+                    name = prefix + name[len(layers_prefix):]
+                elif name.startswith("model.") and name[len("model."):] in MULTIMODAL_MODULES:
+                    name = name[len("model."):]
+                stage.append(name)
+            if prefix + "rotary" not in stage:
+                stage.append(prefix + "rotary")
+            stages.append(stage)
+        if stages and getattr(self._text_model(), "mtp", None) is not None and prefix + "mtp" not in stages[-1]:
+            stages[-1].append(prefix + "mtp")
+        for name in (n for stage in stages for n in stage):
+            try:
+                self.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"pipeline stage modules: {name!r} is not a module of {type(self).__name__} "
+                                 f"(text model at {self.text_attr!r})") from None
+        return stages
+
+    def _stage_inputs(self, input_ids, inputs_embeds):
+        """On a stage without the embedding, the hidden states handed on by the previous stage may arrive in
+        the `input_ids` slot (a float tensor); token ids are an error there."""
+        if input_ids is None or self._text_model().embed_tokens is not None:
+            return input_ids, inputs_embeds
+        if not (torch.is_tensor(input_ids) and input_ids.is_floating_point()):
+            raise ValueError(f"{type(self).__name__}: this pipeline stage has no embedding; pass the previous "
+                             f"stage's hidden states (B, S, H), not token ids")
+        if inputs_embeds is not None:
+            raise ValueError(f"{type(self).__name__}: hidden states came as input_ids and as inputs_embeds")
+        return None, input_ids
+
+    def _stage_result(self, out: CausalLMOutput, labels, return_mtp_logits: bool):
+        """A pruned stage answers with a plain tensor (unless a loss or MTP logits were asked for)."""
+        if not self._is_pipeline_parallel_stage() or labels is not None or return_mtp_logits:
+            return out
+        return out.hidden_states if self.lm_head is None else out.logits

@@ -369,10 +369,10 @@ class StageModule(ImageFeedingStage):
         if self.last and self.mtp_depths:
             out = self.model(**inputs, return_mtp_logits=True, mtp_depth_embeds=list(depth_embeds))
             return (out.logits, *out.mtp_logits)
-        out = self.model(**inputs)
+        out = self.model(**inputs)  # a pruned stage answers with a plain tensor (PipelineStageHooks)
         if self.last:
-            return out.logits
-        return (out.hidden_states, mask, *depth_embeds)
+            return out if torch.is_tensor(out) else out.logits
+        return (out if torch.is_tensor(out) else out.hidden_states, mask, *depth_embeds)
 
 
 def lm_and_mtp_loss(output: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor, lm_targets: float,
@@ -434,6 +434,8 @@ class MimoStageModule(nn.Module):
         else:
             self.model.set_input_tensor(x)
             out, _ = self.model(None)
+        if torch.is_tensor(out):  # a pruned native language model answers with a plain tensor
+            return out
         return out.logits if self.last else out.hidden_states
 
 

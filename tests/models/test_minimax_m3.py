@@ -392,3 +392,55 @@ def test_a_scaled_rope_matches_transformers(tmp_path):
     ids = torch.randint(3, 40, (2, 40))
     with torch.no_grad():
         assert_close(ours(input_ids=ids).logits, ref(input_ids=ids).logits, tol=1e-4)
+
+
+def _keep_only(model, names):
+    """Prune a copy of `model` in place to the module paths `names` (a stage of a splitter that nulls the rest)."""
+    import copy
+
+    stage = copy.deepcopy(model)
+    text = stage._text_model()
+    for key in list(text.layers.keys()):
+        if f"{stage.text_attr}.layers.{key}" not in names:
+            del text.layers[key]
+    for path in ("vision_tower", "multi_modal_projector", "lm_head", f"{stage.text_attr}.embed_tokens",
+                 f"{stage.text_attr}.norm"):
+        if path not in names and hasattr(stage, path.split(".")[0]):
+            parent, _, attr = path.rpartition(".")
+            setattr(stage.get_submodule(parent) if parent else stage, attr, None)
+    return stage
+
+
+def test_pipeline_stage_hooks_split_the_model_as_a_schedule_would(pair):
+    # generic names as a splitter writes them for a VLM (text stack under model.language_model., vision under
+    # model.), mapped to this model's paths; the pruned stages, chained, give the whole model's logits
+    ref, ours, _ = pair
+    ids, _, images = _batch()
+    inputs = _m3_inputs(ref.config, images)
+    generic = [["model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
+                "model.language_model.layers.0"],
+               ["model.language_model.layers.1"],
+               [f"model.language_model.layers.{i}" for i in range(2, ours.config.text_config.num_hidden_layers)]
+               + ["model.language_model.norm", "lm_head"]]
+    stages = ours.customize_pipeline_stage_modules(generic, layers_prefix="model.language_model.")
+    assert stages[0][:3] == ["vision_tower", "multi_modal_projector", "language_model.embed_tokens"]
+    assert all("language_model.rotary" in s for s in stages) and stages[2][-2:] == ["lm_head", "language_model.rotary"]
+    parts = [_keep_only(ours, names) for names in stages]
+    assert not ours._is_pipeline_parallel_stage() and all(p._is_pipeline_parallel_stage() for p in parts)
+    assert ours._pp_keep_self_forward and plait.models.minimax_m3.ModelClass is type(ours)
+    assert ours._to_grid_list([[1, 4, 6]]).tolist() == [[1, 4, 6]]
+    with torch.no_grad():
+        h = parts[0](input_ids=ids, **inputs)
+        (meta_in,), (meta_out,) = parts[0].get_pipeline_stage_metas(is_first=True, microbatch_size=2,
+                                                                     seq_len=ids.shape[1], dtype=torch.float32)
+        assert meta_in.dtype == torch.long and meta_in.shape == ids.shape and meta_out.shape == h.shape
+        h = parts[1](input_ids=h)  # hidden states in the ids slot
+        logits = parts[2](inputs_embeds=h)
+        (meta_in,), (meta_out,) = parts[2].get_pipeline_stage_metas(is_first=False, microbatch_size=2,
+                                                                     seq_len=ids.shape[1], dtype=torch.float32)
+        assert meta_in.shape == h.shape and meta_out.shape == logits.shape == (2, ids.shape[1], 40)
+        assert_close(logits, ours(input_ids=ids, **inputs).logits, tol=1e-5)
+    with pytest.raises(ValueError, match="no embedding; pass the previous stage's hidden states"):
+        parts[1](input_ids=ids)
+    with pytest.raises(ValueError, match="'language_model.layers.99' is not a module"):
+        ours.customize_pipeline_stage_modules([["model.language_model.layers.99"]], layers_prefix="model.language_model.")
