@@ -281,9 +281,10 @@ class MTPLayer(nn.Module):
 class MiniMaxM3TextModel(nn.Module):
     """`moe_config` replaces the MoE settings read from the config (e.g. another experts implementation)."""
 
-    def __init__(self, config: PretrainedConfig, moe_config: MoEConfig | None = None, backend: str = "sdpa",
+    def __init__(self, config: PretrainedConfig, moe_config: MoEConfig | None = None, backend: str | None = None,
                  experts_impl: str = "auto", mtp_config: MTPConfig | None = None):
         super().__init__()
+        backend = backend or "sdpa"  # None: the default attention implementation
         check_layer_lists(config, "text_config")
         self.config = config
         moe_cfg = moe_config or build_moe_config(config, experts_impl)
@@ -467,10 +468,11 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
     text_attr = "model"
     text_prefix_on_disk = "model."
 
-    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str | None = None, experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
+        backend = backend or "sdpa"  # None: the default attention implementation
         self._build_text(config, moe_config, backend, experts_impl, num_mtp_layers, mtp_loss_scaling_factor,
                          mtp_repeated_layer, tie=config.tie_word_embeddings)
 
@@ -492,10 +494,11 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
     text_attr = "language_model"
     text_prefix_on_disk = "language_model.model."
 
-    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", experts_impl: str = "auto",
+    def __init__(self, config: PretrainedConfig, moe_config=None, backend: str | None = None, experts_impl: str = "auto",
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
+        backend = backend or "sdpa"  # None: the default attention implementation
         check_layer_lists(config.text_config, "text_config")  # before anything is built from it
         check_positive_sizes(config.vision_config, "vision_config", VISION_SIZES)
         self.vision_tower = VisionTower(config.vision_config, backend)

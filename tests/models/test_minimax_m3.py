@@ -16,6 +16,7 @@ from plait.models.minimax_m3 import (
     MiniMaxM3SparseForCausalLM,
     MiniMaxM3SparseForConditionalGeneration,
     StateDictAdapter,
+    build_moe_config,
     content_blocks,
 )
 from plait.models.minimax_m3_vision import to_grid_list
@@ -285,6 +286,17 @@ def test_content_blocks_follow_documents_and_skip_padding():
     right = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
     assert content_blocks(right, None, 8, 2, queries_are_keys=True) is None
     assert content_blocks(right, None, 8, 2) is not None and content_blocks(valid, None, 8, 2, True) is not None
+
+
+def test_constructors_take_config_moe_config_and_backend():
+    cfg = plait.models.to_hf_config(vl_config("sparse"))
+    default = MiniMaxM3SparseForConditionalGeneration(cfg, None, None)
+    eager = MiniMaxM3SparseForConditionalGeneration(cfg, build_moe_config(cfg.text_config, "loop"), "eager")
+    assert default.language_model.layers["1"].self_attn.backend == "sdpa"
+    assert eager.language_model.layers["1"].self_attn.backend == "eager"
+    assert eager.language_model.layers["1"].mlp.experts.impl == "loop"
+    with pytest.raises(ValueError, match="attention backend"):
+        MiniMaxM3SparseForConditionalGeneration(cfg, None, "fast")
 
 
 def test_from_config_init_and_fp32_rotary():
