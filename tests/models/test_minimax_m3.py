@@ -367,6 +367,7 @@ def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(
         assert_close(grad, sum(a[1][name] for a in alone if name in a[1]), tol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # the width-0 shared experts
 @pytest.mark.parametrize("vl", [False, True])
 def test_a_checkpoint_without_shared_experts_loads_and_saves(tmp_path, vl):
     # shared_intermediate_size = 0: transformers keeps width-0 shared experts and saves their empty weights
