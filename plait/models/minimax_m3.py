@@ -49,7 +49,7 @@ from plait.models.native import (
     refuse_attention_dropout,
     save_checkpoint,
 )
-from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache
+from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache, document_ranks
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
 from plait.nn.moe import MoE, MoEConfig
@@ -80,13 +80,9 @@ def content_blocks(valid: torch.Tensor | None, documents: torch.Tensor | None, n
     if documents is None and (valid is None or bool(valid.all())):
         return None
     B = (valid if valid is not None else documents).shape[0]
-    real = (valid if valid is not None else torch.ones(B, n_keys, dtype=torch.bool, device=documents.device)).long()
-    before = real.cumsum(dim=1) - real  # real keys of the row before each slot
-    if documents is not None:  # counted from the document's first slot
-        starts = torch.ones_like(documents, dtype=torch.bool)
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-        before = before - torch.where(starts, before, 0).cummax(dim=1).values
-    opens = (real == 1) & (before % block_size == 0)
+    real = valid if valid is not None else torch.ones(B, n_keys, dtype=torch.bool, device=documents.device)
+    before = document_ranks(real, documents)
+    opens = real & (before % block_size == 0)
     key_block = (opens.long().cumsum(dim=1) - 1).clamp(min=0)  # a padded key joins the block about it
     return key_block, before
 

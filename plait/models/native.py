@@ -20,7 +20,7 @@ import re
 from plait.checkpoint import read_model_weights, write_model_weights
 from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
-from plait.nn.attention import Attention, AttentionMask, KVCache
+from plait.nn.attention import Attention, AttentionMask, KVCache, document_ranks
 from plait.nn.moe import MoE, Router, collect_aux_loss
 from plait.nn.norm import RMSNorm
 
@@ -132,7 +132,8 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
     if S == 0 and B:
         raise ValueError(f"inputs: expected at least one token per row, got shape {list(h.shape[:2])}")
     past = past_key_values.seen if past_key_values is not None else 0
-    if position_ids is None:
+    derived = position_ids is None
+    if derived:
         position_ids = torch.arange(past, past + S, device=h.device)
     elif position_ids.shape[-1] != S:
         raise ValueError(f"position_ids: expected {S} positions per row, got shape {list(position_ids.shape)}")
@@ -141,9 +142,20 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
         raise ValueError(f"position_ids: expected integer positions of shape ({B}, {S}) or ({S},), got "
                          f"{position_ids.dtype} of shape {list(position_ids.shape)}")
     position_ids = position_ids.expand(B, S)
-    mask = AttentionMask.build(B, S, h.device, position_ids=position_ids, padding_mask=attention_mask,
-                               cu_seqlens=cu_seqlens, past_length=past)
+    mask = AttentionMask.build(B, S, h.device, position_ids=None if derived else position_ids,
+                               padding_mask=attention_mask, cu_seqlens=cu_seqlens, past_length=past)
+    if derived and (mask.documents is not None or (attention_mask is not None and not bool(attention_mask.all()))):
+        position_ids = positions_in_documents(attention_mask, mask.documents, S)
     return position_ids, mask
+
+
+def positions_in_documents(attention_mask: torch.Tensor | None, documents: torch.Tensor | None,
+                           seq_len: int) -> torch.Tensor:
+    """Position ids when none are given: each token's index among the real tokens of its document (what
+    `generate` passes for left-padded prompts), so that a padded or packed row places every document as it
+    would stand alone. attention_mask (B, past + S), documents (B, S) or None -> (B, S)."""
+    real = attention_mask if attention_mask is not None else torch.ones_like(documents, dtype=torch.long)
+    return document_ranks(real, documents)[:, -seq_len:]  # documents come without a cache: real is (B, S) then
 
 
 def mtp_decode_step(mtp: nn.Module, embed_tokens: nn.Module, rotary: nn.Module, window: int | None, depth: int,

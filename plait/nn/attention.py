@@ -158,6 +158,18 @@ class AttentionMask:
         return allowed
 
 
+def document_ranks(real: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Each slot's count of the real tokens before it in its document: a real token's index among its document's
+    real tokens. real (B, K) bool or 0/1 (padding 0), documents (B, K) ids or None (one per row) -> (B, K) int64."""
+    real = real.long()
+    before = real.cumsum(dim=1) - real  # real tokens of the row before each slot
+    if documents is not None:  # counted from the document's first slot
+        starts = torch.ones_like(documents, dtype=torch.bool)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        before = before - torch.where(starts, before, 0).cummax(dim=1).values
+    return before
+
+
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
     """cu_seqlens (D + 1,) offsets into the flattened (B * S) stream -> (B, S) document ids."""
     cu = cu_seqlens.to(torch.long).cpu()

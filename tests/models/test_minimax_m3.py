@@ -320,13 +320,16 @@ def test_the_run_config_picks_native_or_stock_classes():
     assert isinstance(stock, Reference)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager", "flex"])  # flex trains through sdpa on CPU
-def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(tmp_path, backend):
+# flex trains through sdpa on CPU; an indexer head dim below the rotary width rotates its q, k by a part of the
+# angles only, so its scores depend on absolute positions: rows without position ids need them derived
+@pytest.mark.parametrize("backend, index_head_dim", [("sdpa", 32), ("eager", 32), ("flex", 32), ("sdpa", 6)])
+def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(tmp_path, backend, index_head_dim):
     # blocks of 2, top-2, one local block: every sparse layer drops blocks. A left-padded row, a packed row (by
     # restarting position ids and by cu_seqlens) and a packed row with a padded tail must give each document the
     # logits and gradients transformers gives that document alone
     cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
-                                   | {"index_block_size": 2}), vocab_size=40, pad_token_id=0)
+                                   | {"index_block_size": 2, "index_head_dim": index_head_dim}),
+                                vocab_size=40, pad_token_id=0)
     torch.manual_seed(0)
     ref = randomize(TextReference(cfg)).eval()
     ref.save_pretrained(tmp_path)
@@ -353,6 +356,7 @@ def test_left_padded_and_packed_rows_on_sparse_layers_match_each_document_alone(
         spans = [(0, 0, 0), (0, 11, 1), (0, 18, 2)]
         check(packed, spans, position_ids=positions)
         check(packed, spans, position_ids=positions, cu_seqlens=torch.tensor([0, 11, 18, 23]))
+        check(packed, spans, cu_seqlens=torch.tensor([0, 11, 18, 23]))  # positions from the documents
         tail = torch.cat([packed, torch.zeros(1, 3, dtype=torch.long)], dim=1)
         check(tail, spans, attention_mask=(torch.arange(26) < 23).long().view(1, -1),
               position_ids=torch.cat([positions, torch.arange(3).view(1, -1)], dim=1))
