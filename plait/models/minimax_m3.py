@@ -178,8 +178,12 @@ class LightningIndexer(nn.Module):
             own = key_block[:, slots].view(B, 1, S, 1)
             first = own - (rank[:, slots] // self.block_size).view(B, 1, S, 1)  # its document's first block
         if self.local_blocks > 0:  # the query's own block and the ones before it in its document always win
-            local = torch.maximum(own - torch.arange(self.local_blocks, device=x.device).view(1, 1, 1, -1), first)
-            block_scores.scatter_(-1, local.expand(B, self.num_heads, S, -1), float("inf"))
+            distance = torch.arange(self.local_blocks, device=x.device)
+            local = torch.maximum(own - distance.view(1, 1, 1, -1), first).expand(B, self.num_heads, S, -1)
+            # above any real score, nearer blocks higher: with more local blocks than picks the nearest are kept
+            # (the reference's +inf ties leave that to topk's order), the query's own block first
+            boost = torch.finfo(block_scores.dtype).max * 0.5 ** distance.to(block_scores.dtype)
+            block_scores.scatter_(-1, local, boost.expand_as(local).contiguous())
         # a stable sort, not topk: tied blocks resolve to the lowest index whatever the key count, so a query
         # picks the same blocks in one forward, step by step, or after a crop
         ranked, order = block_scores.sort(dim=-1, descending=True, stable=True)

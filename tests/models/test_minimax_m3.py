@@ -461,3 +461,19 @@ def test_pipeline_stage_hooks_split_the_model_as_a_schedule_would(pair):
         parts[1](input_ids=ids)
     with pytest.raises(ValueError, match="'language_model.layers.99' is not a module"):
         ours.customize_pipeline_stage_modules([["model.language_model.layers.99"]], layers_prefix="model.language_model.")
+
+
+def test_with_more_local_blocks_than_picks_the_nearest_are_kept():
+    # 3 local blocks, top-2: every query keeps its own block and the one before it (transformers' +inf ties
+    # leave the choice to topk's order, which may drop the query's own block)
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
+                                   | {"index_block_size": 2, "index_local_blocks": 3}), vocab_size=40, pad_token_id=0)
+    indexer = LightningIndexer(cfg)
+    S = 11
+    x = torch.randn(1, S, cfg.hidden_size)
+    rope = plait.nn.rope.RotaryEmbedding(cfg.head_dim, 1e4, 0.5)(torch.arange(S).view(1, S))
+    keep = indexer(x, rope, AttentionMask.build(1, S, "cpu")).keep  # (1, h, S, blocks)
+    own = torch.arange(S) // 2
+    for q in range(S):
+        expected = {int(own[q]), max(int(own[q]) - 1, 0)}
+        assert set(keep[0, 0, q].nonzero().view(-1).tolist()) == expected, q
