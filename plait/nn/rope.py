@@ -47,9 +47,13 @@ SCALED_ROPE_TYPES = ("linear", "yarn", "llama3")
 
 
 def _param(params: dict, key: str, rope_type: str):
-    if params.get(key) is None:
+    """A required positive number of a scaled rope type."""
+    value = params.get(key)
+    if value is None:
         raise ValueError(f"rope_type {rope_type!r} needs {key!r}, got {params!r:.300}")
-    return params[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"rope_type {rope_type!r}: {key!r} must be a positive number, got {value!r}")
+    return value
 
 
 def scaled_frequencies(inv_freq: torch.Tensor, dim: int, base: float, params: dict,
@@ -65,6 +69,8 @@ def scaled_frequencies(inv_freq: torch.Tensor, dim: int, base: float, params: di
     if rope_type == "llama3":
         factor, low, high = (_param(params, k, rope_type) for k in ("factor", "low_freq_factor", "high_freq_factor"))
         context = _param(params, "original_max_position_embeddings", rope_type)
+        if high <= low:
+            raise ValueError(f"rope_type 'llama3': high_freq_factor must exceed low_freq_factor, got {high} <= {low}")
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)  # long waves: interpolated
         smooth = (context / wavelen - low) / (high - low)
@@ -73,11 +79,12 @@ def scaled_frequencies(inv_freq: torch.Tensor, dim: int, base: float, params: di
         return torch.where(medium, smoothed, scaled), 1.0
     if rope_type == "yarn":
         original = _param(params, "original_max_position_embeddings", rope_type)
-        factor = params.get("factor")
-        if factor is None:
+        if params.get("factor") is None:
             if max_position_embeddings is None:
                 raise ValueError("rope_type 'yarn' without 'factor' needs max_position_embeddings")
             factor = max_position_embeddings / original
+        else:
+            factor = _param(params, "factor", rope_type)
 
         def mscale(scale, m=1.0):
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

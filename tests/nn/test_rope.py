@@ -151,6 +151,13 @@ def test_bad_rotary_settings_are_clear_errors():
         rotary_per_layer_type(64, {"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}})
     with pytest.raises(ValueError, match=r"rope_type: plait supports 'default', 'linear', 'yarn', 'llama3' .*got 'dynamic'"):
         rotary_from_parameters(64, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
+    for bad, match in [({"rope_type": "linear", "factor": -2.0}, "'factor' must be a positive number, got -2.0"),
+                       ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 0},
+                        "'original_max_position_embeddings' must be a positive number"),
+                       ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                         "original_max_position_embeddings": 64}, "high_freq_factor must exceed low_freq_factor")]:
+        with pytest.raises(ValueError, match=match):
+            rotary_from_parameters(64, {"rope_theta": 1e4, **bad})
     with pytest.raises(ValueError, match="expected a dict with 'rope_theta'"):
         rotary_from_parameters(64, {"rope_type": "default"})
     # an entry that no layer type uses is not read (transformers ignores it too)
