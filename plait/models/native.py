@@ -418,6 +418,11 @@ class PipelineStageHooks:
         """Meta tensors of this stage's input and output, for a schedule's shape inference: the first stage
         takes (mb, S) int64 token ids, the others (mb, S, H) hidden states in `dtype`; the stage with the LM head
         gives (mb, S, V) logits in the head's dtype, the others hidden states."""
+        for name, value in (("microbatch_size", microbatch_size), ("seq_len", seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"get_pipeline_stage_metas: {name} must be a positive integer, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"get_pipeline_stage_metas: dtype must be a floating torch.dtype, got {dtype!r}")
         cfg = self._text_config()
         hidden = torch.empty(microbatch_size, seq_len, cfg.hidden_size, device="meta", dtype=dtype)
         inputs = (torch.empty(microbatch_size, seq_len, device="meta", dtype=torch.long) if is_first else hidden,)

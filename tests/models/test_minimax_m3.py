@@ -459,6 +459,10 @@ def test_pipeline_stage_hooks_split_the_model_as_a_schedule_would(pair):
         assert_close(logits, ours(input_ids=ids, **inputs).logits, tol=1e-5)
     with pytest.raises(ValueError, match="no embedding; pass the previous stage's hidden states"):
         parts[1](input_ids=ids)
+    with pytest.raises(ValueError, match="microbatch_size must be a positive integer, got 0"):
+        ours.get_pipeline_stage_metas(is_first=True, microbatch_size=0, seq_len=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype"):
+        ours.get_pipeline_stage_metas(is_first=True, microbatch_size=1, seq_len=4, dtype=torch.long)
     with pytest.raises(ValueError, match="'language_model.layers.99' is not a module"):
         ours.customize_pipeline_stage_modules([["model.language_model.layers.99"]], layers_prefix="model.language_model.")
 
