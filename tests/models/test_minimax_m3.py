@@ -481,3 +481,14 @@ def test_with_more_local_blocks_than_picks_the_nearest_are_kept():
     for q in range(S):
         expected = {int(own[q]), max(int(own[q]) - 1, 0)}
         assert set(keep[0, 0, q].nonzero().view(-1).tolist()) == expected, q
+
+
+def test_the_stage_module_mapping_puts_the_mtp_depths_on_the_last_stage():
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
+                                vocab_size=40, pad_token_id=0)
+    model = MiniMaxM3SparseForCausalLM(cfg, num_mtp_layers=1)
+    stages = model.customize_pipeline_stage_modules(
+        [["model.embed_tokens", "model.layers.0"], ["model.layers.1", "model.layers.2", "model.norm", "lm_head"]],
+        layers_prefix="model.")
+    assert stages == [["model.embed_tokens", "model.layers.0", "model.rotary"],
+                      ["model.layers.1", "model.layers.2", "model.norm", "lm_head", "model.rotary", "model.mtp"]]
