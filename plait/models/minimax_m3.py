@@ -48,6 +48,7 @@ from plait.models.native import (
     positions_and_mask,
     refuse_attention_dropout,
     save_checkpoint,
+    text_config_of,
 )
 from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache, document_ranks
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
@@ -156,9 +157,7 @@ class LightningIndexer(nn.Module):
         if kv_cache is not None:  # the indexer's keys are cached beside the layer's K and V (all slots: no window)
             if kv_cache.index_keys is not None:
                 k = torch.cat([kv_cache.index_keys, k], dim=2)
-                k_positions = torch.cat([kv_cache.positions, mask.positions])
-                new_valid = mask.valid if mask.valid is not None else torch.ones(B, S, dtype=torch.bool, device=x.device)
-                k_valid = torch.cat([kv_cache.valid, new_valid], dim=1)
+                k_positions, k_valid = kv_cache.slots_with(mask, B)
             kv_cache.index_keys = k
         Sk = k.shape[2]
         layout = content_blocks(k_valid, mask.documents, Sk, self.block_size, queries_are_keys=kv_cache is None)
@@ -400,7 +399,7 @@ class _M3Base(PipelineStageHooks, nn.Module):
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
              return_logits, return_mtp_logits, use_cache, mtp_depth_embeds=None) -> MiniMaxM3CausalLMOutput:
         """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
-        refuse_attention_dropout(_text_config(self.config), self.training)
+        refuse_attention_dropout(self._text_config(), self.training)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         text = self._text_model()
@@ -420,7 +419,7 @@ class _M3Base(PipelineStageHooks, nn.Module):
 
     @torch.no_grad()
     def initialize_weights(self, buffer_device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        init_reference_weights(self, _text_config(self.config).initializer_range)
+        init_reference_weights(self, self._text_config().initializer_range)
         if dtype is not None:
             self.to(dtype)  # rotary inv_freq stays float32 (RotaryEmbedding recomputes it on every move)
         if buffer_device is not None:
@@ -472,7 +471,6 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
                  num_mtp_layers: int = 0, mtp_loss_scaling_factor: float = 0.1, mtp_repeated_layer: bool = False):
         super().__init__()
         self.config = config
-        backend = backend or "sdpa"  # None: the default attention implementation
         self._build_text(config, moe_config, backend, experts_impl, num_mtp_layers, mtp_loss_scaling_factor,
                          mtp_repeated_layer, tie=config.tie_word_embeddings)
 
@@ -587,10 +585,6 @@ def _fits(per_sample: list[int], per_item: list[int]) -> bool:
     return i == len(per_item)
 
 
-def _text_config(config: PretrainedConfig) -> PretrainedConfig:
-    return getattr(config, "text_config", None) or config
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoint adapter
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +614,7 @@ class StateDictAdapter:
 
     def __init__(self, config: PretrainedConfig):
         self.vl = config.model_type == VL_MODEL_TYPE
-        self.text = _text_config(config)
+        self.text = text_config_of(config)
         if self.vl:
             v = config.vision_config
             self.patch_shape = (v.hidden_size, v.num_channels, v.temporal_patch_size, v.patch_size, v.patch_size)

@@ -388,6 +388,11 @@ def mtp_layers_in_checkpoint(hf_state: dict, prefix: str) -> int:
 MULTIMODAL_MODULES = ("vision_tower", "multi_modal_projector")
 
 
+def text_config_of(config: PretrainedConfig) -> PretrainedConfig:
+    """A vision-language config's text config; a text model's config itself."""
+    return getattr(config, "text_config", None) or config
+
+
 class PipelineStageHooks:
     """A native causal LM / VLM as a pipeline stage of its own: pruned in place (decoder layers deleted from the
     ModuleDict, `embed_tokens`, `norm`, `lm_head`, the vision side set to None), its forward takes token ids on
@@ -405,7 +410,7 @@ class PipelineStageHooks:
         return getattr(self, self.text_attr)
 
     def _text_config(self) -> PretrainedConfig:
-        return getattr(self.config, "text_config", None) or self.config
+        return text_config_of(self.config)
 
     def _is_pipeline_parallel_stage(self) -> bool:
         """Whether this is a pruned stage: no head, no embedding, or fewer decoder layers than the config."""

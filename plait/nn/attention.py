@@ -213,9 +213,9 @@ class KeyBlocks:
             starts = [min(j * self.block_size, n_keys) for j in range(n_blocks)]
             ends = [min((j + 1) * self.block_size, n_keys) for j in range(n_blocks)]
             return [starts] * B, [ends] * B
-        blocks = torch.arange(n_blocks, device=self.key_block.device)
-        ends = torch.searchsorted(self.key_block, blocks.expand(B, n_blocks).contiguous(), right=True)
-        starts = torch.searchsorted(self.key_block, blocks.expand(B, n_blocks).contiguous(), right=False)
+        blocks = torch.arange(n_blocks, device=self.key_block.device).expand(B, n_blocks).contiguous()
+        starts = torch.searchsorted(self.key_block, blocks, right=False)
+        ends = torch.searchsorted(self.key_block, blocks, right=True)
         return starts.tolist(), ends.tolist()
 
 
@@ -623,16 +623,21 @@ class LayerKVCache:
         self.k = self.v = self.positions = self.valid = None
         self.index_keys = None  # the lightning indexer's keys (MiniMax-M3 sparse layers), one per stream slot
 
+    def slots_with(self, mask: AttentionMask, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stream slots (Sk,) and padding (B, Sk) of the cached keys followed by the new tokens', nothing stored."""
+        new_valid = mask.valid if mask.valid is not None else torch.ones(
+            batch_size, mask.positions.numel(), dtype=torch.bool, device=mask.positions.device)
+        if self.positions is None:
+            return mask.positions, new_valid
+        return torch.cat([self.positions, mask.positions]), torch.cat([self.valid, new_valid], dim=1)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask):
-        B, S = k.shape[0], k.shape[2]
-        new_valid = mask.valid if mask.valid is not None else torch.ones(B, S, dtype=torch.bool, device=k.device)
+        positions, valid = self.slots_with(mask, k.shape[0])
         if self.k is None:
-            keys, values, positions, valid = k, v, mask.positions, new_valid
+            keys, values = k, v
         else:
             keys = torch.cat([self.k, k], dim=2)
             values = torch.cat([self.v, v], dim=2)
-            positions = torch.cat([self.positions, mask.positions])
-            valid = torch.cat([self.valid, new_valid], dim=1)
         start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1 + self.spare), 0)
         keep = slice(start, None)
         self.k, self.v = keys[:, :, keep], values[:, :, keep]
