@@ -87,15 +87,20 @@ def _random_key_blocks(B, h, S, block, picks, seed=0, own_block=True):
     """Each query keeps `picks` random blocks among those that start at or before it, plus its own (when
     `own_block`; otherwise some queries leave out the block they sit in)."""
     g = torch.Generator().manual_seed(seed)
-    n_blocks = -(-S // block)
-    own = torch.arange(S) // block
-    scores = torch.rand(B, h, S, n_blocks, generator=g).masked_fill(torch.arange(n_blocks) > own.view(S, 1), -1.0)
+    own = (torch.arange(S) // block).view(1, 1, S, 1)
+    return KeyBlocks(_random_picks(g, B, h, S, -(-S // block), own, picks, own_block), block)
+
+
+def _random_picks(g, B, h, S, n_blocks, own, picks, own_block=True):
+    """(B, h, S, n_blocks) bool: up to `picks` random blocks at or before each query's own block `own`
+    ((B | 1, 1, S, 1)), plus the own block when `own_block`."""
+    scores = torch.rand(B, h, S, n_blocks, generator=g).masked_fill(torch.arange(n_blocks) > own, -1.0)
     keep = torch.zeros(B, h, S, n_blocks, dtype=torch.bool)
     keep.scatter_(-1, scores.topk(min(picks, n_blocks), dim=-1).indices, True)
     keep &= scores >= 0
     if own_block:
-        keep.scatter_(-1, own.view(1, 1, S, 1).expand(B, h, S, 1), True)
-    return KeyBlocks(keep, block)
+        keep.scatter_(-1, own.expand(B, h, S, 1), True)
+    return keep
 
 
 @pytest.mark.parametrize("mask_kind", ["plain", "padded", "packed"])
@@ -108,6 +113,13 @@ def test_key_block_selection_matches_eager(monkeypatch, mask_kind, dims, index_h
     q, k, v = _inputs(B, H, Hk, S, D, Dv)
     mask = _mask(mask_kind, B, S)
     blocks = _random_key_blocks(B, index_heads, S, block=4, picks=3, own_block=own_block)
+    _check_key_blocks_against_eager(monkeypatch, q, k, v, mask, blocks, window)
+
+
+def _check_key_blocks_against_eager(monkeypatch, q, k, v, mask, blocks, window):
+    """sdpa (the CPU's block-gather plan), the GPU's query-tile plan and flex against eager under `blocks`:
+    outputs within 1e-5 and gradients, and the selection does narrow attention."""
+    D = q.shape[-1]
     out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
     out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
     assert_close(out, out_ref, tol=1e-5)
@@ -134,13 +146,7 @@ def _random_id_blocks(B, h, S, picks, seed=0):
     for b in range(B):
         sizes = torch.randint(1, 7, (S,), generator=g)
         key_block[b] = torch.repeat_interleave(torch.arange(S), sizes)[:S]
-    n_blocks = int(key_block.max()) + 1
-    own = key_block.view(B, 1, S, 1)
-    scores = torch.rand(B, h, S, n_blocks, generator=g).masked_fill(torch.arange(n_blocks) > own, -1.0)
-    keep = torch.zeros(B, h, S, n_blocks, dtype=torch.bool)
-    keep.scatter_(-1, scores.topk(min(picks, n_blocks), dim=-1).indices, True)
-    keep &= scores >= 0
-    keep.scatter_(-1, own.expand(B, h, S, 1), True)
+    keep = _random_picks(g, B, h, S, int(key_block.max()) + 1, key_block.view(B, 1, S, 1), picks)
     return KeyBlocks(keep, 4, key_block)
 
 
@@ -154,20 +160,7 @@ def test_key_blocks_by_id_match_eager(monkeypatch, mask_kind, index_heads, windo
     q, k, v = _inputs(B, H, Hk, S, D, Dv)
     mask = _mask(mask_kind, B, S)
     blocks = _random_id_blocks(B, index_heads, S, picks=3)
-    out_ref, g_ref = _run("eager", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
-    out, g = _run("sdpa", q, k, v, mask, None, scale=D**-0.5, window=window, restrict=blocks)
-    assert_close(out, out_ref, tol=1e-5)
-    assert_grads_close(g, g_ref)
-    monkeypatch.setattr(sdpa_module, "SPARSE_TILE_QUERIES", 8)
-    out_tiles, g_tiles = _run_fn(lambda q, k, v: attention_module._block_sparse_attention(
-        q, k, v, mask, blocks, scale=D**-0.5, window=window), q, k, v)
-    assert_close(out_tiles, out_ref, tol=1e-5)
-    assert_grads_close(g_tiles, g_ref)
-    with torch.no_grad():
-        full = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="eager")
-        flex = attend(q, k, v, mask, scale=D**-0.5, window=window, backend="flex", restrict=blocks)
-    assert (full - out_ref).abs().max() > 1e-3
-    assert_close(flex, out_ref, tol=1e-5)
+    _check_key_blocks_against_eager(monkeypatch, q, k, v, mask, blocks, window)
     with pytest.raises(ValueError, match="key_block"):
         attend(q, k, v, mask, scale=1.0, restrict=KeyBlocks(blocks.keep, 4, blocks.key_block[:, :-1]))
 
