@@ -53,7 +53,7 @@ from plait.models.native import (
 from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache, document_ranks
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig
+from plait.nn.moe import MoE, MoEConfig, moe_layers, pooled_load_balancing_loss, set_keep_router_logits
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary, rotary_from_parameters
 
@@ -208,7 +208,11 @@ class IndexedAttention(Attention):
         return super().forward(x, rope, mask, kv_cache, restrict=restrict)
 
 
-def build_moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfig:
+def build_moe_config(config: PretrainedConfig, dtype: torch.dtype | None = None, experts_impl: str = "auto") -> MoEConfig:
+    """The routed experts' settings from an M3 text config; `dtype` is their parameters' (None: torch's default)."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"build_moe_config: dtype expected a torch.dtype or None, got {dtype!r} "
+                         f"(the experts implementation is the keyword experts_impl)")
     return MoEConfig(
         hidden_size=config.hidden_size,
         num_experts=config.num_local_experts,
@@ -220,11 +224,12 @@ def build_moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> Mo
         routed_scaling_factor=config.routed_scaling_factor,
         score_correction_bias=True,
         bias_update_rate=float(getattr(config, "router_bias_update_rate", 0.0) or 0.0),
-        # plait's own key: a per-layer Switch balance loss (transformers pools it over layers, and only when
-        # output_router_logits is set); M3's balancing is the correction bias, updated after each step
+        # plait's own key: a per-layer Switch balance loss, which also works on pipeline stages (transformers'
+        # pooled one, under output_router_logits, is the model's); M3's balancing is the correction bias
         aux_loss_coef=float(getattr(config, "moe_aux_loss_coef", 0.0) or 0.0),
         shared_intermediate_size=config.shared_intermediate_size,
         experts_impl=experts_impl,
+        dtype=dtype,
     )
 
 
@@ -286,7 +291,7 @@ class MiniMaxM3TextModel(nn.Module):
         backend = backend or "sdpa"  # None: the default attention implementation
         check_layer_lists(config, "text_config")
         self.config = config
-        moe_cfg = moe_config or build_moe_config(config, experts_impl)
+        moe_cfg = moe_config or build_moe_config(config, experts_impl=experts_impl)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleDict({
             str(i): DecoderLayer(config, config.layer_types[i], config.mlp_layer_types[i], backend, moe_cfg)
@@ -397,19 +402,43 @@ class _M3Base(PipelineStageHooks, nn.Module):
         self._text_model().embed_tokens = module
 
     def _run(self, input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-             return_logits, return_mtp_logits, use_cache, mtp_depth_embeds=None) -> MiniMaxM3CausalLMOutput:
-        """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux loss when enabled)."""
+             return_logits, return_mtp_logits, use_cache, mtp_depth_embeds=None,
+             output_router_logits: bool | None = None) -> MiniMaxM3CausalLMOutput:
+        """The text model, the head, and the loss: main CE (+ MTP depths' CE) (+ MoE aux losses when enabled:
+        plait's per-layer one, and transformers' pooled one under `output_router_logits`)."""
         refuse_attention_dropout(self._text_config(), self.training)
+        pool_router_logits = self.router_aux_loss_enabled(output_router_logits)
+        if pool_router_logits and self._is_pipeline_parallel_stage():
+            raise ValueError("output_router_logits: transformers' load-balancing loss pools the router logits of "
+                             "every decoder layer, which one pipeline stage does not hold; expected it off on a "
+                             "stage (config.moe_aux_loss_coef gives a per-layer balance loss that works across stages)")
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         text = self._text_model()
+        routers = list(moe_layers(text.layers).values())  # decoder layers only: transformers' model has no MTP
+        set_keep_router_logits(routers, pool_router_logits)
         trunk = text(input_ids if inputs_embeds is None else None, position_ids, attention_mask, None, inputs_embeds,
                      cu_seqlens, past_key_values, return_trunk=True)
         if self.lm_head is None:  # a non-last pipeline stage
             return MiniMaxM3CausalLMOutput(logits=None, hidden_states=trunk.hidden_states,
                                            past_key_values=past_key_values)
-        return lm_output(self, text, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
-                         past_key_values, use_cache, mtp_depth_embeds, MiniMaxM3CausalLMOutput)
+        out = lm_output(self, text, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
+                        past_key_values, use_cache, mtp_depth_embeds, MiniMaxM3CausalLMOutput)
+        if pool_router_logits:
+            config = self._text_config()
+            out.aux_loss = pooled_load_balancing_loss(
+                [m.router_logits for m in routers if m.router_logits is not None], config.num_experts_per_tok)
+            set_keep_router_logits(routers, False)
+            if labels is not None and out.aux_loss is not None:
+                out.loss = out.loss + config.router_aux_loss_coef * out.aux_loss
+        return out
+
+    def router_aux_loss_enabled(self, output_router_logits: bool | None = None) -> bool:
+        """Whether the loss adds transformers' pooled load-balancing loss x `router_aux_loss_coef`: the forward's
+        `output_router_logits`, else the text config's."""
+        if output_router_logits is None:
+            output_router_logits = getattr(self._text_config(), "output_router_logits", False)
+        return bool(output_router_logits)
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, moe_config=None, backend: str = "sdpa", **kwargs):
@@ -456,7 +485,7 @@ class _M3Base(PipelineStageHooks, nn.Module):
 
 @dataclass
 class MiniMaxM3CausalLMOutput(CausalLMOutput):
-    pass
+    aux_loss: torch.Tensor | None = None  # transformers' pooled load-balancing loss, under output_router_logits
 
 
 class MiniMaxM3SparseForCausalLM(_M3Base):
@@ -476,11 +505,11 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
 
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
-                mtp_depth_embeds=None, **unused):
+                mtp_depth_embeds=None, output_router_logits=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
         out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds, output_router_logits)
         return self._stage_result(out, labels, return_mtp_logits)
 
 
@@ -524,7 +553,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
     def forward(self, input_ids=None, labels=None, position_ids=None, attention_mask=None, pixel_values=None,
                 image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, inputs_embeds=None,
                 cu_seqlens=None, past_key_values=None, use_cache=False, return_logits=True, return_mtp_logits=False,
-                mtp_depth_embeds=None, **unused):
+                mtp_depth_embeds=None, output_router_logits=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
         input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
         if (input_ids is None) == (inputs_embeds is None):
@@ -551,7 +580,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
         out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
-                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds)
+                        return_logits, return_mtp_logits, use_cache, mtp_depth_embeds, output_router_logits)
         return self._stage_result(out, labels, return_mtp_logits)
 
 

@@ -56,6 +56,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0
     shared_intermediate_size: int = 0
     experts_impl: str = "auto"
+    dtype: torch.dtype | None = None  # of the MoE's parameters (None: torch's default); its buffers stay float32
 
     def __post_init__(self):
         def bad(key, expected, got):
@@ -79,6 +80,8 @@ class MoEConfig:
             bad("bias_update_rate", "0, or > 0 together with score_correction_bias", self.bias_update_rate)
         if self.aux_loss_coef < 0:
             bad("aux_loss_coef", ">= 0", self.aux_loss_coef)
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            bad("dtype", "a floating torch.dtype or None", self.dtype)
 
 
 @dataclass
@@ -309,12 +312,19 @@ class MoE(nn.Module):
                                       cfg.experts_impl)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, cfg.activation)
                                if cfg.shared_intermediate_size else None)
+        if cfg.dtype is not None:
+            for param in self.parameters():
+                param.data = param.data.to(cfg.dtype)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         # None: the aux loss is left in `aux_loss` for the model's loss. A number: the trainer's way, see
         # `route_aux_loss_through_backward`; `aux_loss_logged` then sums weight x aux loss for the log.
         self.aux_loss_weight: float | None = None
         self.aux_loss_logged = 0.0
+        # set by a model whose loss pools every layer's router logits (transformers' output_router_logits):
+        # the forward then leaves its (T, E) logits in `router_logits`; off, nothing outlives the backward
+        self.keep_router_logits = False
+        self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., H) -> (..., H). With `tokens` (flat indices of the real tokens, `AttentionMask.real_tokens`)
@@ -328,9 +338,10 @@ class MoE(nn.Module):
             return on_tokens(self.forward, x, tokens)
         x = x.reshape(-1, shape[-1])  # (B, S, H) -> (T, H)
         if x.shape[0] == 0:  # nothing to route (every token is padding): no expert runs, no load, no aux loss
-            self.aux_loss = None
+            self.aux_loss = self.router_logits = None
             return (x * 0.0).reshape(shape)  # empty, but in the graph, so the caller's backward still runs
         routing = self.gate(x)
+        self.router_logits = routing.logits if self.keep_router_logits else None
         out = self.experts(x, routing.indices, routing.weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -390,6 +401,31 @@ def load_balancing_loss(logits: torch.Tensor, indices: torch.Tensor) -> torch.Te
     f = torch.bincount(indices.reshape(-1), minlength=E).float() / T
     P = logits.float().softmax(dim=-1).mean(dim=0)
     return E * torch.sum(f * P)
+
+
+def pooled_load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor | None:
+    """transformers' `load_balancing_loss_func` (what `output_router_logits=True` adds to an M3 loss): the Switch
+    balance loss E * sum_e f_e * P_e over the tokens of every layer pooled together (not a mean of per-layer
+    losses), f_e the share of the top-k slots of softmax(logits) given to expert e, whatever experts the router
+    actually picked, P_e the mean softmax probability of e. Each entry is one layer's (T, E) logits of its real
+    tokens (padding is never routed, as transformers leaves masked tokens out); None without any."""
+    router_logits = [x for x in router_logits if x.shape[0] > 0]
+    if not router_logits:
+        return None
+    E = router_logits[0].shape[-1]
+    rows = sum(x.shape[0] for x in router_logits)
+    probs = [x.float().softmax(dim=-1) for x in router_logits]
+    slots = torch.cat([p.detach().topk(top_k, dim=-1).indices.reshape(-1) for p in probs])
+    f = torch.bincount(slots, minlength=E).float() / rows
+    P = torch.stack([p.sum(dim=0) for p in probs]).sum(dim=0) / rows
+    return E * torch.sum(f * P)
+
+
+def set_keep_router_logits(layers: list[MoE], keep: bool) -> None:
+    for m in layers:
+        m.keep_router_logits = keep
+        if not keep:
+            m.router_logits = None
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:

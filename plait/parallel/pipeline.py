@@ -264,6 +264,11 @@ def check_pipelinable(model: nn.Module) -> None:
     text_model_of(model)
     if getattr(model, "tied_embeddings", False):
         raise ValueError("pipeline parallelism needs untied input and output embeddings (tie_word_embeddings=false)")
+    pooled = getattr(model, "router_aux_loss_enabled", None)
+    if pooled is not None and pooled():
+        raise ValueError("pipeline parallelism: output_router_logits pools every decoder layer's router logits into "
+                         "one loss, which no stage holds; expected output_router_logits=false (moe_aux_loss_coef "
+                         "gives a per-layer balance loss that works across stages)")
 
 
 def _vlm_pixel_values_chunks(pixel_values: torch.Tensor, images_per_row: torch.Tensor | list[int], microbatches: int,

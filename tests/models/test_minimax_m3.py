@@ -210,6 +210,59 @@ def test_round_trips_through_both_libraries(pair, tmp_path):
         assert torch.equal(a, b), n
 
 
+def test_output_router_logits_adds_transformers_pooled_balance_loss(pair, tmp_path):
+    # the pooled Switch loss over every sparse layer's real tokens (padding left out), weighted by
+    # router_aux_loss_coef: the loss, the aux loss itself and every gradient as transformers has them
+    ref, ours, _ = pair
+    ref.zero_grad()
+    ours.zero_grad()
+    ids, labels, images = _batch()
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
+    inputs = _m3_inputs(ref.config, images)
+    coefs = ref.config.text_config.router_aux_loss_coef, ours.config.text_config.router_aux_loss_coef
+    try:
+        ref.config.text_config.router_aux_loss_coef = ours.config.text_config.router_aux_loss_coef = 0.5
+        out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True, **inputs)
+        out = ours(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True, **inputs)
+        plain = ours(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
+    finally:
+        ref.config.text_config.router_aux_loss_coef, ours.config.text_config.router_aux_loss_coef = coefs
+    assert out_ref.aux_loss > 0.5  # about 1 (balanced) or more: the check below compares a real term
+    assert_close(out.aux_loss, out_ref.aux_loss, tol=1e-5, name="aux loss")
+    assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
+    assert plain.aux_loss is None and torch.allclose(plain.loss + 0.5 * out.aux_loss, out.loss)
+    assert all(m.router_logits is None for m in ours.modules() if isinstance(m, MoE))  # nothing kept after
+    out_ref.loss.backward()
+    out.loss.backward()
+    _assert_gradients_match(ref, ours, tmp_path)
+    ref.zero_grad()
+    ours.zero_grad()
+
+
+def test_a_config_with_output_router_logits_trains_on_the_pooled_loss(tmp_path):
+    cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
+                                vocab_size=40, pad_token_id=0, output_router_logits=True, router_aux_loss_coef=0.2)
+    torch.manual_seed(0)
+    ref = randomize(TextReference(cfg))
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path)
+    ids = torch.randint(3, 40, (2, 15))
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out.aux_loss, out_ref.aux_loss, tol=1e-5, name="aux loss")
+    assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
+    out_ref.loss.backward()
+    out.loss.backward()
+    router = "model.layers.1.mlp.gate.weight"
+    assert_close(dict(ours.named_parameters())[router].grad, dict(ref.named_parameters())[router].grad, tol=1e-5,
+                 name="router gradient")
+    with pytest.raises(ValueError, match="output_router_logits"):
+        from plait.parallel.pipeline import check_pipelinable
+
+        check_pipelinable(ours)
+
+
 def test_text_only_model_matches_transformers(tmp_path):
     cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]),
                                 vocab_size=40, pad_token_id=0)
@@ -291,12 +344,20 @@ def test_content_blocks_follow_documents_and_skip_padding():
 def test_constructors_take_config_moe_config_and_backend():
     cfg = plait.models.to_hf_config(vl_config("sparse"))
     default = MiniMaxM3SparseForConditionalGeneration(cfg, None, None)
-    eager = MiniMaxM3SparseForConditionalGeneration(cfg, build_moe_config(cfg.text_config, "loop"), "eager")
+    eager = MiniMaxM3SparseForConditionalGeneration(cfg, build_moe_config(cfg.text_config, experts_impl="loop"), "eager")
     assert default.language_model.layers["1"].self_attn.backend == "sdpa"
     assert eager.language_model.layers["1"].self_attn.backend == "eager"
     assert eager.language_model.layers["1"].mlp.experts.impl == "loop"
     with pytest.raises(ValueError, match="attention backend"):
         MiniMaxM3SparseForConditionalGeneration(cfg, None, "fast")
+    # build_moe_config(config, dtype): the routed experts' parameters in that dtype, the balancing state float32
+    half = MiniMaxM3SparseForConditionalGeneration(cfg, build_moe_config(cfg.text_config, torch.bfloat16))
+    moe = half.language_model.layers["1"].mlp
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+    assert half.language_model.layers["1"].self_attn.q_proj.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype expected a torch.dtype"):
+        build_moe_config(cfg.text_config, "loop")
 
 
 def test_from_config_init_and_fp32_rotary():
