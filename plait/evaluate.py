@@ -61,7 +61,7 @@ def evaluate_captions(model, dataset: CaptionDataset, model_inputs: ModelInputs,
         labels_per_depth = [mtp_labels(labels, d) for d in range(1, depths + 1)]  # padded rows, no packed documents
         with autocast():
             inputs = dict(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            lm, per_depth = micro_batch_loss_sums(model, native, inputs, model_inputs(batch), labels, labels_per_depth)
+            lm, per_depth, _ = micro_batch_loss_sums(model, native, inputs, model_inputs(batch), labels, labels_per_depth)
             loss_sum += float(lm)
             for d, (depth_loss, depth_labels) in enumerate(zip(per_depth, labels_per_depth)):
                 depth_sums[d] += float(depth_loss)

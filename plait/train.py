@@ -516,7 +516,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             # MTP depth d: labels rolled left by d inside each document, normalised over the step like the main loss
             depth_labels = [_depth_labels(b, mtp_depths) for b in batches]
             depth_targets = [max(ctx.sum(sum(count_targets(dl[d]) for dl in depth_labels)), 1.0) for d in range(mtp_depths)]
-            lm_sum, depth_sums = 0.0, [0.0] * mtp_depths
+            lm_sum, depth_sums, pooled_aux = 0.0, [0.0] * mtp_depths, 0.0
             tokens = sum(int((b["input_ids"] != pad_id).sum()) for b in batches)
             if pipe is not None:
                 step_total.update(targets=step_targets, depth_targets=depth_targets, record={})
@@ -533,10 +533,14 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                 for b, labels_per_depth in zip(batches, depth_labels):
                     inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in b}
                     with autocast():
-                        lm, depths = micro_batch_loss_sums(replica, loss_from_hidden, inputs, run.model_inputs(b),
-                                                         b["labels"].to(device), [x.to(device) for x in labels_per_depth])
+                        lm, depths, router_aux = micro_batch_loss_sums(
+                            replica, loss_from_hidden, inputs, run.model_inputs(b), b["labels"].to(device),
+                            [x.to(device) for x in labels_per_depth])
                         lm = lm / step_targets
                         loss = lm
+                        if router_aux is not None:  # output_router_logits: a mean over the step's forwards
+                            loss = loss + router_aux / forwards
+                            pooled_aux += float(router_aux.detach()) / forwards
                         for d, depth in enumerate(depths):
                             depth = depth / depth_targets[d]
                             loss = loss + mtp_scale * depth
@@ -546,7 +550,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             lm_sum, tokens = ctx.sum(lm_sum), int(ctx.sum(tokens))
             depth_sums = [ctx.sum(x) for x in depth_sums]
             # each rank logged its own layers' share of the mean over all forwards of the step
-            aux = ctx.sum(ctx.sum_over_stages(pop_logged_aux_loss(trained)))
+            aux = ctx.sum(ctx.sum_over_stages(pop_logged_aux_loss(trained))) + ctx.sum(pooled_aux)
             loss_sum = lm_sum + mtp_scale * sum(depth_sums) + aux
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip or float("inf"))
                          if pipe is None else clip_grad_norm_over_stages(local.parameters(), tcfg.grad_clip, ctx))

@@ -71,6 +71,28 @@ def test_metrics_rows_have_the_documented_keys(small_config):
     assert any((cfg.output_dir / "tensorboard").iterdir())
 
 
+def test_output_router_logits_trains_on_transformers_pooled_balance_loss(small_config, tmp_path):
+    """`output_router_logits` in the text config: every forward's loss adds router_aux_loss_coef x the pooled
+    load-balancing loss (as transformers' own loss does), a mean over the step's forwards, logged as moe_aux_loss."""
+    def cfg_dir(pooled):
+        return tmp_path / f"pooled-{pooled}"
+
+    runs = {}
+    for pooled in (False, True):
+        cfg = small_config("train.steps=2", "train.grad_accum=2", "model.mtp.num_layers=0",
+                           f"model.config.text_config.output_router_logits={str(pooled).lower()}",
+                           "model.config.text_config.router_aux_loss_coef=0.1", f"output_dir={cfg_dir(pooled)}")
+        train(cfg, console=Console(quiet=True))
+        runs[pooled] = [r for r in read_metrics(cfg.output_dir / "metrics.jsonl") if "loss" in r]
+    for r in runs[True]:
+        assert 0.05 < r["moe_aux_loss"] < 0.5  # 0.1 x a balance loss of about 1 (balanced) and more
+        assert r["loss"] == pytest.approx(r["lm_loss"] + r["moe_aux_loss"], rel=1e-6)
+    assert all("moe_aux_loss" not in r for r in runs[False])
+    # same first batch, same weights: the first step's CE agrees, and its update, which the aux loss joined, not
+    assert runs[True][0]["lm_loss"] == pytest.approx(runs[False][0]["lm_loss"], rel=1e-6)
+    assert runs[True][1]["lm_loss"] != pytest.approx(runs[False][1]["lm_loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_gradient_accumulation_matches_one_big_batch(small_config, tmp_path, packing):
     extra = ["data.packing=true", "data.pack_length=64"] if packing else []
@@ -174,7 +196,8 @@ def test_native_model_losses_from_hidden_states_equal_the_losses_from_logits(pac
     results = {}
     for from_hidden in (True, False):
         model.zero_grad(set_to_none=True)
-        lm, depths = micro_batch_loss_sums(model, from_hidden, inputs, {}, labels, depth_labels)
+        lm, depths, router_aux = micro_batch_loss_sums(model, from_hidden, inputs, {}, labels, depth_labels)
+        assert router_aux is None  # no output_router_logits
         (lm + 0.5 * depths[0] + 0.25 * depths[1]).backward()
         results[from_hidden] = (lm.detach(), [d.detach() for d in depths],
                                 {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})

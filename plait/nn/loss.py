@@ -28,9 +28,11 @@ def count_targets(labels: torch.Tensor) -> int:
 
 
 def micro_batch_loss_sums(replica: torch.nn.Module, loss_from_hidden: bool, inputs: dict, model_inputs: dict,
-                        labels: torch.Tensor, labels_per_depth: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One micro-batch's forward (training or held-out): the summed main cross-entropy and the summed CE of each
-    MTP depth (`labels_per_depth`: each depth's labels, `plait.mtp.mtp_labels`).
+                          labels: torch.Tensor, labels_per_depth: list[torch.Tensor]
+                          ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """One micro-batch's forward (training or held-out): the summed main cross-entropy, the summed CE of each
+    MTP depth (`labels_per_depth`: each depth's labels, `plait.mtp.mtp_labels`), and the router balance term
+    (`router_aux_term`; None unless the model pools one).
 
     A native model takes the labels and computes its cross-entropies from the hidden states, chunk by chunk
     (below): the step never holds the (tokens x vocab) logits, nor their gradient. Its losses are means over the
@@ -41,12 +43,24 @@ def micro_batch_loss_sums(replica: torch.nn.Module, loss_from_hidden: bool, inpu
         out = replica(**inputs, labels=labels, use_cache=False, return_logits=False, **model_inputs)
         per_depth = _one_per_depth(out.mtp_losses, labels_per_depth, "losses")
         return (out.lm_loss * count_targets(labels),
-                [x * count_targets(y) for x, y in zip(per_depth, labels_per_depth)])
+                [x * count_targets(y) for x, y in zip(per_depth, labels_per_depth)], router_aux_term(out, replica))
     if labels_per_depth:
         inputs = {**inputs, "return_mtp_logits": True}
     out = replica(**inputs, use_cache=False, **model_inputs)
     per_depth = _one_per_depth(out.mtp_logits if labels_per_depth else None, labels_per_depth, "logits")
-    return causal_lm_loss_sum(out.logits, labels), [causal_lm_loss_sum(x, y) for x, y in zip(per_depth, labels_per_depth)]
+    return (causal_lm_loss_sum(out.logits, labels), [causal_lm_loss_sum(x, y) for x, y in zip(per_depth, labels_per_depth)],
+            router_aux_term(out, replica))
+
+
+def router_aux_term(out, model: torch.nn.Module) -> torch.Tensor | None:
+    """`router_aux_loss_coef` x the pooled load-balancing loss a forward returned in `aux_loss` (transformers'
+    `output_router_logits`, on native M3 and stock MoE models alike; what their own loss adds); None without."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None:
+        return None
+    config = getattr(getattr(model, "module", model), "config", None)  # through a DDP wrapper
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "router_aux_loss_coef", 0.0) * aux
 
 
 def _one_per_depth(outputs: list | None, labels_per_depth: list, what: str) -> list:
