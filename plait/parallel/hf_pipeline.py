@@ -27,6 +27,7 @@ from collections.abc import Callable, MutableMapping
 import torch
 from torch import nn
 
+from plait.models.native import text_config_of
 from plait.parallel.pipeline import (  # noqa: F401 (part of this API)
     ImageFeedingStage,
     StageParts,
@@ -104,11 +105,6 @@ def _decoder_of(model: nn.Module) -> nn.Module:
     return decoder
 
 
-def _text_config(model: nn.Module):
-    config = model.config
-    return getattr(config, "text_config", None) or config
-
-
 # ----------------------------------------------------------------------------------------------------------
 # checks and buffers
 
@@ -136,7 +132,7 @@ def validate_hf_model_for_pipeline_support(model: nn.Module) -> None:
                           f"class declaring _pp_keep_self_forward = True")
     if issues:
         raise ValueError(f"{type(model).__name__} cannot be pipelined:\n  " + "\n  ".join(issues))
-    for cfg in {id(c): c for c in (config, _text_config(model))}.values():
+    for cfg in {id(c): c for c in (config, text_config_of(model.config))}.values():
         if getattr(cfg, "use_cache", False):
             cfg.use_cache = False
 
@@ -304,7 +300,7 @@ def _head(self, hidden: torch.Tensor) -> torch.Tensor:
     """The last stage's logits (softcapped where the config says so); other stages pass hidden states on."""
     if getattr(self, "lm_head", None) is None:
         return hidden
-    return _softcap(self.lm_head(hidden), _text_config(self))
+    return _softcap(self.lm_head(hidden), text_config_of(self.config))
 
 
 def create_pipeline_forward_causal_lm() -> Callable:
@@ -569,7 +565,7 @@ def make_hf_stage(full_model: nn.Module, stage: int, layers_per_stage: list[list
         if hasattr(model, "lm_head"):
             model.lm_head = None
     if _is_gemma4_vlm(model) or _is_gemma4_text(model):
-        config = _text_config(model)
+        config = text_config_of(model.config)
         decoder._pp_carries_in = _gemma4_carries(config, layers_per_stage, stage)
         decoder._pp_carries_out = _gemma4_carries(config, layers_per_stage, stage + 1)
     if not model_keeps_self_forward(model):

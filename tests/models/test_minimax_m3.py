@@ -111,16 +111,21 @@ def _assert_gradients_match(ref, ours, tmp_path):
         assert_close(g.reshape(g_ref.shape), g_ref, tol=max(1e-3 * g_ref.abs().max().item(), 1e-7), name=f"grad {name}")
 
 
-def test_a_right_padded_mixed_batch_matches_transformers(pair, tmp_path):
-    # the second row is 6 tokens shorter: padded at its end, as training batches are
-    ref, ours, _ = pair
+def _right_padded_batch(ref, ours, pad: int):
+    """`_batch()` with the second row `pad` tokens shorter, padded at its end; both models' gradients cleared."""
     ref.zero_grad()
     ours.zero_grad()
     ids, labels, images = _batch()
     mask = torch.ones_like(ids)
-    mask[1, -6:] = 0
+    mask[1, -pad:] = 0
     ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
-    inputs = _m3_inputs(ref.config, images)
+    return ids, labels, mask, _m3_inputs(ref.config, images)
+
+
+def test_a_right_padded_mixed_batch_matches_transformers(pair, tmp_path):
+    # the second row is 6 tokens shorter: padded at its end, as training batches are
+    ref, ours, _ = pair
+    ids, labels, mask, inputs = _right_padded_batch(ref, ours, pad=6)
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
     out = ours(input_ids=ids, attention_mask=mask, labels=labels, **inputs)
     valid = mask.bool().unsqueeze(-1)
@@ -214,13 +219,7 @@ def test_output_router_logits_adds_transformers_pooled_balance_loss(pair, tmp_pa
     # the pooled Switch loss over every sparse layer's real tokens (padding left out), weighted by
     # router_aux_loss_coef: the loss, the aux loss itself and every gradient as transformers has them
     ref, ours, _ = pair
-    ref.zero_grad()
-    ours.zero_grad()
-    ids, labels, images = _batch()
-    mask = torch.ones_like(ids)
-    mask[1, -5:] = 0
-    ids, labels = ids.masked_fill(mask == 0, 0), labels.masked_fill(mask == 0, -100)
-    inputs = _m3_inputs(ref.config, images)
+    ids, labels, mask, inputs = _right_padded_batch(ref, ours, pad=5)
     coefs = ref.config.text_config.router_aux_loss_coef, ours.config.text_config.router_aux_loss_coef
     try:
         ref.config.text_config.router_aux_loss_coef = ours.config.text_config.router_aux_loss_coef = 0.5
