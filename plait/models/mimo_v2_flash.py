@@ -36,6 +36,7 @@ from plait.models.native import (
     PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
+    check_labels,
     check_layer_lists,
     embed_token_ids,
     init_reference_weights,
@@ -94,7 +95,7 @@ def moe_config(config: PretrainedConfig, experts_impl: str = "auto") -> MoEConfi
         n_group=config.n_group,
         topk_group=config.topk_group,
         norm_topk_prob=config.norm_topk_prob,
-        routed_scaling_factor=config.routed_scaling_factor or 1.0,
+        routed_scaling_factor=1.0 if config.routed_scaling_factor is None else config.routed_scaling_factor,
         score_correction_bias=True,
         # plait's own keys (transformers keeps unknown config keys): the aux-loss-free balancing rate, and an
         # optional Switch-style aux loss
@@ -256,6 +257,7 @@ class MiMoV2FlashForCausalLM(PipelineStageHooks, nn.Module):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         refuse_attention_dropout(self.config, self.training)
         input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
+        check_labels(labels, input_ids, inputs_embeds, self.config.vocab_size)
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         trunk = self.model(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values)

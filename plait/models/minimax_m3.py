@@ -37,6 +37,7 @@ from plait.models.native import (
     PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
+    check_labels,
     check_layer_lists,
     check_positive_sizes,
     embed_token_ids,
@@ -508,6 +509,7 @@ class MiniMaxM3SparseForCausalLM(_M3Base):
                 mtp_depth_embeds=None, output_router_logits=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=True)
         input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
+        check_labels(labels, input_ids, inputs_embeds, self._text_config().vocab_size)
         out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,
                         return_logits, return_mtp_logits, use_cache, mtp_depth_embeds, output_router_logits)
         return self._stage_result(out, labels, return_mtp_logits)
@@ -556,6 +558,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                 mtp_depth_embeds=None, output_router_logits=None, **unused):
         check_forward_kwargs(unused, type(self).__name__, text_only=False)
         input_ids, inputs_embeds = self._stage_inputs(input_ids, inputs_embeds)
+        check_labels(labels, input_ids, inputs_embeds, self._text_config().vocab_size)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MiniMaxM3SparseForConditionalGeneration: pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:

@@ -98,6 +98,22 @@ def check_forward_kwargs(kwargs: dict, model_name: str, text_only: bool) -> None
         raise ValueError(f"{model_name}.forward: unexpected argument(s) {sorted(unknown)}")
 
 
+def check_labels(labels, input_ids, inputs_embeds, vocab_size: int) -> None:
+    """Labels, before anything runs (a KV cache would take the tokens, the MoE counters would move): an integer
+    tensor shaped like the tokens (B, S), each entry -100 or a token id of the vocabulary."""
+    if labels is None:
+        return
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    shape = list(tokens.shape[:2]) if isinstance(tokens, torch.Tensor) else None
+    if (not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
+            or labels.dtype == torch.bool or (shape is not None and list(labels.shape) != shape)):
+        got = f"{labels.dtype} of shape {list(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels: expected an integer tensor of shape {shape} (the tokens'), got {got}")
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise ValueError(f"labels: expected -100 or token ids in [0, {vocab_size}), got {labels[bad][:8].tolist()}")
+
+
 def refuse_attention_dropout(config, training: bool) -> None:
     """plait's attention kernels run without dropout: a config that asks for it is refused in training rather than
     trained without it silently (inference never drops)."""
@@ -141,6 +157,8 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
           or (position_ids.ndim == 2 and position_ids.shape[0] not in (1, B))):
         raise ValueError(f"position_ids: expected integer positions of shape ({B}, {S}) or ({S},), got "
                          f"{position_ids.dtype} of shape {list(position_ids.shape)}")
+    if not derived and bool((position_ids < 0).any()):
+        raise ValueError(f"position_ids: expected positions >= 0, got a minimum of {int(position_ids.min())}")
     position_ids = position_ids.expand(B, S)
     mask = AttentionMask.build(B, S, h.device, position_ids=None if derived else position_ids,
                                padding_mask=attention_mask, cu_seqlens=cu_seqlens, past_length=past)
@@ -151,11 +169,22 @@ def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens
 
 def positions_in_documents(attention_mask: torch.Tensor | None, documents: torch.Tensor | None,
                            seq_len: int) -> torch.Tensor:
-    """Position ids when none are given: each token's index among the real tokens of its document (what
-    `generate` passes for left-padded prompts), so that a padded or packed row places every document as it
-    would stand alone. attention_mask (B, past + S), documents (B, S) or None -> (B, S)."""
-    real = attention_mask if attention_mask is not None else torch.ones_like(documents, dtype=torch.long)
-    return document_ranks(real, documents)[:, -seq_len:]  # documents come without a cache: real is (B, S) then
+    """Position ids when none are given: each slot's distance from the first real token of its document (0 on
+    the padding before it). A left-padded row's document starts at 0, as `generate` places it and as it would
+    stand alone; each packed document starts at 0; padding inside a document (a mask with holes) keeps its slots,
+    as transformers counts them (RoPE sees only distances, so such a row matches transformers' arange).
+    attention_mask (B, past + S), documents (B, S) or None -> (B, S)."""
+    real = (attention_mask if attention_mask is not None else torch.ones_like(documents, dtype=torch.long)).bool()
+    B, K = real.shape
+    slots = torch.arange(K, device=real.device).expand(B, K)
+    starts = torch.zeros_like(real)  # documents come without a cache: real is (B, S) then
+    starts[:, 0] = True
+    if documents is not None:
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    segment = starts.long().cumsum(dim=1) - 1 + torch.arange(B, device=real.device)[:, None] * K  # (row, document)
+    first_real = torch.full((B * K,), K, device=real.device).scatter_reduce(
+        0, segment.reshape(-1), torch.where(real, slots, K).reshape(-1), "amin")
+    return (slots - first_real[segment]).clamp(min=0)[:, -seq_len:]
 
 
 def mtp_decode_step(mtp: nn.Module, embed_tokens: nn.Module, rotary: nn.Module, window: int | None, depth: int,

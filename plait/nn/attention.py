@@ -35,6 +35,7 @@ Backends (`attend`):
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -97,6 +98,9 @@ class AttentionMask:
                     f"attention_mask: expected shape {[batch_size, past_length + seq_len]} (batch, past + new tokens), "
                     f"got {list(padding_mask.shape)}"
                 )
+            if padding_mask.dtype != torch.bool and bool(((padding_mask != 0) & (padding_mask != 1)).any()):
+                raise ValueError(f"attention_mask: expected 1 on real tokens and 0 on padding, got values "
+                                 f"{torch.unique(padding_mask)[:8].tolist()}")
             valid = padding_mask[:, past_length:].to(device=device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
@@ -528,6 +532,8 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm: expected None, 'rms' or 'rms_unit_offset', got {qk_norm!r}")
         if backend not in BACKENDS:
             raise ValueError(f"attention backend: expected one of {BACKENDS}, got {backend!r}")
+        if not math.isfinite(value_scale):
+            raise ValueError(f"attention value scale: expected a finite number, got {value_scale!r}")
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim

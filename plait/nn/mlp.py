@@ -5,9 +5,11 @@ fused `gate_up_proj`) and return the hidden activation:
 - "silu" (SwiGLU):  silu(gate) * up
 - "swigluoai":      gate = min(gate, limit); up = clamp(up, -limit, limit);
                     gate * sigmoid(alpha * gate) * (up + 1)        (MiniMax-M3, gpt-oss style)
-- "gelu", "gelu_tanh": GeGLU variants.
-Plain (non-gated) MLPs, as in vision towers, use "gelu", "gelu_tanh", "quick_gelu", "silu" or "relu"; transformers'
-names for these ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "swish") are accepted too.
+- any plain activation below: act(gate) * up, as transformers' gated MLPs run whatever `hidden_act` names
+  ("gelu", "gelu_tanh": GeGLU; "relu": ReGLU; ...).
+Plain (non-gated) MLPs, as in vision towers, take "gelu", "gelu_tanh", "quick_gelu", "silu", "relu", "relu2",
+"relu6", "leaky_relu", "sigmoid", "tanh", "mish", "hardswish", "gelu_10" or "linear"; transformers' other names for
+these ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_python", "swish") are accepted too.
 """
 
 from __future__ import annotations
@@ -18,10 +20,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATED_ACTIVATIONS = ("silu", "swigluoai", "gelu", "gelu_tanh")
-PLAIN_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
-# transformers' names (ACT2FN) for the same functions: the tanh approximation of gelu three times over, and swish
+# the element-wise functions of transformers' ACT2FN that have no parameters, under one name each
+_PLAIN_FUNCTIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_10": lambda x: F.gelu(x).clamp(-10.0, 10.0),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,  # nn.LeakyReLU's default slope, 0.01, as ACT2FN builds it
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+    "hardswish": F.hardswish,
+    "linear": lambda x: x,
+}
+PLAIN_ACTIVATIONS = tuple(_PLAIN_FUNCTIONS)
+GATED_ACTIVATIONS = ("swigluoai", *PLAIN_ACTIVATIONS)
+# transformers' names (ACT2FN) for the same functions: the tanh approximation of gelu four times over, gelu in
+# Python, and swish
 HF_ACTIVATION_NAMES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                       "gelu_accurate": "gelu_tanh", "gelu_python": "gelu", "gelu_python_tanh": "gelu_tanh",
                        "swish": "silu"}
 
 
@@ -39,17 +60,9 @@ class Activation:
             raise ValueError(f"activation: expected one of {sorted(set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS))}, got {self.name!r}")
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
-        if self.name == "gelu":
-            return F.gelu(x)
-        if self.name == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if self.name == "quick_gelu":
-            return x * torch.sigmoid(1.702 * x)
-        if self.name == "silu":
-            return F.silu(x)
-        if self.name == "relu":
-            return F.relu(x)
-        raise ValueError(f"activation {self.name!r} is gated-only")
+        if self.name not in _PLAIN_FUNCTIONS:
+            raise ValueError(f"activation {self.name!r} is gated-only")
+        return _PLAIN_FUNCTIONS[self.name](x)
 
     def gated(self, gate: torch.Tensor, up: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
         """act(gate, up), each row times `row_scale` (N,) when given (an MoE's routing weights: the down

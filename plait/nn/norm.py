@@ -10,6 +10,8 @@ applied to (..., heads, head_dim) tensors with `dim=head_dim`: one weight shared
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -68,6 +70,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"RMSNorm dim: expected a positive size, got {dim}")
+        if not (eps >= 0 and math.isfinite(eps)):  # a negative eps can take the root of a negative mean square
+            raise ValueError(f"RMSNorm eps (rms_norm_eps): expected a finite number >= 0, got {eps!r}")
         self.eps = eps
         self.unit_offset = unit_offset
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))

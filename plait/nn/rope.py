@@ -138,6 +138,8 @@ class RotaryEmbedding(_Float32Frequencies):
     def __init__(self, head_dim: int, base: float, partial_rotary_factor: float = 1.0, scaling: float = 1.0,
                  rope_parameters: dict | None = None, max_position_embeddings: int | None = None,
                  truncate: bool = True):
+        if not (isinstance(base, (int, float)) and math.isfinite(base) and base > 0):
+            raise ValueError(f"rope_theta: expected a positive number, got {base!r}")
         freq_dim = rotary_dim(head_dim, partial_rotary_factor)
         self._scaling_args = (dict(rope_parameters or {}), max_position_embeddings, truncate)
         _, attention = scaled_frequencies(inverse_frequencies(freq_dim, base), freq_dim, base, *self._scaling_args)
@@ -165,9 +167,13 @@ def rotary_from_parameters(head_dim: int, params: dict, default_partial_rotary_f
                            max_position_embeddings: int | None = None, truncate: bool | None = None,
                            name: str = "rope_parameters") -> RotaryEmbedding:
     """A RotaryEmbedding from one HF-style `rope_parameters` dict (rope_theta, partial_rotary_factor,
-    rope_type and its scaling keys); `truncate` None reads the dict's own (yarn, default True)."""
+    rope_type and its scaling keys); `truncate` None reads the dict's own (yarn, default True).
+    `default_partial_rotary_factor` is the model's own default for the `default` rope type (its own
+    frequencies function); a scaled type runs transformers' shared one, whose default is the whole head."""
     if not isinstance(params, dict) or "rope_theta" not in params:
         raise ValueError(f"{name}: expected a dict with 'rope_theta', got {params!r:.300}")
+    if params.get("rope_type", "default") != "default":
+        default_partial_rotary_factor = 1.0
     try:
         return RotaryEmbedding(head_dim, params["rope_theta"], params.get("partial_rotary_factor", default_partial_rotary_factor),
                                rope_parameters=params, max_position_embeddings=max_position_embeddings,

@@ -317,3 +317,75 @@ def test_scaled_rope_and_an_unused_rope_entry_match_transformers(tmp_path):
         valid = mask.bool().unsqueeze(-1)
         assert_close(ours(input_ids=ids, attention_mask=mask, position_ids=pos).logits * valid,
                      ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits * valid, tol=1e-4)
+
+
+CORNERS = {
+    # a scaled rope entry without partial_rotary_factor rotates the whole head (transformers' shared rope
+    # functions), a default one MiMo's 0.334
+    "scaled rope, no partial factor": dict(
+        max_position_embeddings=64,
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "yarn, no partial factor": dict(
+        max_position_embeddings=64,
+        rope_parameters={"full_attention": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                            "original_max_position_embeddings": 16},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "routed_scaling_factor 0": dict(routed_scaling_factor=0.0),  # the routed experts add nothing
+    "ReGLU experts and MLP": dict(hidden_act="relu"),
+    "quick_gelu": dict(hidden_act="quick_gelu"),
+}
+
+
+@pytest.mark.parametrize("corner", list(CORNERS))
+def test_config_corners_match_transformers(tmp_path, corner):
+    torch.manual_seed(0)
+    ref = Reference(mimo_config(**(CONFIGS["hybrid"] | CORNERS[corner]))).eval()
+    ref.save_pretrained(tmp_path)
+    ours = plait.from_pretrained(tmp_path).eval()
+    ids, mask, labels = _inputs(S=20)
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out.logits, out_ref.logits, tol=1e-4, name="logits")
+    assert_close(out.loss, out_ref.loss, tol=1e-4, name="loss")
+
+
+def test_a_mask_with_holes_and_no_position_ids_matches_transformers(pair):
+    # padding inside a row keeps its slots in the positions (transformers counts every slot); left padding
+    # before a row still starts it at 0, so it is placed as it would stand alone
+    ref, ours, _ = pair
+    ids, mask, _ = _inputs(S=12)
+    mask[0, 3] = mask[0, 7:9] = 0
+    valid = mask.bool().unsqueeze(-1)
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids, attention_mask=mask).logits * valid,
+                     ref(input_ids=ids, attention_mask=mask).logits * valid, tol=1e-4)
+
+
+def test_bad_labels_are_refused_before_the_cache_or_the_expert_counts_move():
+    model = MiMoV2FlashForCausalLM.from_config(mimo_config()).train()
+    ids = torch.randint(0, 64, (2, 5))
+    cache = plait.nn.attention.KVCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    counts = model.model.layers["1"].mlp.tokens_per_expert.clone()
+    for bad, expected in ((ids[:, :1], r"shape \[2, 2\] \(the tokens'\), got torch.int64 of shape \[2, 1\]"),
+                          (ids[:, :2] + 64, r"-100 or token ids in \[0, 64\)"), (ids[:, :2] - 101, r"\[0, 64\)"),
+                          (ids[:, :2].float(), "integer tensor")):
+        with pytest.raises(ValueError, match=expected):
+            model(input_ids=ids[:, :2], labels=bad, past_key_values=cache, use_cache=True)
+    assert cache.seen == 5 and torch.equal(model.model.layers["1"].mlp.tokens_per_expert, counts)
+
+
+def test_masks_positions_and_config_values_out_of_their_domain_are_refused():
+    model = MiMoV2FlashForCausalLM.from_config(mimo_config())
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask: expected 1 on real tokens and 0 on padding, got values \[0, 2\]"):
+        model(input_ids=ids, attention_mask=torch.tensor([[0, 2, 2, 2, 2]] * 2))
+    with pytest.raises(ValueError, match="position_ids: expected positions >= 0, got a minimum of -1"):
+        model(input_ids=ids, position_ids=torch.arange(-1, 4).expand(2, 5))
+    for bad, expected in ((dict(rms_norm_eps=-1e-6), "rms_norm_eps"), (dict(attention_value_scale=float("nan")), "value scale"),
+                          (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 0.0},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+                           "rope_theta: expected a positive number")):
+        with pytest.raises(ValueError, match=expected):
+            MiMoV2FlashForCausalLM(mimo_config(**bad))

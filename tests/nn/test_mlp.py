@@ -45,9 +45,9 @@ def test_plain_gelu_mlp_and_activation_errors():
     x = torch.randn(2, 8)
     assert_close(mlp(x), mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x))))
     with pytest.raises(ValueError, match="activation"):
-        Activation("relu6")
-    with pytest.raises(ValueError, match="gated MLP activation"):
-        MLP(8, 16, "quick_gelu")
+        Activation("prelu")  # learnable: not an element-wise function plait runs
+    with pytest.raises(ValueError, match="activation"):
+        Activation("xielu")
     with pytest.raises(ValueError, match="plain MLP activation"):
         MLP(8, 16, "swigluoai", gated=False)
 
@@ -94,12 +94,20 @@ def test_gated_down_backward_is_the_derivative_and_keeps_no_activation(name):
     assert saved.count((3, 7, 16)) == 2, saved  # gate and up; not the activation
 
 
-@pytest.mark.parametrize("hf_name, ours", [("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"),
-                                           ("gelu_fast", "gelu_tanh"), ("swish", "silu"), ("relu", "relu")])
+@pytest.mark.parametrize("hf_name, ours", [
+    ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_new", "gelu_tanh"), ("gelu_fast", "gelu_tanh"),
+    ("gelu_accurate", "gelu_tanh"), ("gelu_python", "gelu"), ("swish", "silu"), ("relu", "relu"),
+    ("quick_gelu", "quick_gelu"), ("relu2", "relu2"), ("relu6", "relu6"), ("leaky_relu", "leaky_relu"),
+    ("sigmoid", "sigmoid"), ("tanh", "tanh"), ("mish", "mish"), ("hardswish", "hardswish"), ("gelu_10", "gelu_10"),
+    ("linear", "linear")])
 def test_transformers_activation_names_run_their_functions(hf_name, ours):
+    # each one also gates as transformers' gated MLPs use it: act(gate) * up
     from transformers.activations import ACT2FN
 
     act = Activation(hf_name)
     assert act.name == ours
-    x = torch.randn(64) * 4
+    x, up = torch.randn(64) * 4, torch.randn(64)
     assert_close(act.plain(x), ACT2FN[hf_name](x), tol=1e-6, name=hf_name)
+    mlp = MLP(8, 16, act)
+    h = torch.randn(3, 8)
+    assert_close(mlp(h), mlp.down_proj(ACT2FN[hf_name](mlp.gate_proj(h)) * mlp.up_proj(h)), tol=1e-5, name=hf_name)
