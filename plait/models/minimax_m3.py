@@ -104,6 +104,8 @@ class LightningIndexer(nn.Module):
         if config.num_attention_heads % self.num_heads:
             raise ValueError(f"config: num_attention_heads {config.num_attention_heads} is not a multiple of "
                              f"index_n_heads {self.num_heads}")
+        if not isinstance(self.local_blocks, int) or self.local_blocks < 0:
+            raise ValueError(f"text_config.index_local_blocks: expected a block count >= 0, got {self.local_blocks!r}")
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)

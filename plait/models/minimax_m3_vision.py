@@ -22,7 +22,10 @@ from plait.nn.rope import AxialRotaryEmbedding, vision_patch_positions
 
 def to_grid_list(grid_thw) -> torch.Tensor:
     """(t, h, w) per image from a tensor or nested lists -> (N, 3) int64 tensor; a clear error otherwise."""
-    grid = torch.as_tensor(grid_thw if not isinstance(grid_thw, torch.Tensor) else grid_thw.cpu(), dtype=torch.long)
+    raw = torch.as_tensor(grid_thw if not isinstance(grid_thw, torch.Tensor) else grid_thw.cpu())
+    if raw.dtype == torch.bool or (raw.is_floating_point() and not bool((raw == raw.round()).all())):
+        raise ValueError(f"grid_thw: expected (t, h, w) per image, positive integers, got {raw.tolist()}")
+    grid = raw.to(torch.long)  # whole floats (2.0) are counts still; 1.5 is not
     if grid.ndim == 1 and grid.numel() == 3:
         grid = grid.view(1, 3)
     if grid.ndim != 2 or grid.shape[-1] != 3 or bool((grid <= 0).any()):

@@ -182,6 +182,12 @@ def test_placeholder_count_mismatch_names_the_samples(pair):
     assert to_grid_list([[1, 6, 6]]).tolist() == to_grid_list(torch.tensor([[1, 6, 6]])).tolist()
     with pytest.raises(ValueError, match="grid_thw"):
         to_grid_list([[1, 0, 6]])
+    with pytest.raises(ValueError, match=r"positive integers, got \[\[1.5, 6.0, 6.0\]\]"):  # not read as t=1
+        to_grid_list([[1.5, 6, 6]])
+    assert to_grid_list(torch.tensor([[1.0, 6.0, 6.0]])).tolist() == [[1, 6, 6]]
+    with pytest.raises(ValueError, match="index_local_blocks: expected a block count >= 0, got -1"):
+        LightningIndexer(MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]
+                                                  | {"index_local_blocks": -1})))
 
 
 def test_greedy_generation_with_the_kv_cache_matches_transformers(pair):
