@@ -370,7 +370,9 @@ class StageModule(ImageFeedingStage):
                             if self.mtp_depths else ())
         else:  # later stages take the hidden states and the MTP depths' embeddings
             inputs, depth_embeds = {"inputs_embeds": x}, extra
-        inputs["attention_mask"] = mask
+        # stage 0 checked the mask (the model refuses values other than 0 / 1); a later stage reads it as bool, for
+        # the schedule's shape inference runs the stages on buffers no stage has written
+        inputs["attention_mask"] = mask if self.first else mask != 0
         if self.last and self.mtp_depths:
             out = self.model(**inputs, return_mtp_logits=True, mtp_depth_embeds=list(depth_embeds))
             return (out.logits, *out.mtp_logits)
