@@ -57,7 +57,7 @@ def train(
         from plait.train import train as run_training
 
         run_training(cfg, console=console)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
         _fail(e)
 
 
@@ -79,7 +79,7 @@ def evaluate(
                                     max_new_tokens=cfg.eval.max_new_tokens, device=run.device,
                                     autocast=autocast_for(run.device, cfg.train.autocast))
         report_eval(console, metrics, cfg.eval.split)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
         _fail(e)
 
 
@@ -165,7 +165,7 @@ def generate(
             rates = ", ".join(f"depth {d + 1} {r:.2f}" for d, r in enumerate(stats.acceptance_rate))
             console.print(f"speculative: {stats.tokens_per_forward:.2f} tokens per forward over {stats.rounds} "
                           f"verification forwards; draft acceptance {rates}", highlight=False)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
         _fail(e)
 
 
@@ -231,7 +231,7 @@ def convert(
         run_config_yaml = run_config.read_text() if run_config.is_file() else None
         write_dir_atomically(output, lambda tmp: write_model_dir(tmp, model, tokenizer, run_config_yaml))
         console.print(f"wrote {output}")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
         _fail(e)
 
 
@@ -255,7 +255,7 @@ def inspect(
 
             model = prepare_run(load_config(target, overrides or [])).model
         info = summarize(model)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
         _fail(e)
     if as_json:
         console.print_json(json.dumps(info))

@@ -287,6 +287,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {str(path)!r}: malformed YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r}: expected UTF-8 YAML text, got binary data") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

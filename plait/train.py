@@ -23,6 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from plait.checkpoint import (
+    TRAINER_STATE_FILE,
+    check_model_dir,
     check_training_checkpoint,
     commit_dir,
     make_temp_dir,
@@ -163,6 +165,7 @@ def prepare_run(cfg: RunConfig, tokenizer=None) -> Run:
     audio = load_audio_splits(cfg.data.audio) if cfg.data.audio is not None else None
     if tokenizer is None:
         if cfg.model.pretrained is not None:
+            check_model_dir(cfg.model.pretrained)  # the model dir first: a missing one is not a tokenizer problem
             tokenizer = load_tokenizer(cfg.model.pretrained)
         else:
             texts = splits["train"].captions + (audio["train"].captions if audio else [])
@@ -254,6 +257,19 @@ def _prune_checkpoints(ckpt_root: Path, keep_last: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _restore_trainer_state(path: Path, state: dict, scheduler, order) -> None:
+    """The learning-rate schedule, the data order and the RNG from a checkpoint's trainer state; a key that is
+    missing or will not restore is a `ValueError` naming it (nothing is written before the first step)."""
+    restores = (("scheduler", scheduler.load_state_dict), ("data", order.load_state_dict),
+                ("rng", lambda value: torch.set_rng_state(torch.tensor(value, dtype=torch.uint8))))
+    for key, restore in restores:
+        try:
+            restore(state[key])
+        except (KeyError, TypeError, AttributeError, RuntimeError, ValueError, OverflowError) as e:
+            raise ValueError(f"training checkpoint {str(path)!r}: {TRAINER_STATE_FILE} entry {key!r} does not "
+                             f"restore ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint `train.resume=auto` continues from, checked before anything is written.
 
@@ -277,7 +293,16 @@ def _resume_point(cfg: RunConfig, ckpt_root: Path) -> tuple[Path | None, dict | 
     if latest is None:
         return None, None
     state = check_training_checkpoint(latest)
-    saved = yaml.safe_load((latest / RUN_CONFIG_FILE).read_text()) if (latest / RUN_CONFIG_FILE).is_file() else None
+    saved = None
+    if (latest / RUN_CONFIG_FILE).is_file():
+        try:
+            saved = yaml.safe_load((latest / RUN_CONFIG_FILE).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"training checkpoint {str(latest)!r}: {RUN_CONFIG_FILE} is not a run config "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"training checkpoint {str(latest)!r}: {RUN_CONFIG_FILE}: expected a mapping, got "
+                             f"{type(saved).__name__}")
     ours = cfg.model_dump(mode="json")
     for config in (saved, ours):
         if config is not None:
@@ -468,9 +493,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     start = 0
     if resume_from is not None:
         load_training_state(resume_from, local, optimizer)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        order.load_state_dict(resume_state["data"])
-        torch.set_rng_state(torch.tensor(resume_state["rng"], dtype=torch.uint8))
+        _restore_trainer_state(resume_from, resume_state, scheduler, order)
         start = resume_state["step"]
         console.print(f"resumed from step {start} ({resume_from})")
     log = None

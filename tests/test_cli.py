@@ -33,9 +33,13 @@ def test_print_config_shows_the_resolved_run():
     (["eval", "/nonexistent/ckpt"], "not a directory"),
     (["inspect", "configs/default.yaml", "model.preset=huge"], "unknown preset 'huge'"),
     (["bench", "nope"], "benchmark 'nope': expected one of"),
+    (["inspect", "{tmp}/blob.png"], "expected UTF-8 YAML text, got binary data"),
+    (["train", "configs/default.yaml", "output_dir={tmp}/blob.png", "data.num_train=64", "data.num_val=8",
+      "data.num_test=8", "data.cache_dir={tmp}/cache"], "File exists"),  # an OSError, named, not a traceback
 ])
 def test_bad_input_is_one_clear_error(args, message, tmp_path):
-    res = plait_cmd(*args)
+    (tmp_path / "blob.png").write_bytes(bytes([0x89, 0x50, 0x4E, 0x47, 0xFF, 0xFE, 0x00]))
+    res = plait_cmd(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert res.returncode == 2
     assert "error:" in res.stderr and message in res.stderr
     assert "Traceback" not in res.stderr

@@ -106,14 +106,27 @@ def test_resume_without_a_checkpoint_starts_fresh(small_config):
     assert len(losses(cfg.output_dir)) == 6
 
 
-@pytest.mark.parametrize("damage", ["trainer_state", "dcp_shard", "weights"])
+@pytest.mark.parametrize("damage", ["trainer_state", "scheduler", "rng", "data", "run_config", "dcp_shard", "weights"])
 def test_a_damaged_training_checkpoint_is_a_clear_error(small_config, damage):
+    import json
+
     cfg = small_config(*RESUMABLE)
     train(cfg, console=Console(quiet=True))
     ckpt = cfg.output_dir / "checkpoints" / "step_6"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
     if damage == "trainer_state":
         (ckpt / "trainer_state.json").write_text("{")
         message = "trainer_state.json: malformed JSON"
+    elif damage in ("scheduler", "rng", "data"):  # a key gone, a short RNG state, a wrong-typed entry
+        if damage == "scheduler":
+            del state["scheduler"]
+        else:
+            state[damage] = [1, 2, 3] if damage == "rng" else {"epoch": "x"}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+        message = f"trainer_state.json entry '{damage}' does not restore"
+    elif damage == "run_config":
+        (ckpt / "plait_run.yaml").write_text("train: [\n")
+        message = "plait_run.yaml is not a run config"
     elif damage == "dcp_shard":
         shard = next((ckpt / "training_state").glob("*.distcp"))
         shard.write_bytes(shard.read_bytes()[:100])
