@@ -140,6 +140,10 @@ def test_tensors_of_the_wrong_kind_and_bad_configs_are_rejected(ckpt_copy):
         (ckpt_copy / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             plait.from_pretrained(ckpt_copy)
+    # a VLM config relabelled as a text model: transformers fails inside its own config handling
+    (ckpt_copy / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"cannot build LlamaForCausalLM from this checkpoint's config.json"):
+        plait.from_pretrained(ckpt_copy)
 
 
 def test_broken_tokenizer_is_rejected(ckpt_copy):

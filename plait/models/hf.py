@@ -59,6 +59,10 @@ def build_stock_model(config: PretrainedConfig, attn_implementation: str = "sdpa
 
 def load_stock_model(path: Path, config: PretrainedConfig, attn_implementation: str = "sdpa") -> torch.nn.Module:
     cls = stock_model_class(config.model_type)
-    return cls.from_pretrained(
-        path, config=config, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
-    )
+    try:
+        return cls.from_pretrained(
+            path, config=config, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    except (AttributeError, TypeError, KeyError) as e:  # a config.json whose fields do not fit its model_type
+        raise ValueError(f"{path}: transformers cannot build {cls.__name__} from this checkpoint's config.json "
+                         f"(model_type {config.model_type!r}; {type(e).__name__}: {e})") from None
