@@ -412,13 +412,8 @@ def pooled_load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) ->
     router_logits = [x for x in router_logits if x.shape[0] > 0]
     if not router_logits:
         return None
-    E = router_logits[0].shape[-1]
-    rows = sum(x.shape[0] for x in router_logits)
-    probs = [x.float().softmax(dim=-1) for x in router_logits]
-    slots = torch.cat([p.detach().topk(top_k, dim=-1).indices.reshape(-1) for p in probs])
-    f = torch.bincount(slots, minlength=E).float() / rows
-    P = torch.stack([p.sum(dim=0) for p in probs]).sum(dim=0) / rows
-    return E * torch.sum(f * P)
+    logits = torch.cat(router_logits)  # (sum of T, E): pooling the layers is one Switch loss over all their rows
+    return load_balancing_loss(logits, logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices)
 
 
 def set_keep_router_logits(layers: list[MoE], keep: bool) -> None:
