@@ -23,6 +23,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key.sub=value overrides, e.g. train.steps=50")]
 
 
+# what a command reports as `error: ...` with exit code 2: bad input, and paths that cannot be made or read
+USER_ERRORS = (ValueError, OSError)
+
+
 def _fail(err: Exception) -> None:
     err_console.print(f"[bold red]error:[/] {err}", highlight=False)
     raise typer.Exit(code=2)
@@ -57,7 +61,7 @@ def train(
         from plait.train import train as run_training
 
         run_training(cfg, console=console)
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -79,7 +83,7 @@ def evaluate(
                                     max_new_tokens=cfg.eval.max_new_tokens, device=run.device,
                                     autocast=autocast_for(run.device, cfg.train.autocast))
         report_eval(console, metrics, cfg.eval.split)
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -165,7 +169,7 @@ def generate(
             rates = ", ".join(f"depth {d + 1} {r:.2f}" for d, r in enumerate(stats.acceptance_rate))
             console.print(f"speculative: {stats.tokens_per_forward:.2f} tokens per forward over {stats.rounds} "
                           f"verification forwards; draft acceptance {rates}", highlight=False)
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -231,7 +235,7 @@ def convert(
         run_config_yaml = run_config.read_text() if run_config.is_file() else None
         write_dir_atomically(output, lambda tmp: write_model_dir(tmp, model, tokenizer, run_config_yaml))
         console.print(f"wrote {output}")
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
+    except USER_ERRORS as e:
         _fail(e)
 
 
@@ -255,7 +259,7 @@ def inspect(
 
             model = prepare_run(load_config(target, overrides or [])).model
         info = summarize(model)
-    except (ValueError, OSError) as e:  # OSError: a path that cannot be made or read
+    except USER_ERRORS as e:
         _fail(e)
     if as_json:
         console.print_json(json.dumps(info))

@@ -54,7 +54,7 @@ from plait.models.native import (
 from plait.nn.attention import Attention, AttentionMask, KeyBlocks, KVCache, document_ranks
 from plait.mtp import MTPConfig, MTPModule, cu_seqlens_from_documents
 from plait.nn.mlp import MLP, Activation
-from plait.nn.moe import MoE, MoEConfig, moe_layers, pooled_load_balancing_loss, set_keep_router_logits
+from plait.nn.moe import MoE, MoEConfig, pooled_load_balancing_loss, router_logits_kept
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary, rotary_from_parameters
 
@@ -418,22 +418,21 @@ class _M3Base(PipelineStageHooks, nn.Module):
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
         text = self._text_model()
-        routers = list(moe_layers(text.layers).values())  # decoder layers only: transformers' model has no MTP
-        set_keep_router_logits(routers, pool_router_logits)
-        trunk = text(input_ids if inputs_embeds is None else None, position_ids, attention_mask, None, inputs_embeds,
-                     cu_seqlens, past_key_values, return_trunk=True)
-        if self.lm_head is None:  # a non-last pipeline stage
-            return MiniMaxM3CausalLMOutput(logits=None, hidden_states=trunk.hidden_states,
-                                           past_key_values=past_key_values)
-        out = lm_output(self, text, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
-                        past_key_values, use_cache, mtp_depth_embeds, MiniMaxM3CausalLMOutput)
-        if pool_router_logits:
-            config = self._text_config()
-            out.aux_loss = pooled_load_balancing_loss(
-                [m.router_logits for m in routers if m.router_logits is not None], config.num_experts_per_tok)
-            set_keep_router_logits(routers, False)
-            if labels is not None and out.aux_loss is not None:
-                out.loss = out.loss + config.router_aux_loss_coef * out.aux_loss
+        # the decoder layers' router logits only: transformers' model has no MTP depths
+        with router_logits_kept(text.layers if pool_router_logits else None) as routers:
+            trunk = text(input_ids if inputs_embeds is None else None, position_ids, attention_mask, None,
+                         inputs_embeds, cu_seqlens, past_key_values, return_trunk=True)
+            if self.lm_head is None:  # a non-last pipeline stage
+                return MiniMaxM3CausalLMOutput(logits=None, hidden_states=trunk.hidden_states,
+                                               past_key_values=past_key_values)
+            out = lm_output(self, text, trunk, input_ids, cu_seqlens, labels, return_logits, return_mtp_logits,
+                            past_key_values, use_cache, mtp_depth_embeds, MiniMaxM3CausalLMOutput)
+            if pool_router_logits:
+                out.aux_loss = pooled_load_balancing_loss(
+                    [m.router_logits for m in routers if m.router_logits is not None],
+                    self._text_config().num_experts_per_tok)
+        if labels is not None and out.aux_loss is not None:
+            out.loss = out.loss + self._text_config().router_aux_loss_coef * out.aux_loss
         return out
 
     def router_aux_loss_enabled(self, output_router_logits: bool | None = None) -> bool:

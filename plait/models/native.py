@@ -20,7 +20,7 @@ import re
 from plait.checkpoint import read_model_weights, write_model_weights
 from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
-from plait.nn.attention import Attention, AttentionMask, KVCache, document_ranks
+from plait.nn.attention import Attention, AttentionMask, KVCache, document_starts
 from plait.nn.moe import MoE, Router, collect_aux_loss
 from plait.nn.norm import RMSNorm
 
@@ -177,10 +177,11 @@ def positions_in_documents(attention_mask: torch.Tensor | None, documents: torch
     real = (attention_mask if attention_mask is not None else torch.ones_like(documents, dtype=torch.long)).bool()
     B, K = real.shape
     slots = torch.arange(K, device=real.device).expand(B, K)
-    starts = torch.zeros_like(real)  # documents come without a cache: real is (B, S) then
-    starts[:, 0] = True
-    if documents is not None:
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    if documents is not None:  # documents come without a cache: real is (B, S) then
+        starts = document_starts(documents)
+    else:
+        starts = torch.zeros_like(real)
+        starts[:, 0] = True
     segment = starts.long().cumsum(dim=1) - 1 + torch.arange(B, device=real.device)[:, None] * K  # (row, document)
     first_real = torch.full((B * K,), K, device=real.device).scatter_reduce(
         0, segment.reshape(-1), torch.where(real, slots, K).reshape(-1), "amin")

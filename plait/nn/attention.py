@@ -168,10 +168,15 @@ def document_ranks(real: torch.Tensor, documents: torch.Tensor | None = None) ->
     real = real.long()
     before = real.cumsum(dim=1) - real  # real tokens of the row before each slot
     if documents is not None:  # counted from the document's first slot
-        starts = torch.ones_like(documents, dtype=torch.bool)
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-        before = before - torch.where(starts, before, 0).cummax(dim=1).values
+        before = before - torch.where(document_starts(documents), before, 0).cummax(dim=1).values
     return before
+
+
+def document_starts(documents: torch.Tensor) -> torch.Tensor:
+    """(B, K) document ids -> (B, K) bool, True on each document's first slot (every row's first included)."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts
 
 
 def documents_from_cu_seqlens(cu_seqlens: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:

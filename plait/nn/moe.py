@@ -27,7 +27,8 @@ Both are deterministic at a fixed thread count: the sort is stable and every sca
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -416,11 +417,18 @@ def pooled_load_balancing_loss(router_logits: list[torch.Tensor], top_k: int) ->
     return load_balancing_loss(logits, logits.detach().float().softmax(dim=-1).topk(top_k, dim=-1).indices)
 
 
-def set_keep_router_logits(layers: list[MoE], keep: bool) -> None:
+@contextmanager
+def router_logits_kept(module: nn.Module | None) -> Iterator[list[MoE]]:
+    """Inside the block the MoE layers of `module` leave each forward's router logits in `router_logits` (None:
+    no layer, and no walk over the modules); after it, also when it raised, they keep none."""
+    layers = list(moe_layers(module).values()) if module is not None else []
     for m in layers:
-        m.keep_router_logits = keep
-        if not keep:
-            m.router_logits = None
+        m.keep_router_logits = True
+    try:
+        yield layers
+    finally:
+        for m in layers:
+            m.keep_router_logits, m.router_logits = False, None
 
 
 def moe_layers(model: nn.Module) -> dict[str, MoE]:
