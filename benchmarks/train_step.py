@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --model mimo_v2_flash   # ~16M parameters, 1 x 2048 and 2 x 256 (minutes on 2 cores)
     python benchmarks/train_step.py --model minimax_m3      # MiniMax-M3-VL, ~20M parameters, one image per sample
     python benchmarks/train_step.py --quick                 # a tiny config, to check the script runs
+    python benchmarks/train_step.py --model minimax_m3 --device cuda   # on a GPU: bf16 autocast, + 8 x 2048
 
 A step is forward + backward + AdamW on a random token batch (MiniMax-M3-VL: each sample starts with one
 224 x 224 random image (64 placeholder tokens), and the rest are text tokens). transformers runs its default
@@ -35,17 +36,28 @@ Host allocator (`--host-allocator`): "default" leaves glibc as a plain Python pr
 what plait's trainer sets (`plait.host_memory`: freed blocks up to 32 MiB kept in the heap, no trimming) to this
 whole process and to the memory subprocesses, so both implementations run under it.
 
-Writes benchmarks/results/train_step-<model>-cpu.json and .png ("-keep_freed" added to the name for that allocator).
+On a GPU (`--device cuda`) both run the way their trainers do on one: float32 weights and AdamW state, the
+forward under bf16 autocast. MFU is then against the bf16 matmul peak measured here (8192^3), peak memory is
+torch's allocator high-water mark above what was allocated before the model was built (model, gradients,
+optimizer state and the steps' activations; each implementation measured alone after the timing), and a batch
+of 8 x 2048 is added, a size at which a GPU has enough work per kernel. `--flex` adds plait with its compiled
+FlexAttention backend.
+
+Writes benchmarks/results/train_step-<model>-<device>.json and .png ("-keep_freed" added to the name for that
+allocator).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -117,8 +129,8 @@ def _peer_class(model: str):
 CONFIGS = {"mimo_v2_flash": mimo_config, "minimax_m3": m3_config}
 
 
-def build(model: str, impl: str, quick: bool, workdir: Path):
-    """Both models from one saved checkpoint, so the weights are the same."""
+def build(model: str, impl: str, quick: bool, workdir: Path, device: str = "cpu"):
+    """Every implementation from one saved checkpoint, so the weights are the same."""
     import plait
 
     reference, attn = _peer_class(model)
@@ -127,11 +139,13 @@ def build(model: str, impl: str, quick: bool, workdir: Path):
         torch.manual_seed(0)
         reference(CONFIGS[model](quick)).save_pretrained(ckpt)
     if impl == "plait":
-        return plait.from_pretrained(ckpt)
-    return reference.from_pretrained(ckpt, attn_implementation=attn)
+        return plait.from_pretrained(ckpt).to(device)
+    if impl == "plait-flex":
+        return plait.from_pretrained(ckpt, attn_implementation="flex").to(device)
+    return reference.from_pretrained(ckpt, attn_implementation=attn).to(device)
 
 
-def batch_inputs(cfg, batch: int, seq: int) -> dict:
+def batch_inputs(cfg, batch: int, seq: int, device: str = "cpu") -> dict:
     """Random token ids; a vision-language config also gets one random image per sample at the start."""
     g = torch.Generator().manual_seed(1)
     text = getattr(cfg, "text_config", cfg)
@@ -147,7 +161,7 @@ def batch_inputs(cfg, batch: int, seq: int) -> dict:
         ids[:, 1 : 1 + n] = IMAGE_TOKEN
         inputs.update(pixel_values=pixels, image_grid_thw=grid,
                       labels=ids.masked_fill(ids == IMAGE_TOKEN, -100))
-    return inputs
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def image_tokens(cfg) -> int:
@@ -159,9 +173,12 @@ def make_step(model, inputs: dict):
     # fused AdamW: transformers' Trainer default since torch 2.8, and what plait's trainer runs
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
+    device = next(model.parameters()).device.type
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext
 
     def step() -> float:
-        out = model(**inputs)
+        with autocast():
+            out = model(**inputs)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,7 +200,9 @@ def saved_for_backward_bytes(model, inputs: dict) -> int:
         return t
 
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    cuda = next(model.parameters()).device.type == "cuda"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         out = model(**inputs)
     del out
     return sum(sizes.values())
@@ -247,7 +266,9 @@ def vision_flops(cfg, images: int) -> float:
     return images * (6.0 * (params * patches + projector) + 3 * attention)
 
 
-def matmul_peak(quick: bool) -> float:
+def matmul_peak(quick: bool, device: str = "cpu") -> float:
+    if device == "cuda":
+        return cuda_matmul_peak()
     n = 512 if quick else 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -257,6 +278,39 @@ def matmul_peak(quick: bool) -> float:
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def cuda_matmul_peak(n: int = 8192) -> float:
+    """bf16 matmul FLOP/s: the mean of 10 products after 3 warm-ups, timed with CUDA events."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3)
+
+
+def cuda_peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, workdir: Path) -> dict:
+    """Allocator high-water mark of building the model and two steps, above what was allocated before."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = build(model_name, impl, quick, workdir, "cuda")
+    step = make_step(model, batch_inputs(CONFIGS[model_name](quick), batch, seq, "cuda"))
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del model, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"peak_bytes": peak, "live_peak_bytes": None}
 
 
 def _status_kib(field: str) -> int:
@@ -308,34 +362,45 @@ def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, w
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str = "default") -> dict:
+def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str = "default", device: str = "cpu",
+        flex: bool = False, save=None) -> dict:
     from plait.host_memory import configure_host_allocator
 
     configure_host_allocator(allocator)
-    peak = matmul_peak(quick)
+    cuda = device == "cuda"
+    impls = ("plait", "plait-flex", "transformers") if flex else IMPLS
+    peak = matmul_peak(quick, device)
     cfg = CONFIGS[model_name](quick)
-    shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)]
-    models = {impl: build(model_name, impl, quick, workdir) for impl in IMPLS}
+    shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)] + ([(8, 2048)] if cuda else [])
+    models = {impl: build(model_name, impl, quick, workdir, device) for impl in impls}
     n_params = sum(p.numel() for p in models["plait"].parameters())
-    results = {"model": model_name, "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    results = {"model": model_name, "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "precision": "bf16 autocast, float32 weights" if cuda else "float32",
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
                "matmul_peak_gflops": peak / 1e9, "parameters": n_params, "quick": quick,
                "optimizer": "AdamW(fused=True)", "host_allocator": allocator, "shapes": []}
-    print(f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
+    print(f"{'bf16' if cuda else 'float32'} matmul peak {peak / 1e9:.0f} GFLOP/s; {n_params:,} parameters")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for batch, seq in shapes:
-        inputs = batch_inputs(cfg, batch, seq)
+        inputs = batch_inputs(cfg, batch, seq, device)
         fns = {impl: make_step(m, inputs) for impl, m in models.items()}
         losses = {impl: fn() for impl, fn in fns.items()}  # warm-up; same weights, same batch: same loss
-        times = {impl: [] for impl in IMPLS}
+        if cuda:  # a second warm-up: compiled kernels, cuBLAS plans and the caching allocator settle
+            for fn in fns.values():
+                fn()
+        times = {impl: [] for impl in impls}
         for _ in range(steps):
             for impl, fn in fns.items():
+                sync()
                 t = time.perf_counter()
-                fn()
+                fn()  # reads the loss: waits for the step's kernels
                 times[impl].append(time.perf_counter() - t)
         flops = model_flops(cfg, batch, seq)
         row = {"batch": batch, "seq": seq, "first_step_loss": losses, "impls": {}}
-        for impl in IMPLS:
+        for impl in impls:
             t = statistics.median(times[impl])
-            memory = peak_memory(model_name, impl, batch, seq, quick, workdir, allocator)
+            memory = (cuda_peak_memory(model_name, impl, batch, seq, quick, workdir) if cuda
+                      else peak_memory(model_name, impl, batch, seq, quick, workdir, allocator))
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
                                   "saved_for_backward_mib": saved_for_backward_bytes(models[impl], inputs) / 2**20,
                                   "peak_mib": memory["peak_bytes"] / 2**20,
@@ -344,12 +409,19 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
+        if flex:
+            f = row["impls"]["plait-flex"]
+            row["flex_speedup"], row["flex_memory_ratio"] = f["tokens_per_s"] / r["tokens_per_s"], f["peak_mib"] / r["peak_mib"]
+            print(f"  plait flex: {f['tokens_per_s']:,.0f} tok/s (MFU {100 * f['mfu']:.0f}%, {f['peak_mib']:.0f} MiB): "
+                  f"x{row['flex_speedup']:.2f} speed, x{row['flex_memory_ratio']:.2f} memory")
         results["shapes"].append(row)
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
               f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
               f"{r['saved_for_backward_mib']:.0f} MiB; live peak {_mib(p['live_peak_mib'])} / {_mib(r['live_peak_mib'])}; "
               f"first losses {losses}")
+        if save is not None:  # after each shape: a run stopped part-way keeps the rows it measured
+            save(results)
     return results
 
 
@@ -364,16 +436,22 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [f"{r['batch']} x {r['seq']}" for r in results["shapes"]]
+    impls = list(results["shapes"][0]["impls"])
+    width = 0.8 / len(impls)
+    colors = {"plait": "tab:blue", "plait-flex": "tab:cyan", "transformers": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (train step)"), (axes[1], "peak_mib", "peak MiB")):
-        for i, impl in enumerate(IMPLS):
-            ax.bar([x + 0.4 * i for x in range(len(labels))], [r["impls"][impl][key] for r in results["shapes"]],
-                   width=0.4, label=impl, color="tab:blue" if impl == "plait" else "tab:gray")
-        ax.set_xticks([x + 0.2 for x in range(len(labels))], labels)
+        for i, impl in enumerate(impls):
+            ax.bar([x + width * i for x in range(len(labels))], [r["impls"][impl][key] for r in results["shapes"]],
+                   width=width, label=impl, color=colors[impl])
+        ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))], labels)
         ax.set_title(title, fontsize=9)
+        if results["device"] != "cpu":
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} {results['parameters'] / 1e6:.1f}M, CPU float32, {results['threads']} threads, "
-                 f"host allocator {results.get('host_allocator', 'default')}", fontsize=9)
+    where = (f"CPU float32, {results['threads']} threads, host allocator {results.get('host_allocator', 'default')}"
+             if results["device"] == "cpu" else f"{results['device']}, {results['precision']}")
+    fig.suptitle(f"{results['model']} {results['parameters'] / 1e6:.1f}M, {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -388,6 +466,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--host-allocator", choices=("default", "keep_freed"), default="default",
                         help="glibc malloc settings for the whole process, both implementations (plait.host_memory)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--flex", action="store_true", help="add plait with its FlexAttention backend (GPU)")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BATCH", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import tempfile
@@ -397,12 +477,19 @@ def main() -> None:
         impl, batch, seq = args.memory_child
         memory_child(args.model, impl, int(batch), int(seq), args.quick, workdir, steps=2, allocator=args.host_allocator)
         return
-    results = run(args.model, args.quick, args.steps, workdir, args.host_allocator)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.flex and args.device != "cuda":
+        parser.error("--flex needs --device cuda (FlexAttention has no CPU backward)")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = (f"train_step-{args.model}-cpu" + ("-keep_freed" if args.host_allocator == "keep_freed" else "")
+    stem = (f"train_step-{args.model}-{args.device}" + ("-keep_freed" if args.host_allocator == "keep_freed" else "")
             + ("-quick" if args.quick else ""))
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    plot(results, args.out / f"{stem}.png")
+
+    def save(results: dict) -> None:
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        plot(results, args.out / f"{stem}.png")
+
+    run(args.model, args.quick, args.steps, workdir, args.host_allocator, args.device, args.flex, save)
     print(f"wrote {args.out / (stem + '.json')} and .png")
 
 

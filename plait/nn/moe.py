@@ -122,18 +122,19 @@ class Router(nn.Module):
         return Routing(weights * cfg.routed_scaling_factor, indices, logits)
 
 
-def grouped_mm_available(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
-    """Whether torch's grouped_mm runs these expert weights: a kernel for the device and dtype (none for
-    float64), and row strides that are multiples of 16 bytes (hidden and intermediate sizes; tiny configs often
-    miss)."""
+def grouped_mm_available(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether torch's grouped_mm runs these expert weights in `dtype` (the matmul dtype, `matmul_dtype`:
+    autocast's where it is on, else the weights'): a kernel for the device and dtype (none for float64; on
+    CUDA bf16 on sm80+ only, so float32 weights under bf16 autocast take it too), and row strides that are
+    multiples of 16 bytes (hidden and intermediate sizes; tiny configs often miss)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    size = gate_up_proj.element_size()
-    if any(dim * size % 16 for dim in down_proj.shape[1:]):
+    dtype = dtype or gate_up_proj.dtype
+    if any(dim * dtype.itemsize % 16 for dim in down_proj.shape[1:]):
         return False
     if gate_up_proj.device.type == "cuda":
-        return gate_up_proj.dtype == torch.bfloat16 and torch.cuda.get_device_capability(gate_up_proj.device) >= (8, 0)
-    return gate_up_proj.device.type == "cpu" and gate_up_proj.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(gate_up_proj.device) >= (8, 0)
+    return gate_up_proj.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 class GroupedExperts(nn.Module):
@@ -157,7 +158,8 @@ class GroupedExperts(nn.Module):
         token_of_row = order // K
         row_of_slot = torch.empty_like(order)
         row_of_slot[order] = torch.arange(order.numel(), device=order.device)
-        grouped = self.impl != "loop" and grouped_mm_available(self.gate_up_proj, self.down_proj)
+        grouped = self.impl != "loop" and grouped_mm_available(self.gate_up_proj, self.down_proj,
+                                                               matmul_dtype(x, self.gate_up_proj))
         plan = (_ExpertRows(None, torch.cumsum(counts, dim=0, dtype=torch.int32)) if grouped
                 else _ExpertRows(counts.tolist(), None))  # the loop needs the sizes on the host (a sync on GPU)
         # (T*K, 2I): each token once per chosen expert, grouped by expert, through its expert's gate/up
@@ -205,9 +207,9 @@ class _ExpertRows:
 
 def _expert_matmul(x: torch.Tensor, weight: torch.Tensor, plan: _ExpertRows, dtype: torch.dtype) -> torch.Tensor:
     """x (N, in), rows grouped by expert -> (N, out): x[rows of e] @ weight[e].T for each expert e, in `dtype`
-    (`matmul_dtype`; grouped_mm is not autocast-aware and runs in the weights' dtype)."""
+    (`matmul_dtype`; grouped_mm is not autocast-aware, so both operands are cast here)."""
     if plan.offsets is not None:
-        return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=plan.offsets)
+        return F.grouped_mm(x.to(dtype), weight.to(dtype).transpose(-2, -1), offs=plan.offsets)
     x, weight = x.to(dtype), weight.to(dtype)
     out = x.new_empty(x.shape[0], weight.shape[1])
     with torch.autocast(x.device.type, enabled=False):
@@ -225,9 +227,9 @@ def _expert_matmul_backward(grad_out, x, weight, plan: _ExpertRows, dtype: torch
     gradients, which it gets transposed from the matmul backward (a strided copy of every expert weight)."""
     grad_out = grad_out.contiguous()
     if plan.offsets is not None:
-        grad_out = grad_out.to(weight.dtype)
-        grad_x = F.grouped_mm(grad_out, weight, offs=plan.offsets) if need_x else None
-        grad_w = F.grouped_mm(grad_out.t(), x.to(weight.dtype), offs=plan.offsets) if need_w else None
+        grad_out = grad_out.to(dtype)
+        grad_x = F.grouped_mm(grad_out, weight.to(dtype), offs=plan.offsets).to(x.dtype) if need_x else None
+        grad_w = F.grouped_mm(grad_out.t(), x.to(dtype), offs=plan.offsets).to(weight.dtype) if need_w else None
         return grad_x, grad_w
     grad_out, xc, wc = grad_out.to(dtype), x.to(dtype), weight.to(dtype)
     grad_x = torch.empty_like(xc) if need_x else None
