@@ -68,7 +68,7 @@ class _FlashAttention(torch.autograd.Function):
             grad_sinks = -((grad.float() * out.float()).sum(-1) * (1 - c)).sum(dim=(0, 2)).to(sinks.dtype)
             grad = grad * c.unsqueeze(-1).to(grad.dtype)
         width = qk.shape[-1]
-        grad_q, grad_k, grad_v = ctx.plan.backward(_pad_to(grad, width), qk, kk, vk, _pad_to(out, width), lse, ctx.scale)
+        grad_q, grad_k, grad_v = ctx.plan.backward(pad_last_dim(grad, width), qk, kk, vk, pad_last_dim(out, width), lse, ctx.scale)
         return (grad_q[..., : q.shape[-1]], _fold_heads(grad_k, k.shape[1])[..., : k.shape[-1]],
                 _fold_heads(grad_v, v.shape[1])[..., : v.shape[-1]], grad_sinks, None, None)
 
@@ -97,7 +97,7 @@ def _kernel_operands(q, k, v):
     return pad_head_dims(q, k, v)[:3]
 
 
-def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+def pad_last_dim(t: torch.Tensor, width: int) -> torch.Tensor:
     """t's last dim zero-padded to `width` (F.pad copies even when there is nothing to pad)."""
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
