@@ -3,10 +3,16 @@
 A model dir is `config.json` + `model.safetensors` (or shards listed in `model.safetensors.index.json`),
 plus `tokenizer.json` and plait's `plait_run.yaml` when plait trained it. Loading checks every file first,
 so a truncated download or a half-written save is a clear `ValueError`, not a crash deep in a loader.
+
+Where plait wrote the dir, `plait_checksums.json` records the size and SHA-256 of each binary file (weights,
+and a training checkpoint's optimizer and model shards), and loading compares them: bytes changed inside a file
+whose length and header are intact are caught too. Text files (config, tokenizer, run config) are not in it:
+their parsers check them, and users edit them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +25,7 @@ from typing import Callable
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+CHECKSUMS_FILE = "plait_checksums.json"
 
 
 def check_safetensors_file(path: Path) -> None:
@@ -77,7 +84,55 @@ def check_model_dir(path: str | Path) -> Path:
         if not (path / shard).is_file():
             raise ValueError(f"model dir {str(path)!r}: weight shard {shard!r} listed in the index is missing")
         check_safetensors_file(path / shard)
+    verify_checksums(path, weights_only=True)
     return path
+
+
+def _binary_files(path: Path) -> list[Path]:
+    """The files a checksum covers: the weights, and everything under a training checkpoint's state dir."""
+    state = path / TRAINING_STATE_DIR
+    return sorted(path.glob("*.safetensors")) + (sorted(p for p in state.rglob("*") if p.is_file())
+                                                 if state.is_dir() else [])
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(path: str | Path) -> None:
+    """Record the size and SHA-256 of the dir's binary files in `plait_checksums.json` (replacing any)."""
+    path = Path(path)
+    files = {p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _binary_files(path)}
+    (path / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+
+
+def verify_checksums(path: Path, weights_only: bool = False) -> None:
+    """Compare the files `plait_checksums.json` lists (the weights only, or all) with what is on disk; a dir
+    without that file (written by another tool) passes. `ValueError` naming the first file that differs."""
+    manifest = path / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        entries = [(name, int(e["bytes"]), str(e["sha256"])) for name, e in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{manifest}: malformed checksum file ({type(e).__name__}: {str(e)[:100]}); expected "
+                         '{"algorithm": "sha256", "files": {name: {"bytes": N, "sha256": HEX}}}') from None
+    for name, size, digest in entries:
+        if weights_only and not name.endswith(".safetensors"):
+            continue
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{path}: {name} is listed in {CHECKSUMS_FILE} but missing")
+        actual_size = file.stat().st_size
+        actual = _sha256(file) if actual_size == size else None
+        if actual != digest:
+            found = f"{actual_size} bytes" if actual is None else f"sha256 {actual[:16]}..."
+            raise ValueError(f"{file}: damaged or changed after plait wrote it: {CHECKSUMS_FILE} records "
+                             f"{size} bytes with sha256 {digest[:16]}..., the file has {found} (replaced it on "
+                             f"purpose? delete {CHECKSUMS_FILE})")
 
 
 def _weight_file_names(path: Path) -> list[str]:
@@ -134,6 +189,7 @@ def write_model_weights(path: str | Path, state: dict, max_shard_bytes: int = 5 
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], path / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_checksums(path)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
@@ -142,6 +198,7 @@ def write_model_weights(path: str | Path, state: dict, max_shard_bytes: int = 5 
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     (path / WEIGHTS_INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_checksums(path)
 
 
 def make_temp_dir(target: str | Path) -> Path:
@@ -264,6 +321,7 @@ def check_training_checkpoint(path: Path) -> dict:
                          f"the directory step {int(path.name[5:])}")
     if not (path / TRAINING_STATE_DIR / ".metadata").is_file():
         raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINING_STATE_DIR}/.metadata")
+    verify_checksums(path)
     return state
 
 

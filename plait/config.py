@@ -9,11 +9,20 @@ landed yet are rejected with "not supported yet", never silently ignored.
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+
+def _annotation_types(annotation: Any) -> set:
+    """The plain types an annotation admits (`int | None` -> {int, NoneType}; Literal values are not types)."""
+    args = typing.get_args(annotation)
+    if not args:
+        return {annotation} if isinstance(annotation, type) else set()
+    return set().union(*(_annotation_types(a) for a in args))
 
 
 class ConfigError(ValueError):
@@ -23,6 +32,17 @@ class ConfigError(ValueError):
 class _Section(BaseModel):
     # extra="forbid": a misspelled key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 for a number (`train.steps=true` would train one step); YAML's true/false
+        # are never meant as numbers
+        if isinstance(value, bool) and info.field_name is not None:
+            types = _annotation_types(cls.model_fields[info.field_name].annotation)
+            if bool not in types and types & {int, float}:
+                raise ValueError(f"expected a number, got {value!r}")
+        return value
 
 
 class MTPSettings(_Section):

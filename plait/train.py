@@ -32,6 +32,7 @@ from plait.checkpoint import (
     load_training_state,
     save_training_state,
     step_dirs,
+    write_checksums,
 )
 from plait.config import RunConfig, TrainSettings
 from plait.data.collate import collate_packed, collate_padded
@@ -236,7 +237,8 @@ def export_model(run: Run, target: Path, training_state: Callable[[Path], None] 
         if ctx.is_main:
             write_model_dir(tmp, run.model, run.tokenizer, run.cfg.to_yaml())
         ctx.barrier()
-        if ctx.is_main:
+        if ctx.is_main:  # every rank's shards are written now: record them all, then publish the dir
+            write_checksums(tmp)
             commit_dir(tmp, target)
     except BaseException:
         if ctx.is_main:

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 import plait
-from plait.checkpoint import check_model_dir, write_dir_atomically
+from plait.checkpoint import CHECKSUMS_FILE, check_model_dir, write_dir_atomically
 from plait.data.tokenizer import load_tokenizer
 from plait.models.vlm import vlm_spec
 
@@ -50,9 +50,39 @@ def test_trained_weights_are_what_was_saved(trained_checkpoint, tmp_path):
 
 @pytest.fixture
 def ckpt_copy(trained_checkpoint, tmp_path):
+    """A copy without plait's checksum file, as another tool would have written it: these tests edit files and
+    check what the loader's own checks say (the checksums would flag every edit first)."""
     dst = tmp_path / "ckpt"
     shutil.copytree(trained_checkpoint, dst)
+    (dst / CHECKSUMS_FILE).unlink()
     return dst
+
+
+def test_bytes_changed_inside_an_intact_file_are_caught_by_the_checksums(trained_checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, ckpt)
+    manifest = json.loads((ckpt / CHECKSUMS_FILE).read_text())
+    # the weights and the training state (loading the model reads only the weights' entries)
+    assert set(manifest["files"]) == {"model.safetensors", "training_state/.metadata", "training_state/__0_0.distcp"}
+    weights = ckpt / "model.safetensors"
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[-4:] = b"\x00\x00\xc0\x7f"  # the last float becomes NaN: length and header as they were
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors: damaged or changed after plait wrote it: "
+                                         r"plait_checksums.json records \d+ bytes with sha256 [0-9a-f]{16}"):
+        plait.from_pretrained(ckpt)
+    weights.write_bytes(original)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps(config, indent=4))  # text files are the user's to edit
+    plait.from_pretrained(ckpt)
+    for text in ("{", json.dumps({"files": {"model.safetensors": {"bytes": "many"}}})):
+        (ckpt / CHECKSUMS_FILE).write_text(text)
+        with pytest.raises(ValueError, match="plait_checksums.json: malformed checksum file"):
+            check_model_dir(ckpt)
+    (ckpt / CHECKSUMS_FILE).write_text(json.dumps({"files": {"model-2.safetensors": {"bytes": 1, "sha256": "0"}}}))
+    with pytest.raises(ValueError, match="model-2.safetensors is listed in plait_checksums.json but missing"):
+        check_model_dir(ckpt)
 
 
 def test_truncated_weights_are_rejected(ckpt_copy):

@@ -32,6 +32,8 @@ def test_print_config_shows_the_resolved_run():
     (["train", "configs/default.yaml", "parallel.pp=2"], "2 processes expected, but 1 were launched"),
     (["eval", "/nonexistent/ckpt"], "not a directory"),
     (["inspect", "configs/default.yaml", "model.preset=huge"], "unknown preset 'huge'"),
+    (["inspect", "configs/default.yaml", "model.config.text_config.num_hiden_layers=1"],
+     "model.config.text_config.num_hiden_layers: not a setting of MiniMaxM3VLTextConfig"),
     (["bench", "nope"], "benchmark 'nope': expected one of"),
     (["inspect", "{tmp}/blob.png"], "expected UTF-8 YAML text, got binary data"),
     (["train", "configs/default.yaml", "output_dir={tmp}/blob.png", "data.num_train=64", "data.num_val=8",

@@ -43,6 +43,8 @@ def test_override_into_a_value_is_an_error():
         ("bogus=1", r"bogus: unknown key"),
         ("train.steps=ten", r"train.steps: .*integer.*given 'ten'"),
         ("train.steps=0", r"train.steps: .*greater than 0.*given 0"),
+        ("train.steps=true", r"train.steps: expected a number, got True"),  # pydantic alone reads it as 1
+        ("train.lr=false", r"train.lr: expected a number, got False"),
         ("data.dataset=mnist", r"data.dataset: .*'shapes'.*given 'mnist'"),
         ("train.batch_size=30", r"batch_size \(30\) must be divisible by train.grad_accum x parallel.dp \(4 x 1\)"),
         # each of the 2 replicas' pipelines gets 32 of the 64 rows
@@ -94,3 +96,28 @@ def test_yaml_round_trip(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_model_config_overrides_must_be_settings_of_the_config_they_land_in():
+    # transformers keeps an unknown keyword as a plain attribute: a misspelt setting would be ignored silently
+    from plait.models.hf import check_config_overrides
+    from plait.models.presets import PRESETS, preset_dict
+
+    for name, preset in PRESETS.items():  # every built-in preset is made of known settings
+        check_config_overrides(preset, preset)
+    for preset, override, message in [
+        ("tiny-mimo-v2-flash", {"num_hiden_layers": 2}, r"num_hiden_layers: not a setting of MiMoV2FlashConfig "
+                                                        r"\(transformers 5.23.0\); did you mean 'num_hidden_layers'"),
+        ("tiny-minimax-m3", {"num_hidden_layers": 2}, "did you mean 'text_config.num_hidden_layers'"),
+        ("tiny-minimax-m3", {"vision_config": {"hiden_size": 8}}, "model.config.vision_config.hiden_size: not a "
+                                                                 "setting of MiniMaxM3VLVisionConfig"),
+        ("tiny-mistral3", {"text_config": {"rope_thetta": 1.0}}, "text_config.rope_thetta: not a setting of "
+                                                                "Ministral3Config"),
+        # plait's own MoE settings belong to the text config
+        ("tiny-minimax-m3", {"moe_aux_loss_coef": 0.1}, "did you mean 'text_config.moe_aux_loss_coef'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            check_config_overrides(preset_dict(preset, override), override)
+    for preset, override in [("tiny-minimax-m3", {"text_config": {"moe_aux_loss_coef": 0.1, "num_hidden_layers": 2}}),
+                             ("tiny-mimo-v2-flash", {"router_bias_update_rate": 0.01, "tie_word_embeddings": True})]:
+        check_config_overrides(preset_dict(preset, override), override)

@@ -106,7 +106,8 @@ def test_resume_without_a_checkpoint_starts_fresh(small_config):
     assert len(losses(cfg.output_dir)) == 6
 
 
-@pytest.mark.parametrize("damage", ["trainer_state", "scheduler", "rng", "data", "run_config", "dcp_shard", "weights"])
+@pytest.mark.parametrize("damage", ["trainer_state", "scheduler", "rng", "data", "run_config", "dcp_shard",
+                                    "dcp_shard_unlisted", "dcp_bytes", "weights", "weight_bytes"])
 def test_a_damaged_training_checkpoint_is_a_clear_error(small_config, damage):
     import json
 
@@ -127,15 +128,29 @@ def test_a_damaged_training_checkpoint_is_a_clear_error(small_config, damage):
     elif damage == "run_config":
         (ckpt / "plait_run.yaml").write_text("train: [\n")
         message = "plait_run.yaml is not a run config"
-    elif damage == "dcp_shard":
+    elif damage.startswith("dcp_"):
         shard = next((ckpt / "training_state").glob("*.distcp"))
-        shard.write_bytes(shard.read_bytes()[:100])
-        message = "cannot read training_state"
+        data = bytearray(shard.read_bytes())
+        if damage == "dcp_bytes":  # same length, some optimizer state overwritten: only the checksum sees it
+            data[len(data) // 2 : len(data) // 2 + 8] = bytes(8)
+            shard.write_bytes(bytes(data))
+            message = r"__0_0.distcp: damaged or changed after plait wrote it: plait_checksums.json records"
+        else:
+            shard.write_bytes(bytes(data[:100]))
+            message = "distcp: damaged or changed after plait wrote it"
+            if damage == "dcp_shard_unlisted":  # no checksum file (an older checkpoint): the reader's own error
+                (ckpt / "plait_checksums.json").unlink()
+                message = "cannot read training_state"
     else:
         weights = ckpt / "model.safetensors"
-        data = weights.read_bytes()
-        weights.write_bytes(data[: len(data) - 1000])
-        message = "truncated safetensors file"
+        data = bytearray(weights.read_bytes())
+        if damage == "weight_bytes":
+            data[-64:-56] = b"\xff" * 8
+            message = "model.safetensors: damaged or changed after plait wrote it"
+        else:
+            data = data[: len(data) - 1000]
+            message = "truncated safetensors file"
+        weights.write_bytes(bytes(data))
     before = (cfg.output_dir / "metrics.jsonl").read_text()
     with pytest.raises(ValueError, match=message):
         train(cfg, console=Console(quiet=True))

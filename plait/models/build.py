@@ -9,7 +9,7 @@ import torch
 from plait.config import ModelSettings
 from plait.data.dataset import BATCH_KEYS
 from plait.models import NATIVE_MODELS, from_config, from_pretrained
-from plait.models.hf import to_hf_config
+from plait.models.hf import check_config_overrides, to_hf_config
 from plait.models.mimo import MimoForCausalLM, MimoModel, MimoModelConfig
 from plait.models.native import add_fresh_mtp_depths
 from plait.mtp import MTPConfig
@@ -91,6 +91,7 @@ def build_model(settings: ModelSettings, vocab_size: int, special_ids: dict[str,
         _check_vocab(model, vocab_size)
         return model
     cfg = preset_dict(settings.preset, settings.config)
+    check_config_overrides(cfg, settings.config)
     cfg = vlm_spec(cfg["model_type"]).complete_config(cfg, vocab_size, special_ids, image_size)
     kwargs = _mtp_kwargs(settings, cfg["model_type"])
     if kwargs:
