@@ -45,7 +45,8 @@ from torch import nn
 
 from plait.nn.norm import RMSNorm
 from plait.nn.rope import apply_rotary
-from plait.nn.sdpa import BlockGatherPlan, BlockLocalPlan, TilePlan, WholePlan, pad_last_dim, flash_attention_cpu, pad_head_dims
+from plait.nn.sdpa import (BlockGatherPlan, BlockLocalPlan, TilePlan, WholePlan, flash_attention_cpu, pad_head_dims,
+                           pad_last_dim)
 
 BACKENDS = ("sdpa", "flex", "eager")
 
@@ -487,7 +488,8 @@ def flex_attention(q, k, v, mask, *, scale, window=None, sinks=None, softcap=Non
         # its kernels need head dims of at least 16: zero dims change neither the scores (the scale is explicit)
         # nor the output's first dv columns
         d, dv = q.shape[-1], v.shape[-1]
-        out, aux = _compiled_flex(pad_last_dim(q, max(d, 16)), pad_last_dim(k, max(d, 16)), pad_last_dim(v, max(dv, 16)), **kwargs)
+        q, k, v = pad_last_dim(q, max(d, 16)), pad_last_dim(k, max(d, 16)), pad_last_dim(v, max(dv, 16))
+        out, aux = _compiled_flex(q, k, v, **kwargs)
         out = out[..., :dv]
     else:
         with warnings.catch_warnings():  # uncompiled on CPU (inference, tests): slow by design

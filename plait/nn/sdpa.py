@@ -68,7 +68,8 @@ class _FlashAttention(torch.autograd.Function):
             grad_sinks = -((grad.float() * out.float()).sum(-1) * (1 - c)).sum(dim=(0, 2)).to(sinks.dtype)
             grad = grad * c.unsqueeze(-1).to(grad.dtype)
         width = qk.shape[-1]
-        grad_q, grad_k, grad_v = ctx.plan.backward(pad_last_dim(grad, width), qk, kk, vk, pad_last_dim(out, width), lse, ctx.scale)
+        grad_q, grad_k, grad_v = ctx.plan.backward(pad_last_dim(grad, width), qk, kk, vk, pad_last_dim(out, width), lse,
+                                                   ctx.scale)
         return (grad_q[..., : q.shape[-1]], _fold_heads(grad_k, k.shape[1])[..., : k.shape[-1]],
                 _fold_heads(grad_v, v.shape[1])[..., : v.shape[-1]], grad_sinks, None, None)
 
