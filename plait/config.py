@@ -185,6 +185,8 @@ class CheckpointSettings(_Section):
 
 class ParallelSettings(_Section):
     dp: int = Field(1, gt=0, description="data-parallel replicas")
+    dp_shard: int = Field(1, gt=0, description="FSDP2: ranks that shard parameters, gradients and optimizer state "
+                                              "(each a data-parallel rank; with parallel.dp > 1, HSDP)")
     pp: int = Field(1, gt=0, description="pipeline stages' ranks (native models; with "
                                          "model.implementation=transformers, text LMs and Mistral3)")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
@@ -207,11 +209,19 @@ class ParallelSettings(_Section):
             if value != type(self).model_fields[key].default]
         if self.pp == 1 and pipeline_only:
             raise ValueError(f"{', '.join(pipeline_only)}: only used with parallel.pp > 1")
+        if self.dp_shard > 1 and self.pp > 1:
+            raise ValueError(f"parallel.dp_shard={self.dp_shard} with parallel.pp={self.pp}: sharded pipeline stages "
+                             "are not supported yet; use parallel.dp for replicas of a pipeline")
         split_choices = [c for c in pipeline_only if c.split("=")[0] in
                          ("parallel.layers_per_stage", "parallel.split", "parallel.stage_modules")]
         if len(split_choices) > 1:
             raise ValueError(f"{' with '.join(split_choices)}: each of them chooses the layer split; set one of them")
         return self
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that each run their own slice of every batch: replicas x shards."""
+        return self.dp * self.dp_shard
 
 
 class RunConfig(_Section):
@@ -240,12 +250,15 @@ class RunConfig(_Section):
         if self.model.mimo is not None and (self.parallel.pp > 1 or self.data.packing):
             raise ValueError(f"model.mimo with parallel.pp={self.parallel.pp}, data.packing={self.data.packing}: "
                              "pipelined and packed MIMO training are not supported by the trainer yet")
-        per_step = self.train.grad_accum * self.parallel.dp
+        if self.model.mimo is not None and self.parallel.dp_shard > 1:
+            raise ValueError(f"model.mimo with parallel.dp_shard={self.parallel.dp_shard}: sharded MIMO training is "
+                             "not supported yet; use parallel.dp")
+        per_step = self.train.grad_accum * self.parallel.data_parallel
         if self.train.batch_size % per_step:
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum x parallel.dp "
-                f"({self.train.grad_accum} x {self.parallel.dp})"
-            )
+            ranks = (f"parallel.dp x parallel.dp_shard ({self.train.grad_accum} x {self.parallel.dp} x "
+                     f"{self.parallel.dp_shard})" if self.parallel.dp_shard > 1
+                     else f"parallel.dp ({self.train.grad_accum} x {self.parallel.dp})")
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be divisible by train.grad_accum x {ranks}")
         return self
 
     def to_yaml(self) -> str:

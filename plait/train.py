@@ -58,6 +58,7 @@ from plait.parallel.data_parallel import (
     sum_gradients_over_replicas,
     wrap_data_parallel,
 )
+from plait.parallel.fsdp import apply_fsdp, full_state_dict, to_number
 
 RUN_CONFIG_FILE = "plait_run.yaml"
 
@@ -211,12 +212,16 @@ def _mimo_datasets(model: MimoForCausalLM, splits_per_modality: dict, tokenizer,
     return {name: MixedCaptionDataset(p) for name, p in parts.items()}
 
 
-def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None) -> None:
-    """The HF files of a plait model dir: config + safetensors, tokenizer.json, and the run config."""
+def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None, state_dict: dict | None = None) -> None:
+    """The HF files of a plait model dir: config + safetensors, tokenizer.json, and the run config.
+    `state_dict`: the full state of a sharded (FSDP) model, gathered on this rank."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
-    model.save_pretrained(tmp)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if run_config_yaml is not None:
         (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
@@ -226,16 +231,18 @@ def export_model(run: Run, target: Path, training_state: Callable[[Path], None] 
                  ctx: DistContext = DistContext()) -> Path:
     """The model in HF layout + tokenizer.json + the run config (+ the training state), written atomically.
 
-    Every rank takes part in the training-state save (a DCP collective) into the temp dir rank 0 made;
-    rank 0 alone writes the HF files and renames the dir once all ranks are done. In a single process
+    Every rank takes part in the training-state save (a DCP collective) into the temp dir rank 0 made (and,
+    under FSDP, in gathering the full weights); rank 0 alone writes the HF files and renames the dir once all
+    ranks are done. In a single process
     the broadcast and barriers are no-ops.
     """
     tmp = ctx.broadcast(make_temp_dir(target) if ctx.is_main else None)
     try:
         if training_state is not None:
             training_state(tmp)
+        full_state = full_state_dict(run.model) if ctx.sharded else None  # a collective: every rank takes part
         if ctx.is_main:
-            write_model_dir(tmp, run.model, run.tokenizer, run.cfg.to_yaml())
+            write_model_dir(tmp, run.model, run.tokenizer, run.cfg.to_yaml(), full_state)
         ctx.barrier()
         if ctx.is_main:  # every rank's shards are written now: record them all, then publish the dir
             write_checksums(tmp)
@@ -463,7 +470,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     # an MoE aux loss is the mean over the step's forwards (micro-batches, pipeline microbatches, on every
     # replica: their gradients are summed), its gradient added by each MoE layer itself: no stage needs another
     # stage's aux loss
-    forwards = tcfg.grad_accum * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1) * cfg.parallel.dp
+    forwards = tcfg.grad_accum * (cfg.parallel.microbatches if cfg.parallel.pp > 1 else 1) * cfg.parallel.data_parallel
     route_aux_loss_through_backward(model, 1.0 / forwards)
     # the pipeline's loss function reads the current step's target counts and records the loss parts
     step_total = {"targets": 1.0, "record": {}}
@@ -476,7 +483,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
     local = pipe.local_model() if pipe is not None else model
-    replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
+    if ctx.sharded:  # FSDP2 shards the model in place: before the optimizer is built over its parameters
+        replica = apply_fsdp(model, ctx.fsdp_mesh)
+    else:
+        replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
     pad_id = train_set.pad_id
     micro = tcfg.batch_size // tcfg.grad_accum
     collate = (partial(collate_packed, pad_id=pad_id, pack_length=cfg.data.pack_length) if cfg.data.packing
@@ -516,16 +526,18 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
                   f"{len(train_set):,} training samples; {tcfg.steps} steps of {tcfg.batch_size}")
 
     def run_eval(step: int, split: str, num_samples: int | None) -> dict[str, float]:
-        """On rank 0 (the others wait): held-out figures do not need every replica."""
+        """On rank 0 (the others wait): held-out figures do not need every replica. A sharded model's forward
+        needs every rank, so there all ranks evaluate the same samples and rank 0 logs."""
         metrics = {}
         if pipe is not None:
             _gather_stages(pipe, model, ctx)
-        if ctx.is_main:
+        if ctx.is_main or ctx.sharded:
             metrics = evaluate_dataset(model, run.datasets[split], run.model_inputs, run.tokenizer,
                                         num_samples=num_samples, batch_size=cfg.eval.batch_size,
                                         max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
-            log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
             set_train_mode(local, trained)
+        if ctx.is_main:
+            log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})
         ctx.barrier()
         return metrics
 
@@ -589,7 +601,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
             imbalance = ctx.max_over_stages(load_imbalance(expert_loads) if expert_loads else 0.0)
             tps = tokens / (time.perf_counter() - t0)
             if log is not None:
-                row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": float(grad_norm),
+                row = {"step": step, "loss": loss_sum, "lm_loss": lm_sum, "lr": lr, "grad_norm": to_number(grad_norm),
                        "tokens": tokens, "tokens_per_s": tps, "epoch": order.epoch, "world_size": ctx.world_size}
                 row.update({f"mtp_loss_{d + 1}": x for d, x in enumerate(depth_sums)})
                 if imbalance:

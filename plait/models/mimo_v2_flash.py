@@ -296,9 +296,9 @@ class MiMoV2FlashForCausalLM(PipelineStageHooks, nn.Module):
                                                          experts_impl),
                                     StateDictAdapter(config), path)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
         """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""
-        save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM")
+        save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM", state_dict)
 
     @property
     def mtp_backbone(self) -> MiMoV2FlashModel:

@@ -481,8 +481,8 @@ class _M3Base(PipelineStageHooks, nn.Module):
     def tied_embeddings(self) -> bool:
         return self.lm_head is not None and self.lm_head.weight is self.get_input_embeddings().weight
 
-    def save_pretrained(self, path: str | Path) -> None:
-        save_checkpoint(self, StateDictAdapter(self.config), path, self.hf_architecture)
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
+        save_checkpoint(self, StateDictAdapter(self.config), path, self.hf_architecture, state_dict)
 
 
 @dataclass

@@ -314,14 +314,16 @@ def load_checkpoint_into(build: Callable[[dict], nn.Module], adapter, path: Path
     return model
 
 
-def save_checkpoint(model: nn.Module, adapter, path: str | Path, architecture: str) -> None:
-    """config.json + safetensors under the on-disk names (`adapter.to_hf`); a tied LM head is not written."""
+def save_checkpoint(model: nn.Module, adapter, path: str | Path, architecture: str,
+                    state_dict: dict | None = None) -> None:
+    """config.json + safetensors under the on-disk names (`adapter.to_hf`); a tied LM head is not written.
+    `state_dict`: the model's full state where the model itself holds only shards (FSDP), else its own."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config: PretrainedConfig = model.config
     config.architectures = [architecture]
     config.save_pretrained(path)
-    state = dict(model.state_dict())
+    state = dict(model.state_dict() if state_dict is None else state_dict)
     if model.tied_embeddings:
         state.pop("lm_head.weight", None)
     write_model_weights(path, adapter.to_hf(state))

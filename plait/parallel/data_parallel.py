@@ -1,5 +1,6 @@
 """Data parallelism, alone or beside pipeline stages: one process per (pipeline rank, replica) under `torchrun`,
-gloo on CPU and NCCL on GPU.
+gloo on CPU and NCCL on GPU. With `parallel.dp_shard` the data-parallel ranks shard the model instead
+(FSDP2, `plait.parallel.fsdp`); the batch is split over all of them the same way.
 
 The processes form a 2-D device mesh with dims ("pp", "dp"), pipeline outermost as in torchtitan: rank
 `pp_rank * dp + dp_rank`. Each dp replica is a whole pipeline (or a whole model) and runs it on its own shard
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from plait.config import ParallelSettings
 
 MESH_DIMS = ("pp", "dp")
+FSDP_MESH_DIMS = ("dp_replicate", "dp_shard")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,12 @@ class DistContext:
     dp_rank: int = 0
     dp_size: int = 1
     pp_group: object = None  # the pipeline this rank is a stage of
-    dp_group: object = None  # the replicas of this rank's stages
+    dp_group: object = None  # the replicas of this rank's stages (under FSDP: every data-parallel rank)
+    fsdp_mesh: object = None  # parallel.dp_shard > 1: the ("dp_replicate", "dp_shard") mesh FSDP2 shards over
+
+    @property
+    def sharded(self) -> bool:
+        return self.fsdp_mesh is not None
 
     @property
     def is_main(self) -> bool:
@@ -96,14 +103,13 @@ def launched_world_size() -> int:
 
 
 def check_world_size(settings: ParallelSettings, world: int) -> None:
-    """A launch must have exactly parallel.pp x parallel.dp processes."""
-    expected = settings.dp * settings.pp
+    """A launch must have exactly parallel.pp x parallel.dp (x parallel.dp_shard) processes."""
+    expected = settings.data_parallel * settings.pp
     if world != expected:
         how = f"torchrun --nproc-per-node {expected} -m plait train ..." if expected > 1 else "a single process"
-        raise ValueError(
-            f"parallel.dp x parallel.pp = {settings.dp} x {settings.pp} = {expected} processes expected, "
-            f"but {world} were launched; run it as {how}"
-        )
+        product = (f"parallel.dp x parallel.dp_shard = {settings.dp} x {settings.dp_shard}" if settings.dp_shard > 1
+                   else f"parallel.dp x parallel.pp = {settings.dp} x {settings.pp}")
+        raise ValueError(f"{product} = {expected} processes expected, but {world} were launched; run it as {how}")
 
 
 def init_distributed(settings: ParallelSettings, device: torch.device) -> DistContext:
@@ -119,6 +125,10 @@ def init_distributed(settings: ParallelSettings, device: torch.device) -> DistCo
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if settings.dp_shard > 1:  # FSDP2 over every rank (no pipeline): HSDP when there are replicas too
+        fsdp_mesh = init_device_mesh(device.type, (settings.dp, settings.dp_shard), mesh_dim_names=FSDP_MESH_DIMS)
+        return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), dp_rank=dist.get_rank(),
+                           dp_size=dist.get_world_size(), dp_group=dist.group.WORLD, fsdp_mesh=fsdp_mesh)
     mesh = init_device_mesh(device.type, (settings.pp, settings.dp), mesh_dim_names=MESH_DIMS)
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
                        pp_rank=mesh.get_local_rank("pp"), pp_size=settings.pp, pp_group=mesh.get_group("pp"),
