@@ -84,7 +84,7 @@ def check_model_dir(path: str | Path) -> Path:
         if not (path / shard).is_file():
             raise ValueError(f"model dir {str(path)!r}: weight shard {shard!r} listed in the index is missing")
         check_safetensors_file(path / shard)
-    verify_checksums(path, weights_only=True)
+    verify_checksums(path, "weights")
     return path
 
 
@@ -100,17 +100,24 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_checksums(path: str | Path) -> None:
-    """Record the size and SHA-256 of the dir's binary files in `plait_checksums.json` (replacing any)."""
+def write_checksums(path: str | Path, keep_recorded: bool = False) -> None:
+    """Record the size and SHA-256 of the dir's binary files in `plait_checksums.json`. `keep_recorded`: keep
+    the entries a writer of this same fresh dir made moments ago (the model's weights, hashed as they were
+    written) and hash only the files they do not cover; else every file is hashed and any old record replaced."""
     path = Path(path)
-    files = {p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _binary_files(path)}
-    (path / CHECKSUMS_FILE).write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+    manifest = path / CHECKSUMS_FILE
+    recorded = json.loads(manifest.read_text())["files"] if keep_recorded and manifest.is_file() else {}
+    files = {}
+    for p in _binary_files(path):
+        name = p.relative_to(path).as_posix()
+        files[name] = recorded.get(name) or {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
 
 
-def verify_checksums(path: Path, weights_only: bool = False) -> None:
-    """Compare the files `plait_checksums.json` lists (the weights only, or all) with what is on disk; a dir
-    without that file (written by another tool) passes. `ValueError` naming the first file that differs."""
+def verify_checksums(path: Path, part: str) -> None:
+    """Compare the files of one `part` ("weights": the safetensors files; "training_state": everything under
+    the training state dir) that `plait_checksums.json` lists with what is on disk; a dir without that file
+    (written by another tool) passes. `ValueError` naming the first file that differs."""
     manifest = path / CHECKSUMS_FILE
     if not manifest.is_file():
         return
@@ -120,8 +127,10 @@ def verify_checksums(path: Path, weights_only: bool = False) -> None:
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
         raise ValueError(f"{manifest}: malformed checksum file ({type(e).__name__}: {str(e)[:100]}); expected "
                          '{"algorithm": "sha256", "files": {name: {"bytes": N, "sha256": HEX}}}') from None
+    in_part = (lambda name: name.startswith(f"{TRAINING_STATE_DIR}/")) if part == "training_state" \
+        else (lambda name: not name.startswith(f"{TRAINING_STATE_DIR}/"))
     for name, size, digest in entries:
-        if weights_only and not name.endswith(".safetensors"):
+        if not in_part(name):
             continue
         file = path / name
         if not file.is_file():
@@ -321,17 +330,19 @@ def check_training_checkpoint(path: Path) -> dict:
                          f"the directory step {int(path.name[5:])}")
     if not (path / TRAINING_STATE_DIR / ".metadata").is_file():
         raise ValueError(f"training checkpoint {str(path)!r}: missing {TRAINING_STATE_DIR}/.metadata")
-    verify_checksums(path)
+    verify_checksums(path, "training_state")  # the weights' entries: check_model_dir above
     return state
 
 
-def load_training_state(path: Path, model, optimizer) -> dict:
-    """Restore model and optimizer in place from a training checkpoint; return the trainer state."""
+def load_training_state(path: Path, model, optimizer, checked_state: dict | None = None) -> dict:
+    """Restore model and optimizer in place from a training checkpoint; return the trainer state.
+    `checked_state`: what `check_training_checkpoint(path)` returned, where the caller has checked the dir
+    already (its checksums are then not read a second time)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    trainer_state = check_training_checkpoint(path)
+    trainer_state = check_training_checkpoint(path) if checked_state is None else checked_state
     state = _dcp_state(model, optimizer)
     try:
         with warnings.catch_warnings():

@@ -244,8 +244,8 @@ def export_model(run: Run, target: Path, training_state: Callable[[Path], None] 
         if ctx.is_main:
             write_model_dir(tmp, run.model, run.tokenizer, run.cfg.to_yaml(), full_state)
         ctx.barrier()
-        if ctx.is_main:  # every rank's shards are written now: record them all, then publish the dir
-            write_checksums(tmp)
+        if ctx.is_main:  # every rank's shards are written now: record them all (a native model's weights are
+            write_checksums(tmp, keep_recorded=True)  # already, from its save), then publish the dir
             commit_dir(tmp, target)
     except BaseException:
         if ctx.is_main:
@@ -504,7 +504,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     eval_every = min(tcfg.eval_every, tcfg.steps) if tcfg.eval_every else 0
     start = 0
     if resume_from is not None:
-        load_training_state(resume_from, local, optimizer)
+        load_training_state(resume_from, local, optimizer, checked_state=resume_state)  # checked by _resume_point
         _restore_trainer_state(resume_from, resume_state, scheduler, order)
         start = resume_state["step"]
         console.print(f"resumed from step {start} ({resume_from})")
