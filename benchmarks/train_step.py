@@ -169,12 +169,17 @@ def image_tokens(cfg) -> int:
     return (v.image_size // v.patch_size // v.spatial_merge_size) ** 2
 
 
+def step_autocast(model):
+    """The forward's precision context: bf16 autocast on a GPU (how both trainers run there), none on the CPU."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
+
+
 def make_step(model, inputs: dict):
     # fused AdamW: transformers' Trainer default since torch 2.8, and what plait's trainer runs
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     model.train()
-    device = next(model.parameters()).device.type
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if device == "cuda" else nullcontext
+    autocast = step_autocast(model)
 
     def step() -> float:
         with autocast():
@@ -200,9 +205,7 @@ def saved_for_backward_bytes(model, inputs: dict) -> int:
         return t
 
     model.train()
-    cuda = next(model.parameters()).device.type == "cuda"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), step_autocast(model)():
         out = model(**inputs)
     del out
     return sum(sizes.values())
