@@ -15,10 +15,10 @@ import torch
 import plait
 from plait.generate import generate, left_pad
 from plait.models.vlm import _m3_inputs
-from plait.nn.attention import AttentionMask, KeyBlocks, attend
 from plait.nn.mlp import Activation
 from plait.nn.moe import MoE, MoEConfig, grouped_mm_available
 from tests.nn.reference import assert_close, assert_grads_close
+from tests.nn.test_attention import _inputs, _mask, _random_key_blocks, _run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = "cuda"
@@ -32,46 +32,6 @@ def full_float32_matmuls():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _qkv(B, H, Hk, S, D, Dv, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, h, S, d, generator=g).to(CUDA).requires_grad_()
-            for h, d in ((H, D), (Hk, D), (Hk, Dv))]
-
-
-def _mask(kind, B, S):
-    if kind == "plain":
-        return AttentionMask.build(B, S, CUDA)
-    if kind == "padded":  # left padding in row 0, right padding in the last row
-        pad = torch.ones(B, S, dtype=torch.long)
-        pad[0, :4] = 0
-        pad[-1, -3:] = 0
-        return AttentionMask.build(B, S, CUDA, padding_mask=pad.to(CUDA))
-    cut1, cut2 = S // 4, S // 2 + 1  # "packed": three documents per row
-    pos = torch.cat([torch.arange(cut1), torch.arange(cut2 - cut1), torch.arange(S - cut2)])
-    return AttentionMask.build(B, S, CUDA, position_ids=pos.expand(B, S).to(CUDA))
-
-
-def _run(q, k, v, sinks, **kw):
-    """attend(...) and the gradients of a fixed weighting of its output."""
-    for t in (q, k, v, sinks):
-        if t is not None:
-            t.grad = None
-    out = attend(q, k, v, sinks=sinks, **kw)
-    (out * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
-    return out.detach(), {n: t.grad.clone() for n, t in zip("qkvs", (q, k, v, sinks)) if t is not None}
-
-
-def _key_blocks(B, h, S, block, picks, seed=0):
-    """Each query keeps its own block and up to `picks` random earlier ones."""
-    g = torch.Generator().manual_seed(seed)
-    n = -(-S // block)
-    own = (torch.arange(S) // block).view(1, 1, S, 1)
-    scores = torch.rand(B, h, S, n, generator=g).masked_fill(torch.arange(n) > own, -1.0)
-    keep = torch.zeros(B, h, S, n, dtype=torch.bool).scatter_(-1, scores.topk(min(picks, n), dim=-1).indices, True)
-    keep = (keep & (scores >= 0)).scatter_(-1, own.expand(B, h, S, 1), True)
-    return KeyBlocks(keep.to(CUDA), block)
-
-
 ATTENTION_CASES = [  # mask kind, window, sinks, key-block selection
     ("plain", None, False, False), ("padded", 5, True, False), ("packed", None, True, False),
     ("packed", 9, False, False), ("padded", None, False, True), ("packed", 6, False, True),
@@ -83,12 +43,13 @@ FLEX_CASES = [ATTENTION_CASES[i] for i in (1, 2, 5)]  # each compiles its own ke
                          [("sdpa", *case) for case in ATTENTION_CASES] + [("flex", *case) for case in FLEX_CASES])
 def test_gpu_attention_matches_eager(backend, kind, window, with_sinks, blocks):
     B, S, (H, Hk, D, Dv) = 2, 45, (4, 2, 16, 12)
-    q, k, v = _qkv(B, H, Hk, S, D, Dv)
+    q, k, v = _inputs(B, H, Hk, S, D, Dv, device=CUDA)
     sinks = torch.randn(H, device=CUDA).requires_grad_() if with_sinks else None
-    kw = dict(mask=_mask(kind, B, S), scale=D**-0.5, window=window,
-              restrict=_key_blocks(B, 2, S, block=4, picks=3) if blocks else None)
-    out_ref, g_ref = _run(q, k, v, sinks, backend="eager", **kw)
-    out, g = _run(q, k, v, sinks, backend=backend, **kw)
+    mask = _mask(kind, B, S, CUDA)
+    kw = dict(scale=D**-0.5, window=window,
+              restrict=_random_key_blocks(B, 2, S, block=4, picks=3, device=CUDA) if blocks else None)
+    out_ref, g_ref = _run("eager", q, k, v, mask, sinks, **kw)
+    out, g = _run(backend, q, k, v, mask, sinks, **kw)
     assert_close(out, out_ref, tol=1e-5)
     assert_grads_close(g, g_ref)
 

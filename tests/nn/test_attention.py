@@ -23,26 +23,26 @@ from plait.nn.rope import RotaryEmbedding, rotary_per_layer_type
 from tests.nn.reference import assert_close, assert_grads_close, m3_text_config, mimo_config, randomize_
 
 
-def _inputs(B, H, Hk, S, D, Dv, seed=0):
+def _inputs(B, H, Hk, S, D, Dv, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, S, D, generator=g).requires_grad_()
-    k = torch.randn(B, Hk, S, D, generator=g).requires_grad_()
-    v = torch.randn(B, Hk, S, Dv, generator=g).requires_grad_()
+    q = torch.randn(B, H, S, D, generator=g).to(device).requires_grad_()
+    k = torch.randn(B, Hk, S, D, generator=g).to(device).requires_grad_()
+    v = torch.randn(B, Hk, S, Dv, generator=g).to(device).requires_grad_()
     return q, k, v
 
 
-def _mask(kind, B, S):
+def _mask(kind, B, S, device="cpu"):
     if kind == "plain":
-        return AttentionMask.build(B, S, "cpu")
+        return AttentionMask.build(B, S, device)
     if kind == "padded":  # left padding in row 0, right padding in row 1
         pad = torch.ones(B, S, dtype=torch.long)
         pad[0, :4] = 0
         pad[-1, -3:] = 0
-        return AttentionMask.build(B, S, "cpu", padding_mask=pad)
+        return AttentionMask.build(B, S, device, padding_mask=pad.to(device))
     if kind == "packed":  # three documents per row, marked by restarting position ids
         cut1, cut2 = S // 4, S // 2 + 1
         pos = torch.cat([torch.arange(cut1), torch.arange(cut2 - cut1), torch.arange(S - cut2)])
-        return AttentionMask.build(B, S, "cpu", position_ids=pos.expand(B, S))
+        return AttentionMask.build(B, S, device, position_ids=pos.expand(B, S).to(device))
     raise AssertionError(kind)
 
 
@@ -56,7 +56,7 @@ def _run_fn(fn, q, k, v, sinks=None):
         if t is not None:
             t.grad = None
     out = fn(q, k, v)
-    weight = torch.linspace(-1, 1, out.numel()).view_as(out)
+    weight = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
     (out * weight).sum().backward()
     grads = {n: t.grad.clone() for n, t in zip("qkvs", (q, k, v, sinks)) if t is not None}
     return out.detach(), grads
@@ -83,12 +83,12 @@ def test_sdpa_matches_eager_reference(mask_kind, window, with_sinks, dims):
     assert_grads_close(g, g_ref)
 
 
-def _random_key_blocks(B, h, S, block, picks, seed=0, own_block=True):
+def _random_key_blocks(B, h, S, block, picks, seed=0, own_block=True, device="cpu"):
     """Each query keeps `picks` random blocks among those that start at or before it, plus its own (when
     `own_block`; otherwise some queries leave out the block they sit in)."""
     g = torch.Generator().manual_seed(seed)
     own = (torch.arange(S) // block).view(1, 1, S, 1)
-    return KeyBlocks(_random_picks(g, B, h, S, -(-S // block), own, picks, own_block), block)
+    return KeyBlocks(_random_picks(g, B, h, S, -(-S // block), own, picks, own_block).to(device), block)
 
 
 def _random_picks(g, B, h, S, n_blocks, own, picks, own_block=True):
