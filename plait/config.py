@@ -25,6 +25,9 @@ def _annotation_types(annotation: Any) -> set:
     return set().union(*(_annotation_types(a) for a in args))
 
 
+YAML_BOOLEAN_WORDS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot be used; the message names the key."""
 
@@ -35,11 +38,17 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads true as 1 for a number (`train.steps=true` would train one step); YAML's true/false
-        # are never meant as numbers
+    def _yaml_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, bool) and info.field_name is not None:
-            types = _annotation_types(cls.model_fields[info.field_name].annotation)
+            annotation = cls.model_fields[info.field_name].annotation
+            # YAML reads a bare off / on / no / yes as a boolean: `train.autocast=off` is the choice 'off'
+            spelt = [c for c in typing.get_args(annotation) if typing.get_origin(annotation) is Literal
+                     and str(c).lower() in YAML_BOOLEAN_WORDS[value]]
+            if len(spelt) == 1:
+                return spelt[0]
+            # pydantic reads true as 1 for a number (`train.steps=true` would train one step); YAML's true/false
+            # are never meant as numbers
+            types = _annotation_types(annotation)
             if bool not in types and types & {int, float}:
                 raise ValueError(f"expected a number, got {value!r}")
         return value
@@ -187,6 +196,10 @@ class ParallelSettings(_Section):
     dp: int = Field(1, gt=0, description="data-parallel replicas")
     dp_shard: int = Field(1, gt=0, description="FSDP2: ranks that shard parameters, gradients and optimizer state "
                                               "(each a data-parallel rank; with parallel.dp > 1, HSDP)")
+    fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="parallel.dp_shard: the dtype each FSDP2 group gathers its parameters in for the forward "
+        "and backward; auto: bfloat16 when the step runs under bf16 autocast (half the all-gather bytes and unsharded "
+        "memory), else float32. Gradients are reduced in float32 and AdamW updates float32 master shards either way")
     pp: int = Field(1, gt=0, description="pipeline stages' ranks (native models; with "
                                          "model.implementation=transformers, text LMs and Mistral3)")
     schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
@@ -209,6 +222,8 @@ class ParallelSettings(_Section):
             if value != type(self).model_fields[key].default]
         if self.pp == 1 and pipeline_only:
             raise ValueError(f"{', '.join(pipeline_only)}: only used with parallel.pp > 1")
+        if self.dp_shard == 1 and self.fsdp_param_dtype != "auto":
+            raise ValueError(f"parallel.fsdp_param_dtype={self.fsdp_param_dtype!r}: only used with parallel.dp_shard > 1")
         if self.dp_shard > 1 and self.pp > 1:
             raise ValueError(f"parallel.dp_shard={self.dp_shard} with parallel.pp={self.pp}: sharded pipeline stages "
                              "are not supported yet; use parallel.dp for replicas of a pipeline")
@@ -253,6 +268,9 @@ class RunConfig(_Section):
         if self.model.mimo is not None and self.parallel.dp_shard > 1:
             raise ValueError(f"model.mimo with parallel.dp_shard={self.parallel.dp_shard}: sharded MIMO training is "
                              "not supported yet; use parallel.dp")
+        if self.parallel.fsdp_param_dtype == "bfloat16" and self.train.autocast == "off":
+            raise ValueError("parallel.fsdp_param_dtype='bfloat16' with train.autocast='off': bfloat16 parameters "
+                             "need the step under bf16 autocast (train.autocast=bf16, or auto on a GPU)")
         per_step = self.train.grad_accum * self.parallel.data_parallel
         if self.train.batch_size % per_step:
             ranks = (f"parallel.dp x parallel.dp_shard ({self.train.grad_accum} x {self.parallel.dp} x "

@@ -58,7 +58,7 @@ from plait.parallel.data_parallel import (
     sum_gradients_over_replicas,
     wrap_data_parallel,
 )
-from plait.parallel.fsdp import apply_fsdp, full_state_dict, to_number
+from plait.parallel.fsdp import apply_fsdp, fsdp_param_dtype, full_state_dict, to_number
 
 RUN_CONFIG_FILE = "plait_run.yaml"
 
@@ -122,10 +122,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(device: torch.device, mode: str) -> torch.dtype | None:
+    """The dtype `train.autocast` runs the step's matmuls in on `device` (None: no autocast)."""
+    return torch.bfloat16 if mode == "bf16" or (mode == "auto" and device.type == "cuda") else None
+
+
 def autocast_for(device: torch.device, mode: str):
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
-        return partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext
+    dtype = autocast_dtype(device, mode)
+    return partial(torch.autocast, device_type=device.type, dtype=dtype) if dtype is not None else nullcontext
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -459,6 +463,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)
+    param_dtype = fsdp_param_dtype(cfg.parallel.fsdp_param_dtype,
+                                   autocast_dtype(pick_device(cfg.train.device), cfg.train.autocast))
     ctx = init_distributed(cfg.parallel, pick_device(cfg.train.device))
     if not ctx.is_main:
         console = Console(quiet=True)  # one rank speaks, and writes logs and the HF export
@@ -484,7 +490,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
     local = pipe.local_model() if pipe is not None else model
     if ctx.sharded:  # FSDP2 shards the model in place: before the optimizer is built over its parameters
-        replica = apply_fsdp(model, ctx.fsdp_mesh)
+        replica = apply_fsdp(model, ctx.fsdp_mesh, param_dtype)
     else:
         replica = wrap_data_parallel(model, ctx, device) if pipe is None else None
     pad_id = train_set.pad_id

@@ -23,6 +23,16 @@ def test_overrides_are_typed_and_nested():
     assert cfg.data.prompt == "describe:"
 
 
+def test_a_bare_off_is_the_choice_off_not_a_boolean(tmp_path):
+    # YAML 1.1 reads off / on as booleans; `train.autocast: off` means the documented choice 'off'
+    assert load_config("configs/default.yaml", ["train.autocast=off"]).train.autocast == "off"
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  autocast: off\n")
+    assert load_config(path).train.autocast == "off"
+    with pytest.raises(ConfigError, match="train.autocast: Input should be 'auto', 'bf16' or 'off', given True"):
+        load_config("configs/default.yaml", ["train.autocast=on"])
+
+
 def test_parse_override():
     assert parse_override("a.b.c=[1, 2]") == (["a", "b", "c"], [1, 2])
     with pytest.raises(ConfigError, match="expected key.sub=value"):

@@ -2,6 +2,7 @@
 its AdamW state, and gathers a block's full parameters only while that block runs.
 
     apply_fsdp(model, mesh)     shard each block, then the rest at the root, as torchtitan does
+    fsdp_param_dtype(...)       the dtype the groups gather parameters in (bfloat16 under bf16 autocast)
 
 A block is each child of a `layers` / `blocks` container (decoder layers, MTP depths, vision-tower layers: the
 `ModuleDict` layout every plait model has, and the `ModuleList`s of stock transformers models). A group's
@@ -39,18 +40,39 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return [child for _, child in sorted(found, key=lambda pair: -pair[0])]
 
 
-def apply_fsdp(model: nn.Module, mesh) -> nn.Module:
-    """Shard `model` in place over `mesh` (1-D: FSDP; 2-D ("dp_replicate", "dp_shard"): HSDP)."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+def fsdp_param_dtype(setting: str, autocast: torch.dtype | None) -> torch.dtype:
+    """The dtype FSDP2 gathers parameters in (`parallel.fsdp_param_dtype`) for a step under `autocast`.
+
+    bfloat16 only under bf16 autocast: autocast casts every matmul's float32 weight to bfloat16 anyway, so
+    gathering them in bfloat16 changes only the rounding of the few non-matmul parameters (norm scales, biases,
+    the router, which upcasts its weight), while without autocast every op, norms and losses included, would
+    run in bfloat16."""
+    if setting == "bfloat16" and autocast != torch.bfloat16:
+        raise ValueError("parallel.fsdp_param_dtype='bfloat16': bfloat16 parameters need the step under bf16 autocast "
+                         f"(train.autocast=bf16, or auto on a GPU), but it runs in "
+                         f"{'float32' if autocast is None else str(autocast).removeprefix('torch.')}")
+    if setting == "auto":
+        return torch.bfloat16 if autocast == torch.bfloat16 else torch.float32
+    return getattr(torch, setting)
+
+
+def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shard `model` in place over `mesh` (1-D: FSDP; 2-D ("dp_replicate", "dp_shard"): HSDP), gathering
+    parameters in `param_dtype` (the shards, gradients and AdamW state stay float32)."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if mesh.ndim == 2 and mesh.size(0) == 1:
         mesh = mesh["dp_shard"]  # no replicas: plain FSDP over the shard dim
+    # Gradients are reduced in float32 whatever the gathered dtype (a bfloat16 sum over ranks loses the small
+    # ones). Inputs are not cast: the residual stream and RoPE tables stay in the dtype autocast gives them.
+    policy = MixedPrecisionPolicy(param_dtype=None if param_dtype == torch.float32 else param_dtype,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks(model):
         for name in CALLED_BY_THE_PARENT:
             if isinstance(getattr(block, name, None), nn.Module):
-                fully_shard(getattr(block, name), mesh=mesh)
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+                fully_shard(getattr(block, name), mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum over ranks (see the module docstring)

@@ -87,17 +87,99 @@ def test_a_sharded_checkpoint_resumes_in_one_process_with_the_same_losses(single
         assert a["world_size"] == 1
 
 
-def test_every_decoder_mtp_and_vision_layer_is_a_block_of_its_own():
-    from plait.models import from_config
-    from plait.models.presets import preset_dict
-    from plait.models.vlm import vlm_spec
+def _tiny_default_model():
+    """The default run's model (MiniMax-M3-VL with one MTP depth) for a 64-token vocabulary."""
+    from plait.models.build import build_model
 
-    cfg = vlm_spec("minimax_m3_vl").complete_config(preset_dict("tiny-minimax-m3"), 64,
-                                                     {"pad": 0, "bos": 1, "eos": 2, "image": 3, "video": 4}, 48)
-    model = from_config(cfg)
+    return build_model(_config().model, 64, {"pad": 0, "bos": 1, "eos": 2, "image": 3, "video": 4}, 48)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of this process alone: FSDP2 over a 1-rank mesh runs its gathers, casts and reductions."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bfloat16_gathers_run_the_layers_on_bfloat16_weights_and_keep_float32_shards_and_gradients(
+        one_process_group):
+    from plait.models.vlm import vlm_spec
+    from plait.parallel.fsdp import apply_fsdp
+
+    torch.manual_seed(0)
+    model = apply_fsdp(_tiny_default_model(), one_process_group, torch.bfloat16)
+    seen = {}
+    # a decoder layer's attention and router, a vision layer, an MTP depth's own layer and its fusion projection
+    # (a group of its own), the root's projector and LM head
+    watched = ("language_model.layers.0.self_attn.q_proj", "language_model.layers.1.mlp.gate",
+               "vision_tower.layers.1.mlp.fc1", "language_model.mtp.layers.0.transformer_layer.self_attn",
+               "language_model.mtp.layers.0.eh_proj", "multi_modal_projector", "lm_head")
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, {p.dtype for p in module.parameters()})
+        return hook
+
+    for name in watched:
+        model.get_submodule(name).register_forward_pre_hook(record(name))
+    ids = torch.randint(5, 64, (2, 12))
+    ids[:, 1:10] = 3  # 9 image placeholders: one 48 px image each
+    pixels = torch.rand(2, 3, 48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids, **vlm_spec("minimax_m3_vl").vision_inputs(model.config, pixels))
+    out.loss.backward()
+    assert set(seen) == set(watched)
+    assert all(dtypes == {torch.bfloat16} for dtypes in seen.values()), seen
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
+    assert torch.isfinite(out.loss)
+
+
+def test_under_bf16_autocast_two_shards_gather_bfloat16_and_follow_the_single_process_run(single_and_sharded,
+                                                                                             tmp_path):
+    # bf16 autocast on the CPU (slow matmuls, but these are tiny): the shards gather bfloat16 parameters
+    # (parallel.fsdp_param_dtype=auto). Under autocast the sums over ranks, in another order than one process
+    # sums, move bf16 roundings: measured 2e-4..6e-4 on the losses with float32 or bfloat16 gathers alike
+    single, base, _, _ = single_and_sharded
+    ref = _config(f"output_dir={tmp_path / 'single'}", *base, "train.autocast=bf16")
+    train(ref, console=Console(quiet=True))
+    res = spawn(2, "configs/default.yaml", *overrides(ref, tmp_path / "sharded"), "parallel.dp_shard=2",
+                "train.autocast=bf16")
+    assert res.returncode == 0, launch_report(res)
+    ours, theirs = step_rows(tmp_path / "sharded"), step_rows(ref.output_dir)
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=3e-3)
+    assert [r["mtp_loss_1"] for r in ours] == pytest.approx([r["mtp_loss_1"] for r in theirs], rel=3e-3)
+    weights = load_file(tmp_path / "sharded" / "checkpoints" / "step_4" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}  # the float32 master weights are exported
+
+
+def test_bfloat16_parameters_need_bf16_autocast():
+    from plait.config import ConfigError
+    from plait.parallel.fsdp import fsdp_param_dtype
+
+    assert fsdp_param_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert fsdp_param_dtype("auto", None) == torch.float32
+    assert fsdp_param_dtype("float32", torch.bfloat16) == torch.float32
+    with pytest.raises(ValueError, match="bfloat16 parameters need the step under bf16 autocast .* but it runs in "
+                                         "float32"):
+        fsdp_param_dtype("bfloat16", None)
+    with pytest.raises(ConfigError, match="parallel.fsdp_param_dtype='bfloat16' with train.autocast='off'"):
+        _config("parallel.dp_shard=2", "parallel.fsdp_param_dtype=bfloat16", "train.autocast=off")
+    with pytest.raises(ConfigError, match="parallel.fsdp_param_dtype='float32': only used with parallel.dp_shard > 1"):
+        _config("parallel.fsdp_param_dtype=float32")
+
+
+def test_every_decoder_mtp_and_vision_layer_is_a_block_of_its_own():
+    model = _tiny_default_model()
     found = blocks(model)
     text, vision = model.config.text_config, model.config.vision_config
-    assert len(found) == text.num_hidden_layers + vision.num_hidden_layers
+    assert model.mtp_config.num_layers == 1
+    assert len(found) == text.num_hidden_layers + vision.num_hidden_layers + model.mtp_config.num_layers
     assert len({id(b) for b in found}) == len(found)
 
 
