@@ -44,9 +44,9 @@ def fsdp_param_dtype(setting: str, autocast: torch.dtype | None) -> torch.dtype:
     """The dtype FSDP2 gathers parameters in (`parallel.fsdp_param_dtype`) for a step under `autocast`.
 
     bfloat16 only under bf16 autocast: autocast casts every matmul's float32 weight to bfloat16 anyway, so
-    gathering them in bfloat16 changes only the rounding of the few non-matmul parameters (norm scales, biases,
-    the router, which upcasts its weight), while without autocast every op, norms and losses included, would
-    run in bfloat16."""
+    gathering them in bfloat16 changes the rounding of the non-matmul parameters (norm scales, biases, the
+    router, which upcasts its weight) and makes the text residual stream bfloat16 (it starts from the embedding),
+    while without autocast every op, norms and losses included, would run in bfloat16."""
     if setting == "bfloat16" and autocast != torch.bfloat16:
         raise ValueError("parallel.fsdp_param_dtype='bfloat16': bfloat16 parameters need the step under bf16 autocast "
                          f"(train.autocast=bf16, or auto on a GPU), but it runs in "
