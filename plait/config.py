@@ -25,7 +25,8 @@ def _annotation_types(annotation: Any) -> set:
     return set().union(*(_annotation_types(a) for a in args))
 
 
-YAML_BOOLEAN_WORDS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+# the words PyYAML's safe_load reads as booleans (any case)
+YAML_BOOLEAN_WORDS = {False: ("off", "no", "false"), True: ("on", "yes", "true")}
 
 
 class ConfigError(ValueError):
@@ -42,8 +43,8 @@ class _Section(BaseModel):
         if isinstance(value, bool) and info.field_name is not None:
             annotation = cls.model_fields[info.field_name].annotation
             # YAML reads a bare off / on / no / yes as a boolean: `train.autocast=off` is the choice 'off'
-            spelt = [c for c in typing.get_args(annotation) if typing.get_origin(annotation) is Literal
-                     and str(c).lower() in YAML_BOOLEAN_WORDS[value]]
+            choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+            spelt = [c for c in choices if str(c).lower() in YAML_BOOLEAN_WORDS[value]]
             if len(spelt) == 1:
                 return spelt[0]
             # pydantic reads true as 1 for a number (`train.steps=true` would train one step); YAML's true/false

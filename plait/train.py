@@ -463,9 +463,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)
-    param_dtype = fsdp_param_dtype(cfg.parallel.fsdp_param_dtype,
-                                   autocast_dtype(pick_device(cfg.train.device), cfg.train.autocast))
-    ctx = init_distributed(cfg.parallel, pick_device(cfg.train.device))
+    device = pick_device(cfg.train.device)
+    param_dtype = fsdp_param_dtype(cfg.parallel.fsdp_param_dtype, autocast_dtype(device, cfg.train.autocast))
+    ctx = init_distributed(cfg.parallel, device)
     if not ctx.is_main:
         console = Console(quiet=True)  # one rank speaks, and writes logs and the HF export
     run = prepare_run(cfg)

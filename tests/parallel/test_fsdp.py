@@ -120,6 +120,7 @@ def test_bfloat16_gathers_run_the_layers_on_bfloat16_weights_and_keep_float32_sh
     watched = ("language_model.layers.0.self_attn.q_proj", "language_model.layers.1.mlp.gate",
                "vision_tower.layers.1.mlp.fc1", "language_model.mtp.layers.0.transformer_layer.self_attn",
                "language_model.mtp.layers.0.eh_proj", "multi_modal_projector", "lm_head")
+
     def record(name):
         def hook(module, args):
             seen.setdefault(name, {p.dtype for p in module.parameters()})
