@@ -1,7 +1,7 @@
 """Self-speculative decoding with a model's MTP depths against plain greedy decoding, on held-out images.
 
     make train                                                # the default model, with its MTP depth
-    .venv/bin/python benchmarks/speculative.py --checkpoint runs/default/checkpoints/step_3000 --tag default
+    .venv/bin/python benchmarks/speculative.py --checkpoint runs/default/checkpoints/step_1500 --tag default
     .venv/bin/python -m plait train configs/mtp_draft.yaml    # 2 fresh depths on a model without any
     .venv/bin/python benchmarks/speculative.py --checkpoint runs/mtp-draft/checkpoints/step_400
     .venv/bin/python benchmarks/speculative.py --quick        # a random model with MTP depths: the script runs

@@ -87,3 +87,15 @@ def test_packed_logits_equal_separate_logits(preset):
             n = len(s["input_ids"])
             torch.testing.assert_close(out[:, start:start + n], ref, atol=1e-5, rtol=1e-5)
             start += n
+
+
+def test_m3_preset_image_tokens_start_at_the_text_embeddings_scale():
+    """At the reference's std 0.02 the projector's four linears shrink the image tokens to ~1/13 of the text
+    embeddings' scale and the default run starts image-blind; the preset's init keeps them comparable."""
+    model, ds, spec = tiny_setup("tiny-minimax-m3")
+    with torch.no_grad():
+        feats = model.get_image_features(**spec.vision_inputs(model.config, normalize(ds.images)))
+    feats = torch.cat(list(feats.pooler_output if hasattr(feats, "pooler_output") else feats))
+    image_rms = feats.pow(2).mean().sqrt()
+    text_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert image_rms > 0.5 * text_rms, (image_rms, text_rms)
