@@ -8,7 +8,7 @@ import transformers
 from tests.sweeps.common import ReferenceFailure
 from tests.sweeps.run import sweep_module
 
-SEEDS = {"mimo_v2_flash": range(12)}
+SEEDS = {"mimo_v2_flash": range(12), "minimax_m3": range(12)}
 
 
 @pytest.mark.parametrize("model, seed", [(m, s) for m, seeds in SEEDS.items() for s in seeds])
