@@ -43,15 +43,21 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torc
     return module
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, name: str = "") -> None:
-    diff = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5, name: str = "") -> float:
+    """The largest absolute difference, asserted at most `tol`."""
     assert actual.shape == expected.shape, f"{name}: shape {list(actual.shape)} vs {list(expected.shape)}"
+    diff = (actual.float() - expected.float()).abs().max().item() if actual.numel() else 0.0
     assert diff <= tol, f"{name}: max abs diff {diff:.3e} > {tol:.1e}"
+    return diff
 
 
-def assert_grads_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rel: float = 1e-5) -> None:
-    """Each gradient within rel * max|reference gradient| (plus a float32 floor)."""
+def assert_grads_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rel: float = 1e-5,
+                       floor: float = 1e-6) -> float:
+    """Each gradient within rel * max|reference gradient| (at least `floor`, for float32 noise on gradients
+    near zero); returns the worst ratio of a difference to its tolerance (at most 1)."""
     assert ours.keys() == theirs.keys(), f"{sorted(ours)} vs {sorted(theirs)}"
+    worst = 0.0
     for name in ours:
-        scale = theirs[name].abs().max().item()
-        assert_close(ours[name], theirs[name], tol=max(rel * scale, 1e-6), name=f"grad {name}")
+        tol = max(rel * theirs[name].abs().max().item(), floor)
+        worst = max(worst, assert_close(ours[name], theirs[name], tol=tol, name=f"grad {name}") / tol)
+    return worst

@@ -19,13 +19,8 @@ from transformers.models.mimo_v2_flash.configuration_mimo_v2_flash import MiMoV2
 
 from plait.generate import generate, left_pad
 from plait.models.mimo_v2_flash import MiMoV2FlashForCausalLM
-from tests.sweeps.common import (
-    assert_gradients_within,
-    assert_same_generation,
-    assert_within,
-    greedy_without_cache,
-    run_reference,
-)
+from tests.nn.reference import assert_close, assert_grads_close
+from tests.sweeps.common import assert_same_generation, greedy_without_cache, run_reference
 
 VOCAB = 64
 ACTIVATIONS = ("silu", "silu", "silu", "gelu", "gelu_pytorch_tanh", "relu", "quick_gelu")
@@ -122,12 +117,12 @@ def check(case: dict, workdir: Path) -> dict:
     out_ref = run_reference(ref, input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
     out = ours(input_ids=ids, attention_mask=mask, position_ids=pos, labels=labels)
     valid = mask.bool().unsqueeze(-1)
-    diffs["logits"] = assert_within(out.logits * valid, out_ref.logits * valid, 1e-4, "logits")
+    diffs["logits"] = assert_close(out.logits * valid, out_ref.logits * valid, 1e-4, "logits")
     if (labels != -100).any():
-        diffs["loss"] = assert_within(out.loss, out_ref.loss, 1e-4, "loss")
+        diffs["loss"] = assert_close(out.loss, out_ref.loss, 1e-4, "loss")
         out_ref.loss.backward()
         out.loss.backward()
-        diffs["grad_vs_tol"] = assert_gradients_within(_gradients(ours), _gradients(ref), 1e-3)
+        diffs["grad_vs_tol"] = assert_grads_close(_gradients(ours), _gradients(ref), rel=1e-3, floor=1e-7)
 
     if case["packed"]:  # transformers' mask crosses documents in a packed row: its reference is each alone
         cut = case["seq"] // 2
@@ -137,7 +132,7 @@ def check(case: dict, workdir: Path) -> dict:
             packed = ours(input_ids=row, position_ids=packed_pos).logits
             alone = torch.cat([run_reference(ref, input_ids=row[:, :cut]).logits,
                                run_reference(ref, input_ids=row[:, cut:]).logits], dim=1)
-        diffs["packed_logits"] = assert_within(packed, alone, 1e-4, "packed logits")
+        diffs["packed_logits"] = assert_close(packed, alone, 1e-4, "packed logits")
 
     prompts = [ids[r][mask[r].bool()] for r in range(ids.shape[0]) if mask[r].any()]
     if prompts:
@@ -152,6 +147,6 @@ def check(case: dict, workdir: Path) -> dict:
     ours.save_pretrained(workdir / "ours")
     reloaded = run_reference(Reference.from_pretrained, workdir / "ours").eval()
     with torch.no_grad():
-        diffs["roundtrip_logits"] = assert_within(run_reference(reloaded, input_ids=ids).logits,
-                                                  run_reference(ref, input_ids=ids).logits, 1e-6, "round trip")
+        diffs["roundtrip_logits"] = assert_close(run_reference(reloaded, input_ids=ids).logits,
+                                                 run_reference(ref, input_ids=ids).logits, 1e-6, "round trip")
     return diffs

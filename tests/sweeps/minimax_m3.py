@@ -15,7 +15,6 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers.models.minimax_m3_vl.configuration_minimax_m3_vl import MiniMaxM3VLTextConfig
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
     MiniMaxM3SparseForConditionalGeneration as Reference,
@@ -24,12 +23,12 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VL
 
 import plait
 from plait.generate import generate, left_pad
-from plait.models.minimax_m3 import StateDictAdapter
 from plait.models.minimax_m3_vision import patchify
 from plait.models.presets import preset_dict
 from plait.models.vlm import _m3_inputs, vlm_spec
-from tests.models.test_minimax_m3 import randomize
-from tests.sweeps.common import assert_gradients_within, assert_within, run_reference
+from tests.models.test_minimax_m3 import gradients_by_disk_name, randomize
+from tests.nn.reference import assert_close, assert_grads_close
+from tests.sweeps.common import run_reference
 
 PAD, BOS, EOS, IMAGE, VIDEO = 0, 1, 2, 4, 5
 FIRST_TEXT = 6  # text tokens are drawn from [FIRST_TEXT, vocab)
@@ -223,25 +222,6 @@ def _pixels(image_inputs: list, video_inputs: list, images: list[int], videos: l
     return kw
 
 
-def _gradients(ref, ours, workdir: Path) -> tuple[dict, dict]:
-    """Both models' gradients under the on-disk names: transformers' saved as if they were its weights, plait's
-    through its StateDictAdapter (`_assert_gradients_match` in tests/models/test_minimax_m3.py)."""
-    grads_model = run_reference(type(ref), ref.config)
-    grads_model.load_state_dict({n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                                 for n, p in ref.named_parameters()} | dict(ref.named_buffers()), strict=False)
-    run_reference(grads_model.save_pretrained, workdir / "grads")
-    theirs = load_file(workdir / "grads" / "model.safetensors")
-    buffers = {n for n, _ in ref.named_buffers()}
-    theirs = {n: g for n, g in theirs.items() if not n.endswith("e_score_correction_bias") and n not in buffers}
-    mine = StateDictAdapter(ours.config).to_hf({n: p.grad if p.grad is not None else torch.zeros_like(p)
-                                                for n, p in ours.named_parameters()})
-    # width-0 shared experts (shared_intermediate_size 0) keep empty weights on both sides: nothing to compare
-    for name in [n for n, g in theirs.items() if g.numel() == 0]:
-        assert name in mine and mine[name].numel() == 0, f"grad {name}: empty in transformers only"
-        del theirs[name], mine[name]
-    return mine, theirs
-
-
 def check(case: dict, workdir: Path) -> dict:
     cfg = run_reference(_hf_config, case)
     ref_class = Reference if case["kind"] == "vl" else TextReference
@@ -271,14 +251,14 @@ def check(case: dict, workdir: Path) -> dict:
     out_ref = run_reference(ref, labels=labels, **kw, **aux)
     out = ours(labels=labels, **kw, **aux)
     valid = mask.bool()
-    diffs["logits"] = assert_within(out.logits[valid], out_ref.logits[valid], 1e-4, "logits")
-    diffs["loss"] = assert_within(out.loss, out_ref.loss, 1e-4, "loss")
+    diffs["logits"] = assert_close(out.logits[valid], out_ref.logits[valid], 1e-4, "logits")
+    diffs["loss"] = assert_close(out.loss, out_ref.loss, 1e-4, "loss")
     if aux:
-        diffs["aux_loss"] = assert_within(out.aux_loss, out_ref.aux_loss, 1e-5, "aux loss")
+        diffs["aux_loss"] = assert_close(out.aux_loss, out_ref.aux_loss, 1e-5, "aux loss")
     run_reference(out_ref.loss.backward)
     out.loss.backward()
-    mine, theirs = _gradients(ref, ours, workdir)
-    diffs["grad_vs_tol"] = assert_gradients_within(mine, theirs, 1e-3)
+    mine, theirs = gradients_by_disk_name(ref, ours, workdir / "grads")
+    diffs["grad_vs_tol"] = assert_grads_close(mine, theirs, rel=1e-3, floor=1e-7)
 
     # greedy generation with the KV cache: plait's rows left-padded in one batch, transformers' one prompt alone
     # (its indexer anchors blocks to slots, so left padding differs by design on sparse layers)
@@ -299,6 +279,6 @@ def check(case: dict, workdir: Path) -> dict:
     ours.save_pretrained(workdir / "ours")
     back = run_reference(ref_class.from_pretrained, workdir / "ours").eval()
     with torch.no_grad():
-        diffs["roundtrip_logits"] = assert_within(run_reference(back, **kw).logits[valid],
-                                                  run_reference(ref, **kw).logits[valid], 1e-4, "round trip")
+        diffs["roundtrip_logits"] = assert_close(run_reference(back, **kw).logits[valid],
+                                                 run_reference(ref, **kw).logits[valid], 1e-4, "round trip")
     return diffs
