@@ -3,7 +3,7 @@ import torch
 from transformers.models.mimo_v2_flash.modeling_mimo_v2_flash import MiMoV2FlashMLP
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLDenseMLP
 
-from plait.nn.mlp import MLP, Activation, gated_down
+from plait.nn.mlp import GATED_ACTIVATIONS, MLP, Activation, gated_down
 from tests.nn.reference import assert_close, m3_text_config, mimo_config, randomize_
 
 
@@ -69,6 +69,22 @@ def test_fused_gate_backward_is_the_derivative_of_the_reference(name):
     # and in float32 the fused forward is the reference forward, bit for bit
     a, b = gate.detach().float().requires_grad_(), up.detach().float()
     assert torch.equal(act.gated(a, b), act.gated_reference(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", GATED_ACTIVATIONS)
+def test_gate_outside_autograd_is_the_reference_bit_for_bit(name, dtype):
+    # without autograd the gate writes its steps over buffers of its own: same values, and its inputs untouched
+    act = Activation(name, alpha=1.702, limit=7.0)
+    g = torch.Generator().manual_seed(2)
+    gate, up = ((torch.randn(9, 16, generator=g) * 6).to(dtype) for _ in range(2))  # straddles both clamps
+    scale = torch.rand(9, generator=g) + 0.5
+    before = gate.clone(), up.clone()
+    with torch.no_grad():
+        assert torch.equal(act.gated(gate, up), act.gated_reference(gate, up))
+        expected = (act.gated_reference(gate, up).float() * scale.unsqueeze(-1)).to(dtype)
+        assert torch.equal(act.gated(gate, up, scale), expected)
+    assert torch.equal(gate, before[0]) and torch.equal(up, before[1])
 
 
 @pytest.mark.parametrize("name", ["silu", "swigluoai"])
