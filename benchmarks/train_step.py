@@ -41,7 +41,8 @@ forward under bf16 autocast. MFU is then against the bf16 matmul peak measured h
 torch's allocator high-water mark above what was allocated before the model was built (model, gradients,
 optimizer state and the steps' activations; each implementation measured alone after the timing), and a batch
 of 8 x 2048 is added, a size at which a GPU has enough work per kernel. `--flex` adds plait with its compiled
-FlexAttention backend.
+FlexAttention backend. `--compile` adds plait with each decoder layer compiled (`plait.compile.compile_layers`,
+what the trainer runs with train.compile=true; its first steps, which compile, are in the warm-up, not timed).
 
 Writes benchmarks/results/train_step-<model>-<device>.json and .png ("-keep_freed" added to the name for that
 allocator).
@@ -142,6 +143,12 @@ def build(model: str, impl: str, quick: bool, workdir: Path, device: str = "cpu"
         return plait.from_pretrained(ckpt).to(device)
     if impl == "plait-flex":
         return plait.from_pretrained(ckpt, attn_implementation="flex").to(device)
+    if impl == "plait-compiled":
+        from plait.compile import compile_layers
+
+        model = plait.from_pretrained(ckpt).to(device)
+        compile_layers(model)
+        return model
     return reference.from_pretrained(ckpt, attn_implementation=attn).to(device)
 
 
@@ -366,12 +373,12 @@ def peak_memory(model_name: str, impl: str, batch: int, seq: int, quick: bool, w
 
 
 def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str = "default", device: str = "cpu",
-        flex: bool = False, save=None) -> dict:
+        flex: bool = False, save=None, compiled: bool = False) -> dict:
     from plait.host_memory import configure_host_allocator
 
     configure_host_allocator(allocator)
     cuda = device == "cuda"
-    impls = ("plait", "plait-flex", "transformers") if flex else IMPLS
+    impls = ("plait",) + (("plait-flex",) if flex else ()) + (("plait-compiled",) if compiled else ()) + ("transformers",)
     peak = matmul_peak(quick, device)
     cfg = CONFIGS[model_name](quick)
     shapes = [(1, 256), (2, 64)] if quick else [(1, 2048), (2, 256)] + ([(8, 2048)] if cuda else [])
@@ -388,7 +395,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         inputs = batch_inputs(cfg, batch, seq, device)
         fns = {impl: make_step(m, inputs) for impl, m in models.items()}
         losses = {impl: fn() for impl, fn in fns.items()}  # warm-up; same weights, same batch: same loss
-        if cuda:  # a second warm-up: compiled kernels, cuBLAS plans and the caching allocator settle
+        if cuda or compiled:  # a second warm-up: compiled kernels (a second shape recompiles), cuBLAS plans and the
+            # caching allocator settle
             for fn in fns.values():
                 fn()
         times = {impl: [] for impl in impls}
@@ -405,18 +413,22 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
             memory = (cuda_peak_memory(model_name, impl, batch, seq, quick, workdir) if cuda
                       else peak_memory(model_name, impl, batch, seq, quick, workdir, allocator))
             row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
-                                  "saved_for_backward_mib": saved_for_backward_bytes(models[impl], inputs) / 2**20,
+                                  # compiled layers: the graph decides what it saves, and dynamo would trace the hooks
+                                  "saved_for_backward_mib": (saved_for_backward_bytes(models[impl], inputs) / 2**20
+                                                             if impl != "plait-compiled" else None),
                                   "peak_mib": memory["peak_bytes"] / 2**20,
                                   "live_peak_mib": (memory["live_peak_bytes"] / 2**20
                                                     if memory["live_peak_bytes"] is not None else None)}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
-        if flex:
-            f = row["impls"]["plait-flex"]
-            row["flex_speedup"], row["flex_memory_ratio"] = f["tokens_per_s"] / r["tokens_per_s"], f["peak_mib"] / r["peak_mib"]
-            print(f"  plait flex: {f['tokens_per_s']:,.0f} tok/s (MFU {100 * f['mfu']:.0f}%, {f['peak_mib']:.0f} MiB): "
-                  f"x{row['flex_speedup']:.2f} speed, x{row['flex_memory_ratio']:.2f} memory")
+        for impl, key in (("plait-flex", "flex"), ("plait-compiled", "compiled")):
+            if impl in row["impls"]:
+                f = row["impls"][impl]
+                row[f"{key}_speedup"] = f["tokens_per_s"] / r["tokens_per_s"]
+                row[f"{key}_memory_ratio"] = f["peak_mib"] / r["peak_mib"]
+                print(f"  {impl}: {f['tokens_per_s']:,.0f} tok/s (MFU {100 * f['mfu']:.0f}%, {f['peak_mib']:.0f} MiB): "
+                      f"x{row[f'{key}_speedup']:.2f} speed, x{row[f'{key}_memory_ratio']:.2f} memory")
         results["shapes"].append(row)
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
@@ -441,7 +453,7 @@ def plot(results: dict, path: Path) -> None:
     labels = [f"{r['batch']} x {r['seq']}" for r in results["shapes"]]
     impls = list(results["shapes"][0]["impls"])
     width = 0.8 / len(impls)
-    colors = {"plait": "tab:blue", "plait-flex": "tab:cyan", "transformers": "tab:gray"}
+    colors = {"plait": "tab:blue", "plait-flex": "tab:cyan", "plait-compiled": "tab:green", "transformers": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for ax, key, title in ((axes[0], "tokens_per_s", "tokens/s (train step)"), (axes[1], "peak_mib", "peak MiB")):
         for i, impl in enumerate(impls):
@@ -471,6 +483,8 @@ def main() -> None:
                         help="glibc malloc settings for the whole process, both implementations (plait.host_memory)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--flex", action="store_true", help="add plait with its FlexAttention backend (GPU)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add plait with each decoder layer compiled (plait.compile, what train.compile=true runs)")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BATCH", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import tempfile
@@ -486,13 +500,13 @@ def main() -> None:
         parser.error("--flex needs --device cuda (FlexAttention has no CPU backward)")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = (f"train_step-{args.model}-{args.device}" + ("-keep_freed" if args.host_allocator == "keep_freed" else "")
-            + ("-quick" if args.quick else ""))
+            + ("-compile" if args.compile else "") + ("-quick" if args.quick else ""))
 
     def save(results: dict) -> None:
         (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
         plot(results, args.out / f"{stem}.png")
 
-    run(args.model, args.quick, args.steps, workdir, args.host_allocator, args.device, args.flex, save)
+    run(args.model, args.quick, args.steps, workdir, args.host_allocator, args.device, args.flex, save, args.compile)
     print(f"wrote {args.out / (stem + '.json')} and .png")
 
 

@@ -175,6 +175,8 @@ class TrainSettings(_Section):
     host_allocator: Literal["keep_freed", "default"] = Field(
         "keep_freed", description="keep_freed: glibc keeps freed blocks for the next step instead of faulting them in "
         "again (plait.host_memory); default: leave the C library's settings")
+    compile: bool = Field(False, description="compile each decoder layer with torch.compile (plait.compile); "
+                          "evaluation stays eager; on CPU needs a C++ compiler")
     log_every: int = Field(20, gt=0)
     eval_every: int = Field(200, ge=0, description="0: evaluate at the end only; clipped to the run's length")
     eval_samples: int = Field(200, gt=0, description="validation samples per periodic eval")

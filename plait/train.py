@@ -34,6 +34,7 @@ from plait.checkpoint import (
     step_dirs,
     write_checksums,
 )
+from plait.compile import compile_layers, eager, require_compiler
 from plait.config import RunConfig, TrainSettings
 from plait.data.collate import collate_packed, collate_padded
 from plait.data.dataset import BATCH_KEYS, CaptionDataset, MixedCaptionDataset
@@ -464,6 +465,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
     ckpt_root = out_dir / "checkpoints"
     resume_from, resume_state = _resume_point(cfg, ckpt_root)
     device = pick_device(cfg.train.device)
+    if cfg.train.compile:
+        require_compiler(device)  # before the data and the model are built
     param_dtype = fsdp_param_dtype(cfg.parallel.fsdp_param_dtype, autocast_dtype(device, cfg.train.autocast))
     ctx = init_distributed(cfg.parallel, device)
     if not ctx.is_main:
@@ -489,6 +492,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         pipe = _build_pipeline(cfg, run, ctx, step_total, example)
     # what this process trains: the whole model, or its pipeline stages (named as in the whole model)
     local = pipe.local_model() if pipe is not None else model
+    if tcfg.compile:  # per layer, in place: the wrappers below and the checkpoints see the same modules
+        compile_layers(model, device)
     if ctx.sharded:  # FSDP2 shards the model in place: before the optimizer is built over its parameters
         replica = apply_fsdp(model, ctx.fsdp_mesh, param_dtype)
     else:
@@ -538,9 +543,10 @@ def train(cfg: RunConfig, console: Console | None = None) -> TrainResult:
         if pipe is not None:
             _gather_stages(pipe, model, ctx)
         if ctx.is_main or ctx.sharded:
-            metrics = evaluate_dataset(model, run.datasets[split], run.model_inputs, run.tokenizer,
-                                        num_samples=num_samples, batch_size=cfg.eval.batch_size,
-                                        max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
+            with eager() if tcfg.compile else nullcontext():  # decoding would recompile at every cache length
+                metrics = evaluate_dataset(model, run.datasets[split], run.model_inputs, run.tokenizer,
+                                            num_samples=num_samples, batch_size=cfg.eval.batch_size,
+                                            max_new_tokens=cfg.eval.max_new_tokens, device=device, autocast=autocast)
             set_train_mode(local, trained)
         if ctx.is_main:
             log.log({"step": step, "split": split, **{f"eval_{k}": v for k, v in metrics.items()}})

@@ -150,6 +150,9 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
 
+    # eager inside a compiled layer (plait.compile): grouped_mm has no float32 fake-tensor kernel in torch 2.13,
+    # and the row counts per expert are data
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, H), indices / weights (T, K) -> (T, H)."""
         T, K = indices.shape

@@ -92,6 +92,9 @@ class RMSNorm(nn.Module):
         CPU checked at every call (microseconds). On an accelerator the check waits for the device, so it is made
         once per weight tensor and version (each optimizer step, load or in-place update makes a new one; writes
         through `weight.data`, which bypass the version counter, are not seen)."""
+        if torch.compiler.is_compiling():
+            # a compiled graph cannot branch on a value: keep the input, which is right for any scale
+            return False
         w = self.weight
         if w.device.type != "cpu":
             key, verdict = self._invertible
