@@ -85,3 +85,21 @@ def test_trainer_with_compiled_layers_logs_the_eager_losses(small_config, tmp_pa
         assert (cfg.output_dir / "checkpoints" / "step_3" / "config.json").exists()
     for a, b in zip(runs["true"], runs["false"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+@needs_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["parallel.dp=2"], ["parallel.pp=2", "parallel.microbatches=2"],
+                                    ["parallel.dp_shard=2"]], ids=["ddp", "pipeline", "fsdp"])
+def test_compiled_layers_under_each_parallelism_log_the_single_process_losses(small_config, tmp_path, layout):
+    from tests.parallel.compare import launch_report
+    from tests.parallel.test_data_parallel import overrides, spawn, step_rows
+
+    single = small_config("train.steps=3")
+    train(single, console=Console(quiet=True))
+    res = spawn(2, "configs/default.yaml", *overrides(single, tmp_path / "par"), "train.compile=true", *layout)
+    assert res.returncode == 0, launch_report(res)
+    ours, ref = step_rows(tmp_path / "par"), step_rows(single.output_dir)
+    assert len(ours) == len(ref) == 3
+    for a, b in zip(ours, ref):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
