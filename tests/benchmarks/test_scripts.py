@@ -61,3 +61,17 @@ def test_speculative_benchmark_runs_and_checks_outputs(tmp_path):
         assert all(m["equal_to_plain"] for m in methods.values())
         assert len(methods["speculative_2"]["acceptance_rate"]) == 2
     assert (tmp_path / "speculative-cpu-quick.png").stat().st_size > 0
+
+
+def test_step_split_script_accounts_for_the_step(tmp_path):
+    """Quick M3-VL (vision tower, projector, MoE and indexer layers): every part is timed and the rows add up
+    to the step they split."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_split.py"), "--quick", "--out", str(tmp_path),
+                    "--model", "minimax_m3", "--batch", "2", "--seq", "64", "--steps", "3"],
+                   check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    r = json.loads((tmp_path / "step_split-minimax_m3-2x64-cpu-quick.json").read_text())
+    assert {"language_model self_attn", "language_model mlp", "vision_tower mlp", "multi_modal_projector"} <= r["kinds"].keys()
+    assert all(t["forward_ms"] > 0 and t["backward_ms"] > 0 for t in r["parts"].values())
+    # medians of each row need not add up to the median step exactly; 20% covers that on a noisy machine, and a part counted twice or left out is more
+    assert sum(k["share_of_step"] for k in r["kinds"].values()) == pytest.approx(1.0, rel=0.2)
+    assert (tmp_path / "step_split-minimax_m3-2x64-cpu-quick.png").stat().st_size > 0
