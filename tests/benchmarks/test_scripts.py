@@ -72,6 +72,7 @@ def test_step_split_script_accounts_for_the_step(tmp_path):
     r = json.loads((tmp_path / "step_split-minimax_m3-2x64-cpu-quick.json").read_text())
     assert {"language_model self_attn", "language_model mlp", "vision_tower mlp", "multi_modal_projector"} <= r["kinds"].keys()
     assert all(t["forward_ms"] > 0 and t["backward_ms"] > 0 for t in r["parts"].values())
-    # medians of each row need not add up to the median step exactly; 20% covers that on a noisy machine, and a part counted twice or left out is more
+    # medians of each row need not add up to the median step exactly; 20% covers that on a noisy machine, and a
+    # part counted twice or left out is more
     assert sum(k["share_of_step"] for k in r["kinds"].values()) == pytest.approx(1.0, rel=0.2)
     assert (tmp_path / "step_split-minimax_m3-2x64-cpu-quick.png").stat().st_size > 0
