@@ -361,44 +361,63 @@ class BlockGatherPlan:
 
     @staticmethod
     def _rows(t: torch.Tensor, queries) -> torch.Tensor:
-        """t's rows (dim 2: the queries of (B, H, S, ...) tensors and of the (B, H, S) lse) `queries` lists."""
-        return t[:, :, queries] if isinstance(queries, slice) else t.index_select(2, queries)
+        """The rows (dim 0) of a token-major t (S, ...) that `queries` lists. Token-major because gathering and
+        scattering whole rows along dim 0 is a contiguous copy per row, where the same along dim 2 of a
+        (B, H, S, D) view goes element-strided: several times slower at these sizes."""
+        return t[queries] if isinstance(queries, slice) else t.index_select(0, queries)
+
+    @staticmethod
+    def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
+        """(n, H, ...) token-major rows -> the kernel's (1, H, n, ...) view of them, without a copy."""
+        return t.unsqueeze(0).transpose(1, 2)
 
     def forward(self, q, k, v, scale):
         B, H, S, _ = q.shape
         lse_dtype = torch.promote_types(q.dtype, torch.float32)  # the kernel's lse dtype
-        # merged in float32 at least; a query that picked nothing it can see keeps 0, as other backends give
-        out = q.new_zeros(B, H, S, v.shape[-1], dtype=lse_dtype)
-        lse = q.new_full((B, H, S), float("-inf"), dtype=lse_dtype)
+        q_tokens = _token_major(q)
+        # merged in float32 at least, token-major (the layout the kernel writes and the output projection reads);
+        # a query that picked nothing it can see keeps 0, as other backends give
+        out = q.new_zeros(B, S, H, v.shape[-1], dtype=lse_dtype)
+        lse = q.new_full((B, S, H), float("-inf"), dtype=lse_dtype)
         for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(S, k.shape[2], q.device):
             heads = slice(h0, h1)
-            o, l = _flash_forward(self._rows(q[b : b + 1, heads], rows), k[b : b + 1, heads, k_lo:k_hi],
-                                  v[b : b + 1, heads, k_lo:k_hi], 0.0, causal,
+            o, l = _flash_forward(self._kernel_rows(self._rows(q_tokens[b, :, heads], rows)),
+                                  k[b : b + 1, heads, k_lo:k_hi], v[b : b + 1, heads, k_lo:k_hi], 0.0, causal,
                                   attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
-            out_rows, lse_rows = out[b : b + 1, heads], lse[b : b + 1, heads]
+            o, l = o[0].transpose(0, 1), l[0].transpose(0, 1)  # token-major views: (n, heads, Dv), (n, heads)
+            out_rows, lse_rows = out[b, :, heads], lse[b, :, heads]
             seen, seen_out = self._rows(lse_rows, rows), self._rows(out_rows, rows)
             merged = torch.logaddexp(seen, l)
-            mixed = seen_out.mul_((seen - merged).exp_().unsqueeze(-1)).add_(o * (l - merged).exp_().unsqueeze(-1))
+            mixed = seen_out.mul_((seen - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
             if isinstance(rows, slice):
-                out_rows[:, :, rows], lse_rows[:, :, rows] = mixed, merged
+                out_rows[rows], lse_rows[rows] = mixed, merged
             else:
-                out_rows.index_copy_(2, rows, mixed)
-                lse_rows.index_copy_(2, rows, merged)
-        return out.to(q.dtype), lse
+                out_rows.index_copy_(0, rows, mixed)
+                lse_rows.index_copy_(0, rows, merged)
+        return out.to(q.dtype).transpose(1, 2), lse.transpose(1, 2)
 
     def backward(self, grad, q, k, v, out, lse, scale):
-        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(q.shape[2], k.shape[2], q.device):
+        B, H, S, D = q.shape
+        grad_q = q.new_zeros(B, S, H, D)  # token-major, like the gathers below
+        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+        tokens = [_token_major(t) for t in (grad, q, out, lse)]
+        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(S, k.shape[2], q.device):
             heads = slice(h0, h1)
-            pick = lambda t: self._rows(t[b : b + 1, heads], rows)  # noqa: E731
-            dq, dk, dv = _flash_backward(pick(grad), pick(q), k[b : b + 1, heads, k_lo:k_hi],
-                                         v[b : b + 1, heads, k_lo:k_hi], pick(out),
-                                         pick(lse), 0.0, causal,
+            g, q_rows, o, l = (self._kernel_rows(self._rows(t[b, :, heads], rows)) for t in tokens)
+            dq, dk, dv = _flash_backward(g, q_rows, k[b : b + 1, heads, k_lo:k_hi], v[b : b + 1, heads, k_lo:k_hi],
+                                         o, l, 0.0, causal,
                                          attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
+            dq = dq[0].transpose(0, 1)
             if isinstance(rows, slice):
-                gq[b : b + 1, heads, rows] += dq
+                grad_q[b, rows, heads] += dq
             else:
-                gq[b : b + 1, heads].index_add_(2, rows, dq)
-            gk[b : b + 1, heads, k_lo:k_hi] += dk
-            gv[b : b + 1, heads, k_lo:k_hi] += dv
-        return gq, gk, gv
+                grad_q[b, :, heads].index_add_(0, rows, dq)
+            grad_k[b : b + 1, heads, k_lo:k_hi] += dk
+            grad_v[b : b + 1, heads, k_lo:k_hi] += dv
+        return grad_q.transpose(1, 2), grad_k, grad_v
+
+
+def _token_major(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, ...) -> (B, S, H, ...) contiguous: a view for the kernel's own layouts (q from its projection,
+    the output, lse), a copy otherwise."""
+    return t.transpose(1, 2).contiguous()
