@@ -71,6 +71,27 @@ def test_fused_gate_backward_is_the_derivative_of_the_reference(name):
     assert torch.equal(act.gated(a, b), act.gated_reference(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_swigluoai_backward_passes_the_gradient_on_the_clamp_bounds_as_torch_clamp_does(dtype):
+    # torch.clamp's gradient includes its bounds; the fused backward must zero exactly where it does
+    act = Activation("swigluoai", alpha=1.702, limit=7.0)
+    limit = torch.tensor(7.0, dtype=dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    edges = torch.stack([limit, -limit, torch.nextafter(limit, inf), torch.nextafter(-limit, -inf),
+                         torch.nextafter(limit, -inf), torch.nextafter(-limit, inf)])
+    g = torch.Generator().manual_seed(3)
+    gate = torch.cat([edges, torch.randn(10, generator=g, dtype=dtype) * 8]).repeat(2, 1)
+    up = gate.flip(-1).clone()
+    grad = torch.randn(gate.shape, generator=g, dtype=dtype)
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    act.gated_reference(a, b).backward(grad)
+    c, d = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    act.gated(c, d).backward(grad)
+    assert torch.equal(c.grad == 0, a.grad == 0) and torch.equal(d.grad == 0, b.grad == 0)
+    assert_close(c.grad, a.grad, tol=1e-6)
+    assert_close(d.grad, b.grad, tol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", GATED_ACTIVATIONS)
 def test_gate_outside_autograd_is_the_reference_bit_for_bit(name, dtype):
