@@ -11,7 +11,10 @@ experts implementation (grouped_mm) and its attention: eager for MiMo-V2-Flash (
 for MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, block-sparse indexer layers, grouped_mm
 experts, chunked cross-entropy; the step reads only the loss, so plait never makes the logits, which it makes when
 read, while transformers always does). Both are timed in this process, steps interleaved, median of --steps after
-a warm-up.
+a warm-up. Every step's time is kept in the JSON, and so is the spread of the speed-up over the rounds (one step of
+each implementation, back to back): on a shared VM the peer's step swings most, because its page faults (100,000 to
+200,000 a step for transformers' M3-VL at 2048 tokens, a few thousand for plait's) cost what the host makes them
+cost that minute.
 
 Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
 model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)
@@ -412,7 +415,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
             t = statistics.median(times[impl])
             memory = (cuda_peak_memory(model_name, impl, batch, seq, quick, workdir) if cuda
                       else peak_memory(model_name, impl, batch, seq, quick, workdir, allocator))
-            row["impls"][impl] = {"step_seconds": t, "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
+            row["impls"][impl] = {"step_seconds": t, "step_seconds_each": times[impl],
+                                  "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
                                   # compiled layers: the graph decides what it saves, and dynamo would trace the hooks
                                   "saved_for_backward_mib": (saved_for_backward_bytes(models[impl], inputs) / 2**20
                                                              if impl != "plait-compiled" else None),
@@ -421,6 +425,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
                                                     if memory["live_peak_bytes"] is not None else None)}
         p, r = row["impls"]["plait"], row["impls"]["transformers"]
         row["speedup"] = p["tokens_per_s"] / r["tokens_per_s"]
+        per_round = [peer / ours for ours, peer in zip(times["plait"], times["transformers"])]
+        row["speedup_per_round"] = {"min": min(per_round), "median": statistics.median(per_round), "max": max(per_round)}
         row["memory_ratio"] = p["peak_mib"] / r["peak_mib"]
         for impl, key in (("plait-flex", "flex"), ("plait-compiled", "compiled")):
             if impl in row["impls"]:
@@ -432,7 +438,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         results["shapes"].append(row)
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
-              f"x{row['speedup']:.2f} speed, x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
+              f"x{row['speedup']:.2f} speed (rounds {row['speedup_per_round']['min']:.2f} to {row['speedup_per_round']['max']:.2f}), "
+              f"x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
               f"{r['saved_for_backward_mib']:.0f} MiB; live peak {_mib(p['live_peak_mib'])} / {_mib(r['live_peak_mib'])}; "
               f"first losses {losses}")
         if save is not None:  # after each shape: a run stopped part-way keeps the rows it measured

@@ -151,7 +151,7 @@ def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: b
         u1 = u.clamp(-act.limit, act.limit).add_(1.0)
     # The backward of a wide dense MLP is a peak of the training step, so each (tokens x intermediate) buffer
     # counts: the results go over the buffers this function made itself (swigluoai's clamps), never over its inputs.
-    grad_scale = None
+    grad_scale = gs = None
     if row_scale is not None:
         if need_scale:
             gs = F.silu(ax)
@@ -161,9 +161,10 @@ def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: b
         dy = dy * row_scale.unsqueeze(-1)
     dyu = u1.mul_(dy) if u1 is not u else dy * u1
     grad_gate = torch.ops.aten.silu_backward.grad_input(dyu, ax, grad_input=dyu)  # silu'(ax) * dy * u1
-    gs = F.silu(ax, inplace=ax is not g)  # ax is done with
-    if a != 1.0:
-        gs.div_(a)
+    if gs is None:  # else the routing weights' gradient has made it already
+        gs = F.silu(ax, inplace=ax is not g)  # ax is done with
+        if a != 1.0:
+            gs.div_(a)
     grad_up = gs.mul_(dy)  # silu(ax) / a * dy
     if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds, the bounds included
         above = _next_float(act.limit, dtype, up=True)

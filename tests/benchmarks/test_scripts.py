@@ -24,6 +24,11 @@ def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
     assert (tmp_path / f"{stem}.png").stat().st_size > 0
     rows = results.get("cases") or results.get("shapes")
     assert rows
+    if script == "train_step.py":  # each step's time is kept, and the speed-up's spread over the rounds
+        for row in rows:
+            assert all(len(impl["step_seconds_each"]) == 1 for impl in row["impls"].values())
+            rounds = row["speedup_per_round"]
+            assert rounds["min"] <= rounds["median"] <= rounds["max"]
 
 
 def test_step_bound_script_runs_and_writes_results(tmp_path):
