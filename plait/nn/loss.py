@@ -106,11 +106,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         all_hidden, rows = hidden, None
+        every_row_has_a_target = False  # known on the host: then no chunk needs its ignore mask
         if not keep_logits:
             has_target = targets != ignore_index
             if not bool(has_target.all()):
                 rows = has_target.nonzero().squeeze(1)
                 hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+            every_row_has_a_target = True
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -118,8 +120,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            keep = t != ignore_index
-            safe_t = t.masked_fill(~keep, 0)
+            keep = None if every_row_has_a_target else t != ignore_index
+            safe_t = t if keep is None else t.masked_fill(~keep, 0)
             linear = F.linear(h, weight)
             if keep_logits:
                 if kept is None:
@@ -131,11 +133,14 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             probs = logits.sub_(top).exp_()  # in place: logsumexp would allocate a second (c, V) buffer
             norm = probs.sum(dim=-1, keepdim=True)
             lse = (top + norm.log()).squeeze(1)
-            total += ((lse - target_logit) * keep).sum()
+            total += (lse - target_logit).sum() if keep is None else ((lse - target_logit) * keep).sum()
             if need_grad:
                 grad = probs.div_(norm)  # softmax
-                grad.scatter_add_(1, safe_t.unsqueeze(1), -keep.unsqueeze(1).to(grad.dtype))
-                grad.mul_(keep.unsqueeze(1))
+                if keep is None:
+                    grad.scatter_add_(1, safe_t.unsqueeze(1), grad.new_full((len(t), 1), -1.0))
+                else:
+                    grad.scatter_add_(1, safe_t.unsqueeze(1), -keep.unsqueeze(1).to(grad.dtype))
+                    grad.mul_(keep.unsqueeze(1))  # an ignored row's gradient is 0
                 grad = grad.to(h.dtype)
                 if grad_hidden is not None:
                     grad_hidden[start : start + chunk_size] = grad @ weight
