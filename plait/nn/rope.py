@@ -214,9 +214,49 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     if rot > x.shape[-1]:
         raise ValueError(f"rotary: {rot} rotary dims exceed head_dim {x.shape[-1]}")
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    if rot % 2 == 0 and not (cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()):
+        # (a compiled graph fuses the plain ops by itself)
+        return _Rotary.apply(x, cos, sin)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x_rot = (x_rot.float() * cos + rotate_half(x_rot.float()) * sin).to(x.dtype)
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
+
+
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
+    """out[..., :rot] = x * cos + sign * rotate_half(x) * sin, half by half, over x's first rot = cos.shape[-1]
+    dims (even), float32 at least. With sign -1 and cos, sin halves swapped this is the rotation's adjoint."""
+    half = cos.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    o1, o2 = out[..., :half], out[..., half : 2 * half]
+    torch.mul(x1, cos[..., :half], out=o1).addcmul_(x2, sin[..., :half], value=-sign)
+    torch.mul(x2, cos[..., half:], out=o2).addcmul_(x1, sin[..., half:], value=sign)
+
+
+class _Rotary(torch.autograd.Function):
+    """`apply_rotary` for an even rotary width in a few whole-tensor passes written into one output: the plain
+    ops (two products, rotate_half's negation and concatenation, a sum, the concatenation with the pass-through
+    dims) are each an op and a buffer in forward and again in backward, which at a few hundred tokens costs more
+    than the arithmetic. The rotation is orthogonal: its backward is the rotation by -angle, that is
+    dx1 = g1 cos1 + g2 sin2 and dx2 = g2 cos2 - g1 sin1."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotary_pass(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotary_pass(grad, cos, sin.roll(cos.shape[-1] // 2, dims=-1), sign=-1.0), None, None
+
+
+def _rotary_pass(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    rot = cos.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _rotate_into(out, x.to(dtype), cos, sin, sign)
+    out[..., rot:] = x[..., rot:]
+    return out.to(x.dtype)
 
 
 class AxialRotaryEmbedding(_Float32Frequencies):

@@ -55,6 +55,43 @@ def test_partial_rotary_application_matches_transformers():
     assert torch.equal(apply_rotary(q, cos, sin)[..., ours.dim :], q[..., ours.dim :])
 
 
+def _plain_rotation(x, cos, sin):
+    """apply_rotary as the plain ops (the reference for its fused autograd path)."""
+    from plait.nn.rope import rotate_half
+
+    rot = cos.shape[-1]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x_rot = (x[..., :rot].float() * cos + rotate_half(x[..., :rot].float()) * sin).to(x.dtype)
+    return torch.cat((x_rot, x[..., rot:]), dim=-1)
+
+
+@pytest.mark.parametrize("head_dim, factor", [(32, 1.0), (24, 0.5), (16, 0.25)])
+@pytest.mark.parametrize("batched_angles", [False, True])
+def test_fused_rotation_and_its_backward_match_the_plain_ops(head_dim, factor, batched_angles):
+    # the angles differ per half (yarn's and packed rows' tables are still symmetric; the adjoint must not rely on it)
+    g = torch.Generator().manual_seed(0)
+    rot = int(head_dim * factor)
+    shape = (2, 6, rot) if batched_angles else (6, rot)
+    cos, sin = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    x = torch.randn(2, 6, 3, head_dim, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos.double(), sin.double()), (x.requires_grad_(),))
+    a = x.detach().float().requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    grad = torch.randn(a.shape, generator=g)
+    out = apply_rotary(a, cos, sin)
+    ref = _plain_rotation(b, cos, sin)
+    assert_close(out, ref, tol=1e-6)
+    assert torch.equal(out[..., rot:], a[..., rot:])
+    out.backward(grad)
+    ref.backward(grad)
+    assert_close(a.grad, b.grad, tol=1e-6)
+    # bf16 heads: the same rotation computed in float32, one rounding at the end
+    xb = a.detach().bfloat16().requires_grad_()
+    assert torch.equal(apply_rotary(xb, cos, sin), _plain_rotation(xb.detach(), cos, sin))
+    apply_rotary(xb, cos, sin).backward(grad.bfloat16())
+    assert xb.grad.dtype == torch.bfloat16
+
+
 def test_odd_rotary_width_rotates_one_pair_per_frequency_like_transformers():
     cfg = mimo_config(head_dim=16)  # int(16 * 0.334) = 5
     ref = MiMoV2FlashRotaryEmbedding(cfg)
