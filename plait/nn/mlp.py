@@ -14,7 +14,9 @@ these ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_pyth
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import struct
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +55,17 @@ class Activation:
     name: str = "silu"
     alpha: float = 1.702
     limit: float = 7.0
+    # per float dtype of the gate's backward, the open interval (low, high) in which swigluoai's clamps pass their
+    # gradient: -limit and limit moved one float outward, made here once rather than in every (compiled) backward
+    clamp_gradient_bounds: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "name", HF_ACTIVATION_NAMES.get(self.name, self.name))
         if self.name not in set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS):
             raise ValueError(f"activation: expected one of {sorted(set(GATED_ACTIVATIONS) | set(PLAIN_ACTIVATIONS))}, got {self.name!r}")
+        object.__setattr__(self, "clamp_gradient_bounds", {
+            dtype: (_next_float(-self.limit, dtype, up=False), _next_float(self.limit, dtype, up=True))
+            for dtype in (torch.float32, torch.float64)})
 
     def plain(self, x: torch.Tensor) -> torch.Tensor:
         if self.name not in _PLAIN_FUNCTIONS:
@@ -167,8 +175,7 @@ def _gate_backward(act: Activation, gate, up, row_scale, grad_out, need_scale: b
             gs.div_(a)
     grad_up = gs.mul_(dy)  # silu(ax) / a * dy
     if act.name == "swigluoai":  # the clamps pass the gradient only inside their bounds, the bounds included
-        above = _next_float(act.limit, dtype, up=True)
-        below = _next_float(-act.limit, dtype, up=False)
+        below, above = act.clamp_gradient_bounds[dtype]
         _pass_inside(grad_gate, g, float("-inf"), above)
         _pass_inside(grad_up, u, below, above)
     return grad_gate.to(gate.dtype), grad_up.to(up.dtype), grad_scale
@@ -181,10 +188,18 @@ def _pass_inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float) -
 
 
 def _next_float(value: float, dtype: torch.dtype, up: bool) -> float:
-    """The `dtype` number next to `value` (up or down): hardtanh's backward excludes its bounds, a clamp's
-    gradient includes them."""
-    toward = torch.tensor(float("inf") if up else float("-inf"), dtype=dtype)
-    return torch.nextafter(torch.tensor(value, dtype=dtype), toward).item()
+    """The float32 or float64 number next to `value` (a number of that dtype), up or down: hardtanh's backward
+    excludes its bounds, a clamp's gradient includes them. Plain Python, no tensors: models are often built under a
+    meta device."""
+    if dtype == torch.float64:
+        return math.nextafter(value, math.inf if up else -math.inf)
+    if dtype != torch.float32:
+        raise ValueError(f"next float: expected float32 or float64, got {dtype}")
+    if value == 0.0:
+        return math.copysign(2.0**-149, 1.0 if up else -1.0)  # the smallest float32 subnormal
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    bits += 1 if (value > 0) == up else -1  # one step in magnitude, outward or inward
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
 def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
