@@ -386,11 +386,13 @@ class BlockGatherPlan:
                                   attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
             o, l = o[0].transpose(0, 1), l[0].transpose(0, 1)  # token-major views: (n, heads, Dv), (n, heads)
             out_rows, lse_rows = out[b, :, heads], lse[b, :, heads]
-            seen, seen_out = self._rows(lse_rows, rows), self._rows(out_rows, rows)
+            seen, seen_out = self._rows(lse_rows, rows), self._rows(out_rows, rows)  # a slice: views, merged in place
             merged = torch.logaddexp(seen, l)
-            mixed = seen_out.mul_((seen - merged).exp_().unsqueeze(-1)).addcmul_(o, (l - merged).exp_().unsqueeze(-1))
+            # the weights exp(seen - merged) and exp(l - merged) add up to 1: out + w (o - out), one fused lerp; a row's
+            # first block (seen = -inf) has w = 1, which lerp makes exactly o
+            mixed = seen_out.lerp_(o, (l - merged).exp_().unsqueeze(-1))
             if isinstance(rows, slice):
-                out_rows[rows], lse_rows[rows] = mixed, merged
+                lse_rows[rows] = merged
             else:
                 out_rows.index_copy_(0, rows, mixed)
                 lse_rows.index_copy_(0, rows, merged)
