@@ -12,9 +12,8 @@ for MiniMax-M3. plait runs its defaults (SDPA, block-local sliding windows, bloc
 experts, chunked cross-entropy; the step reads only the loss, so plait never makes the logits, which it makes when
 read, while transformers always does). Both are timed in this process, steps interleaved, median of --steps after
 a warm-up. Every step's time is kept in the JSON, and so is the spread of the speed-up over the rounds (one step of
-each implementation, back to back): on a shared VM the peer's step swings most, because its page faults (100,000 to
-200,000 a step for transformers' M3-VL at 2048 tokens, a few thousand for plait's) cost what the host makes them
-cost that minute.
+each implementation, back to back), and the median count of minor page faults the process took in a step: on a
+shared VM the peer's step swings most, and its page faults cost what the host makes them cost that minute.
 
 Model FLOPs utilisation (MFU) = model FLOPs per step / step time / float32 matmul peak (measured here):
 model FLOPs = 6 x active parameters x tokens (embedding lookups excluded, LM head included)
@@ -56,6 +55,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -403,12 +403,15 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
             for fn in fns.values():
                 fn()
         times = {impl: [] for impl in impls}
+        faults = {impl: [] for impl in impls}  # minor page faults of the process during each step
         for _ in range(steps):
             for impl, fn in fns.items():
                 sync()
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 fn()  # reads the loss: waits for the step's kernels
                 times[impl].append(time.perf_counter() - t)
+                faults[impl].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         flops = model_flops(cfg, batch, seq)
         row = {"batch": batch, "seq": seq, "first_step_loss": losses, "impls": {}}
         for impl in impls:
@@ -416,6 +419,7 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
             memory = (cuda_peak_memory(model_name, impl, batch, seq, quick, workdir) if cuda
                       else peak_memory(model_name, impl, batch, seq, quick, workdir, allocator))
             row["impls"][impl] = {"step_seconds": t, "step_seconds_each": times[impl],
+                                  "page_faults_per_step": statistics.median(faults[impl]),
                                   "tokens_per_s": batch * seq / t, "mfu": flops / t / peak,
                                   # compiled layers: the graph decides what it saves, and dynamo would trace the hooks
                                   "saved_for_backward_mib": (saved_for_backward_bytes(models[impl], inputs) / 2**20
@@ -439,7 +443,8 @@ def run(model_name: str, quick: bool, steps: int, workdir: Path, allocator: str 
         print(f"{batch} x {seq}: plait {p['tokens_per_s']:,.0f} tok/s (MFU {100 * p['mfu']:.0f}%, {p['peak_mib']:.0f} MiB), "
               f"transformers {r['tokens_per_s']:,.0f} tok/s (MFU {100 * r['mfu']:.0f}%, {r['peak_mib']:.0f} MiB): "
               f"x{row['speedup']:.2f} speed (rounds {row['speedup_per_round']['min']:.2f} to {row['speedup_per_round']['max']:.2f}), "
-              f"x{row['memory_ratio']:.2f} memory; saved for backward {p['saved_for_backward_mib']:.0f} / "
+              f"x{row['memory_ratio']:.2f} memory; page faults a step {p['page_faults_per_step']:,.0f} / "
+              f"{r['page_faults_per_step']:,.0f}; saved for backward {p['saved_for_backward_mib']:.0f} / "
               f"{r['saved_for_backward_mib']:.0f} MiB; live peak {_mib(p['live_peak_mib'])} / {_mib(r['live_peak_mib'])}; "
               f"first losses {losses}")
         if save is not None:  # after each shape: a run stopped part-way keeps the rows it measured

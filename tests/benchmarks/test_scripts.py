@@ -26,7 +26,8 @@ def test_benchmark_script_runs_and_writes_results(tmp_path, script, args, stem):
     assert rows
     if script == "train_step.py":  # each step's time is kept, and the speed-up's spread over the rounds
         for row in rows:
-            assert all(len(impl["step_seconds_each"]) == 1 for impl in row["impls"].values())
+            assert all(len(impl["step_seconds_each"]) == 1 and impl["page_faults_per_step"] >= 0
+                       for impl in row["impls"].values())
             rounds = row["speedup_per_round"]
             assert rounds["min"] <= rounds["median"] <= rounds["max"]
 
