@@ -106,13 +106,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         all_hidden, rows = hidden, None
-        every_row_has_a_target = False  # known on the host: then no chunk needs its ignore mask
-        if not keep_logits:
+        if not keep_logits:  # after this every row left has a target, and no chunk needs an ignore mask
             has_target = targets != ignore_index
             if not bool(has_target.all()):
                 rows = has_target.nonzero().squeeze(1)
                 hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-            every_row_has_a_target = True
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -120,7 +118,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size]
             t = targets[start : start + chunk_size]
-            keep = None if every_row_has_a_target else t != ignore_index
+            keep = t != ignore_index if keep_logits else None
             safe_t = t if keep is None else t.masked_fill(~keep, 0)
             linear = F.linear(h, weight)
             if keep_logits:

@@ -222,39 +222,38 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot, x_pass), dim=-1) if x_pass.shape[-1] else x_rot
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """out[..., :rot] = x * cos + sign * rotate_half(x) * sin, half by half, over x's first rot = cos.shape[-1]
-    dims (even), float32 at least. With sign -1 and cos, sin halves swapped this is the rotation's adjoint."""
-    half = cos.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half : 2 * half]
-    o1, o2 = out[..., :half], out[..., half : 2 * half]
-    torch.mul(x1, cos[..., :half], out=o1).addcmul_(x2, sin[..., :half], value=-sign)
-    torch.mul(x2, cos[..., half:], out=o2).addcmul_(x1, sin[..., half:], value=sign)
-
-
 class _Rotary(torch.autograd.Function):
     """`apply_rotary` for an even rotary width in a few whole-tensor passes written into one output: the plain
     ops (two products, rotate_half's negation and concatenation, a sum, the concatenation with the pass-through
     dims) are each an op and a buffer in forward and again in backward, which at a few hundred tokens costs more
-    than the arithmetic. The rotation is orthogonal: its backward is the rotation by -angle, that is
-    dx1 = g1 cos1 + g2 sin2 and dx2 = g2 cos2 - g1 sin1."""
+    than the arithmetic. With halves x1, x2 of the rotated dims, the forward is
+    y1 = x1 cos1 - x2 sin1, y2 = x2 cos2 + x1 sin2; the rotation is orthogonal, so its backward is the rotation by
+    -angle: dx1 = g1 cos1 + g2 sin2, dx2 = g2 cos2 - g1 sin1."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _rotary_pass(x, cos, sin, sign=1.0)
+        half = cos.shape[-1] // 2
+        return _rotary_pass(x, cos, sin[..., :half], sin[..., half:], sign=1.0)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotary_pass(grad, cos, sin.roll(cos.shape[-1] // 2, dims=-1), sign=-1.0), None, None
+        half = cos.shape[-1] // 2
+        return _rotary_pass(grad, cos, sin[..., half:], sin[..., :half], sign=-1.0), None, None
 
 
-def _rotary_pass(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
-    rot = cos.shape[-1]
+def _rotary_pass(x: torch.Tensor, cos: torch.Tensor, sin_1: torch.Tensor, sin_2: torch.Tensor,
+                 sign: float) -> torch.Tensor:
+    """y1 = x1 cos1 - sign x2 sin_1, y2 = x2 cos2 + sign x1 sin_2 over x's first rot = cos.shape[-1] dims, the rest
+    copied; computed in float32 at least and cast back to x's dtype."""
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
     dtype = torch.promote_types(x.dtype, torch.float32)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
-    _rotate_into(out, x.to(dtype), cos, sin, sign)
+    xf = x.to(dtype)
+    x1, x2 = xf[..., :half], xf[..., half:rot]
+    torch.mul(x1, cos[..., :half], out=out[..., :half]).addcmul_(x2, sin_1, value=-sign)
+    torch.mul(x2, cos[..., half:], out=out[..., half:rot]).addcmul_(x1, sin_2, value=sign)
     out[..., rot:] = x[..., rot:]
     return out.to(x.dtype)
 
