@@ -290,8 +290,10 @@ class BlockGatherPlan:
 
     Under the plain causal rule (no padding, documents or window) a block's keys are all visible to the
     queries after it, which run without a mask, and a block's own queries see it causally from its start,
-    which is the kernel's causal flag when all of them picked it. Otherwise each call carries its rule mask
-    and drops the queries that see none of the block."""
+    which is the kernel's causal flag when all of them picked it. Such diagonal blocks of one size, side by
+    side, run as one call, each block a batch entry of the kernel: one (block x block) causal call is mostly
+    the kernel's fixed cost (about a quarter of its matmul rate at 128). Otherwise each call carries its rule
+    mask and drops the queries that see none of the block."""
 
     def __init__(self, mask, window: int | None, blocks, heads: int):
         self.mask, self.window, self.blocks, self.heads = mask, window, blocks, heads
@@ -299,8 +301,9 @@ class BlockGatherPlan:
 
     def calls(self, n_queries: int, n_keys: int, device) -> list[tuple]:
         """Per kernel call: (row, first head, last head + 1, first key, last key + 1, queries (a slice or an int64
-        index, ascending), causal flag, additive-mask source (bool (1, 1, n, keys)) or None). Made once, for the
-        forward and the backward."""
+        index, ascending), causal block, additive-mask source (bool (1, 1, n, keys)) or None). A causal block c
+        (else None) says the queries are the keys' own slots and run as (keys / c) blocks of c, each over its own
+        keys with the causal flag. Made once, for the forward and the backward."""
         if self._calls is None:
             self._calls = self._plan(n_queries, n_keys, device)
         return self._calls
@@ -322,7 +325,7 @@ class BlockGatherPlan:
         # queries before their block see none of it, inside it part of it (causally), after it all of it
         before = torch.bincount(group[queries < first_key], minlength=n_groups)
         inside = torch.bincount(group[(queries >= first_key) & (queries < end_key)], minlength=n_groups)
-        calls, start = [], 0
+        calls, diagonal, start = [], {}, 0  # diagonal: per (row, heads), the blocks that run causally whole
         for gid, (n, n_before, n_inside) in enumerate(zip(counts.tolist(), before.tolist(), inside.tolist())):
             if n == 0:
                 continue
@@ -340,16 +343,16 @@ class BlockGatherPlan:
                 if not bool(sees.all()):
                     q, allowed = q[sees], allowed[:, :, sees]
                 if q.numel():
-                    calls.append((*heads, q, False, allowed))
+                    calls.append((*heads, q, None, allowed))
                 continue
             q_inside, q_after = q[n_before : n_before + n_inside], q[n_before + n_inside :]
             if n_inside == k_hi - k_lo:  # all of the block's own queries (picks are distinct)
-                calls.append((*heads, slice(k_lo, k_hi), True, None))
+                diagonal.setdefault(heads[:3], []).append((k_lo, k_hi))
             elif n_inside:
-                calls.append((*heads, q_inside, False, self._allowed(b, q_inside, k_lo, k_hi)))
+                calls.append((*heads, q_inside, None, self._allowed(b, q_inside, k_lo, k_hi)))
             if q_after.numel():
-                calls.append((*heads, q_after, False, None))
-        return calls
+                calls.append((*heads, q_after, None, None))
+        return _diagonal_runs(diagonal) + calls
 
     def _allowed(self, b: int, q: torch.Tensor, k_lo: int, k_hi: int) -> torch.Tensor:
         """The mask rule for row b's queries `q` against keys k_lo:k_hi: (1, 1, len(q), k_hi - k_lo) bool."""
@@ -367,9 +370,20 @@ class BlockGatherPlan:
         return t[queries] if isinstance(queries, slice) else t.index_select(0, queries)
 
     @staticmethod
-    def _kernel_rows(t: torch.Tensor) -> torch.Tensor:
-        """(n, H, ...) token-major rows -> the kernel's (1, H, n, ...) view of them, without a copy."""
-        return t.unsqueeze(0).transpose(1, 2)
+    def _kernel_rows(t: torch.Tensor, block: int | None) -> torch.Tensor:
+        """(n, H, ...) token-major rows -> the kernel's (n / block, H, block, ...) view of them, without a copy
+        (block None: all n rows, one batch entry)."""
+        return t.unflatten(0, (-1, block or t.shape[0])).transpose(1, 2)
+
+    @staticmethod
+    def _kernel_keys(t: torch.Tensor, b: int, heads: slice, k_lo: int, k_hi: int, block: int | None) -> torch.Tensor:
+        """Row b's keys k_lo:k_hi of (B, H, S, D) t -> the kernel's ((k_hi - k_lo) / block, H, block, D) view."""
+        return t[b, heads, k_lo:k_hi].unflatten(1, (-1, block or k_hi - k_lo)).transpose(0, 1)
+
+    @staticmethod
+    def _token_rows(t: torch.Tensor) -> torch.Tensor:
+        """The kernel's (n / block, H, block, ...) -> (n, H, ...) token-major (a view for the kernel's own outputs)."""
+        return t.transpose(1, 2).flatten(0, 1)
 
     def forward(self, q, k, v, scale):
         B, H, S, _ = q.shape
@@ -379,12 +393,13 @@ class BlockGatherPlan:
         # a query that picked nothing it can see keeps 0, as other backends give
         out = q.new_zeros(B, S, H, v.shape[-1], dtype=lse_dtype)
         lse = q.new_full((B, S, H), float("-inf"), dtype=lse_dtype)
-        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(S, k.shape[2], q.device):
+        for b, h0, h1, k_lo, k_hi, rows, block, allowed in self.calls(S, k.shape[2], q.device):
             heads = slice(h0, h1)
-            o, l = _flash_forward(self._kernel_rows(self._rows(q_tokens[b, :, heads], rows)),
-                                  k[b : b + 1, heads, k_lo:k_hi], v[b : b + 1, heads, k_lo:k_hi], 0.0, causal,
+            o, l = _flash_forward(self._kernel_rows(self._rows(q_tokens[b, :, heads], rows), block),
+                                  self._kernel_keys(k, b, heads, k_lo, k_hi, block),
+                                  self._kernel_keys(v, b, heads, k_lo, k_hi, block), 0.0, block is not None,
                                   attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
-            o, l = o[0].transpose(0, 1), l[0].transpose(0, 1)  # token-major views: (n, heads, Dv), (n, heads)
+            o, l = self._token_rows(o), self._token_rows(l)  # token-major: (n, heads, Dv), (n, heads)
             out_rows, lse_rows = out[b, :, heads], lse[b, :, heads]
             seen, seen_out = self._rows(lse_rows, rows), self._rows(out_rows, rows)  # a slice: views, merged in place
             merged = torch.logaddexp(seen, l)
@@ -403,20 +418,36 @@ class BlockGatherPlan:
         grad_q = q.new_zeros(B, S, H, D)  # token-major, like the gathers below
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         tokens = [_token_major(t) for t in (grad, q, out, lse)]
-        for b, h0, h1, k_lo, k_hi, rows, causal, allowed in self.calls(S, k.shape[2], q.device):
+        for b, h0, h1, k_lo, k_hi, rows, block, allowed in self.calls(S, k.shape[2], q.device):
             heads = slice(h0, h1)
-            g, q_rows, o, l = (self._kernel_rows(self._rows(t[b, :, heads], rows)) for t in tokens)
-            dq, dk, dv = _flash_backward(g, q_rows, k[b : b + 1, heads, k_lo:k_hi], v[b : b + 1, heads, k_lo:k_hi],
-                                         o, l, 0.0, causal,
+            g, q_rows, o, l = (self._kernel_rows(self._rows(t[b, :, heads], rows), block) for t in tokens)
+            dq, dk, dv = _flash_backward(g, q_rows, self._kernel_keys(k, b, heads, k_lo, k_hi, block),
+                                         self._kernel_keys(v, b, heads, k_lo, k_hi, block), o, l, 0.0, block is not None,
                                          attn_mask=None if allowed is None else _additive(allowed, q.dtype), scale=scale)
-            dq = dq[0].transpose(0, 1)
+            dq = self._token_rows(dq)
             if isinstance(rows, slice):
                 grad_q[b, rows, heads] += dq
             else:
                 grad_q[b, :, heads].index_add_(0, rows, dq)
-            grad_k[b : b + 1, heads, k_lo:k_hi] += dk
-            grad_v[b : b + 1, heads, k_lo:k_hi] += dv
+            grad_k[b, heads, k_lo:k_hi] += dk.transpose(0, 1).flatten(1, 2)
+            grad_v[b, heads, k_lo:k_hi] += dv.transpose(0, 1).flatten(1, 2)
         return grad_q.transpose(1, 2), grad_k, grad_v
+
+
+def _diagonal_runs(diagonal: dict) -> list[tuple]:
+    """BlockGatherPlan calls for the blocks each (row, first head, last head + 1) runs causally whole
+    (`diagonal`: their (first key, last key + 1), ascending): one call per run of side-by-side blocks of one size."""
+    calls = []
+    for heads, blocks in diagonal.items():
+        run_lo, run_hi, size = *blocks[0], blocks[0][1] - blocks[0][0]
+        for k_lo, k_hi in blocks[1:] + [(None, None)]:
+            if k_lo == run_hi and k_hi - k_lo == size:
+                run_hi = k_hi
+                continue
+            calls.append((*heads, run_lo, run_hi, slice(run_lo, run_hi), size, None))
+            if k_lo is not None:
+                run_lo, run_hi, size = k_lo, k_hi, k_hi - k_lo
+    return calls
 
 
 def _token_major(t: torch.Tensor) -> torch.Tensor:

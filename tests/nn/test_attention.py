@@ -173,13 +173,18 @@ def test_key_block_selection_computes_only_the_pairs_it_keeps():
     mask = AttentionMask.build(B, S, "cpu")
     blocks = _random_key_blocks(B, 1, S, block=block, picks=3)
     plan = sdpa_module.BlockGatherPlan(mask, None, blocks, H)
-    computed = 0
-    for b, h0, h1, k_lo, k_hi, rows, causal, allowed in plan.calls(S, S, "cpu"):
+    computed, causal_calls = 0, []
+    for b, h0, h1, k_lo, k_hi, rows, block, allowed in plan.calls(S, S, "cpu"):
+        if block:
+            causal_calls.append((b, h0, k_lo, k_hi))
         n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
         assert allowed is None
-        computed += (h1 - h0) * (n * (n + 1) // 2 if causal else n * (k_hi - k_lo))
+        # a causal call runs n / block diagonal blocks, each its queries over its own keys
+        computed += (h1 - h0) * ((n // block) * block * (block + 1) // 2 if block else n * (k_hi - k_lo))
     kept = int((mask.dense(None) & blocks.dense(H, S)).sum())
     assert computed == kept
+    # every query picked its own block, and the blocks of a row's diagonal run side by side as one call
+    assert sorted(causal_calls) == [(b, 0, 0, S) for b in range(B)]
     tiles = sum(H * (rows.stop - rows.start) * k_index.numel()
                 for rows, k_index, _, _ in sdpa_module.TilePlan(mask, None, blocks, H).tiles(S, S, "cpu"))
     assert tiles > 1.3 * kept
