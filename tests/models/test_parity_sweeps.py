@@ -8,7 +8,9 @@ import transformers
 from tests.sweeps.common import ReferenceFailure
 from tests.sweeps.run import sweep_module
 
-SEEDS = {"mimo_v2_flash": range(12), "minimax_m3": range(12)}
+# 20006: one real token, so its first layer's q and k gradients are zero in exact arithmetic and float32 noise on
+# both sides (the noise floor of `assert_grads_close`)
+SEEDS = {"mimo_v2_flash": list(range(12)), "minimax_m3": [*range(12), 20006]}
 
 
 @pytest.mark.parametrize("model, seed", [(m, s) for m, seeds in SEEDS.items() for s in seeds])
