@@ -60,6 +60,9 @@ from plait.nn.rope import apply_rotary, rotary_from_parameters
 
 VL_MODEL_TYPE, TEXT_MODEL_TYPE = "minimax_m3_vl", "minimax_m3_vl_text"
 FULL, SPARSE = "full_attention", "minimax_m3_sparse"
+# queries per matmul of the indexer's causal block scores (whole blocks of them)
+INDEXER_QUERY_ROWS = 256
+
 VISION_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
                 "patch_size", "temporal_patch_size", "spatial_merge_size")
 
@@ -132,20 +135,25 @@ class LightningIndexer(nn.Module):
 
     def _causal_block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Block maxima of the scores under the plain causal rule (slot blocks, no padding, no cache): each
-        block of queries scores only its own and the earlier key blocks (the later ones stay -inf), and only its
-        own block needs the causal mask, so half the scores are computed and no (S x S) mask is built."""
+        group of query blocks scores only the keys up to its own end, and only its own keys need the causal mask,
+        so about half the scores are computed and no (S x S) mask is built. A group is as many whole blocks as
+        make INDEXER_QUERY_ROWS queries: one matmul per block of queries is mostly fixed cost at small blocks, and
+        a later key block inside the group comes out -inf (all its keys masked), as the blocks after it do."""
         B, h, S, _ = q.shape
         bs = self.block_size
+        n_blocks = -(-S // bs)
         q, kt = q.float(), k.float().transpose(-1, -2)
-        block_scores = q.new_full((B, h, S, -(-S // bs)), float("-inf"))
-        later = torch.ones(bs, bs, dtype=torch.bool, device=q.device).triu_(1)  # key after query, one block
-        for t, lo in enumerate(range(0, S, bs)):
-            hi = min(lo + bs, S)
-            scores = q[:, :, lo:hi] @ kt[..., :hi]  # (B, h, queries of block t, keys of blocks 0..t)
-            if t:
-                block_scores[:, :, lo:hi, :t] = scores[..., :lo].unflatten(-1, (t, bs)).amax(dim=-1)
-            own = scores[..., lo:].masked_fill_(later[: hi - lo, : hi - lo], float("-inf"))
-            block_scores[:, :, lo:hi, t] = own.amax(dim=-1)
+        block_scores = q.new_full((B, h, S, n_blocks), float("-inf"))
+        rows = bs * max(1, INDEXER_QUERY_ROWS // bs)
+        later = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # key after query, one group
+        for lo in range(0, S, rows):
+            hi = min(lo + rows, S)
+            scores = q[:, :, lo:hi] @ kt[..., :hi]  # (B, h, the group's queries, keys up to the group's end)
+            scores[..., lo:].masked_fill_(later[: hi - lo, : hi - lo], float("-inf"))
+            seen = -(-hi // bs)  # key blocks 0 .. seen - 1, the last one maybe partial
+            if seen * bs > hi:
+                scores = nn.functional.pad(scores, (0, seen * bs - hi), value=float("-inf"))
+            block_scores[:, :, lo:hi, :seen] = scores.unflatten(-1, (seen, bs)).amax(dim=-1)
         return block_scores
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import (
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLForCausalLM as TextReference
 
 import plait
+import plait.models.minimax_m3 as minimax_m3_module
 from plait.generate import generate, left_pad
 from plait.models.minimax_m3 import (
     LightningIndexer,
@@ -317,9 +318,11 @@ def test_a_selection_that_keeps_every_block_skips_the_indexer(tmp_path):
 
 
 @pytest.mark.parametrize("seq_len", [37, 48])  # a partial last block, and none
-def test_the_indexers_causal_block_scores_equal_the_masked_ones(seq_len):
-    # under the plain causal rule the indexer scores each query block against its own and earlier key blocks
+@pytest.mark.parametrize("group_rows", [8, 16, 24, 256])  # queries per matmul: 1, 2 or 3 blocks, all of them
+def test_the_indexers_causal_block_scores_equal_the_masked_ones(monkeypatch, seq_len, group_rows):
+    # under the plain causal rule the indexer scores each group of query blocks against the keys up to its end
     # only; the maxima must be those of the full masked score matrix, pooled by slot blocks or by block ids
+    monkeypatch.setattr(minimax_m3_module, "INDEXER_QUERY_ROWS", group_rows)
     cfg = MiniMaxM3VLTextConfig(**(preset_dict("tiny-minimax-m3")["text_config"] | TEXT_VARIANTS["sparse"]))
     cfg.index_block_size = 8
     indexer = LightningIndexer(cfg)
