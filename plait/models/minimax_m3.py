@@ -545,7 +545,20 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                          mtp_loss_scaling_factor, mtp_repeated_layer,
                          tie=config.text_config.tie_word_embeddings or getattr(config, "tie_word_embeddings", False))
 
-    _to_grid_list = staticmethod(to_grid_list)  # (t, h, w) per item from a tensor or nested lists
+    @staticmethod
+    def _to_grid_list(grid_thw) -> list[list[int]]:
+        """(t, h, w) per item, as lists of ints, from a tensor or nested lists (checked: `to_grid_list`)."""
+        return to_grid_list(grid_thw).tolist()
+
+    def _splice_multimodal(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                           grid_thw, token_index: int) -> torch.Tensor:
+        """The images' (or a video's) features, from the vision tower and projector, at the `token_index`
+        placeholders of `input_ids`: a new embedding tensor. The placeholders must match the features exactly,
+        whole items per sample, or a ValueError says how many came per sample and per item."""
+        kind = "videos" if token_index == self.config.video_token_index else "images"
+        grid = to_grid_list(grid_thw)
+        return splice_multimodal(inputs_embeds, input_ids, self.image_features(pixel_values, grid), token_index, grid,
+                                 self.config.vision_config.spatial_merge_size, kind)
 
     def image_features(self, pixel_values: torch.Tensor, grid_thw) -> torch.Tensor:
         """(patches, C*T*P*P) -> (tokens, text hidden): m x m patches become one token."""
@@ -586,9 +599,7 @@ class MiniMaxM3SparseForConditionalGeneration(_M3Base):
                     continue
                 if grid is None:
                     raise ValueError(f"{kind}: pixel values came without their grid_thw")
-                feats = self.image_features(pixels, grid)
-                inputs_embeds = splice_multimodal(inputs_embeds, input_ids, feats, token, to_grid_list(grid),
-                                                  self.config.vision_config.spatial_merge_size, kind)
+                inputs_embeds = self._splice_multimodal(inputs_embeds, input_ids, pixels, grid, token)
         elif pixel_values is not None or pixel_values_videos is not None:
             raise ValueError("pass pixel values with input_ids (their placeholders), not with inputs_embeds")
         out = self._run(input_ids, inputs_embeds, position_ids, attention_mask, cu_seqlens, past_key_values, labels,

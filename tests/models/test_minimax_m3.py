@@ -176,6 +176,18 @@ def test_placeholder_count_mismatch_names_the_samples(pair):
     ids[1, 3] = 7  # one placeholder fewer in sample 1
     with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 8\] do not match the features per image \[9, 9\]"):
         ours(input_ids=ids, **inputs)
+    # the splice the forward runs, called as the pipeline-stage contract names it: features at the placeholders,
+    # every other row the embedding, and the same per-sample error
+    good = _batch()[0]
+    with torch.no_grad():
+        embeds = ours.get_input_embeddings()(good)
+        args = (inputs["pixel_values"], inputs["image_grid_thw"], ours.config.image_token_index)
+        spliced = ours._splice_multimodal(embeds, good, *args)
+        slots = good == ours.config.image_token_index
+        assert torch.equal(spliced[~slots], embeds[~slots])
+        assert torch.equal(spliced[slots], ours.image_features(inputs["pixel_values"], inputs["image_grid_thw"]))
+        with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 8\]"):
+            ours._splice_multimodal(embeds, ids, *args)
     with pytest.raises(ValueError, match="pixel_values: expected shape"):
         ours(input_ids=_batch()[0], pixel_values=inputs["pixel_values"][:-1], image_grid_thw=inputs["image_grid_thw"])
     with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 9\] but no pixel values"):
@@ -518,7 +530,7 @@ def test_pipeline_stage_hooks_split_the_model_as_a_schedule_would(pair):
     parts = [_keep_only(ours, names) for names in stages]
     assert not ours._is_pipeline_parallel_stage() and all(p._is_pipeline_parallel_stage() for p in parts)
     assert ours._pp_keep_self_forward and plait.models.minimax_m3.ModelClass is type(ours)
-    assert ours._to_grid_list([[1, 4, 6]]).tolist() == [[1, 4, 6]]
+    assert ours._to_grid_list([[1, 4, 6]]) == [[1, 4, 6]] == ours._to_grid_list(torch.tensor([[1, 4, 6]]))
     with torch.no_grad():
         h = parts[0](input_ids=ids, **inputs)
         (meta_in,), (meta_out,) = parts[0].get_pipeline_stage_metas(is_first=True, microbatch_size=2,
