@@ -36,6 +36,7 @@ from plait.models.native import (
     PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
+    check_hidden_states,
     check_labels,
     check_layer_lists,
     embed_token_ids,
@@ -193,9 +194,11 @@ class MiMoV2FlashModel(nn.Module):
         if self.embed_tokens is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("MiMoV2FlashModel: pass exactly one of input_ids and inputs_embeds")
-            h = embed_token_ids(self.embed_tokens, input_ids) if inputs_embeds is None else inputs_embeds
+            h = (embed_token_ids(self.embed_tokens, input_ids) if inputs_embeds is None
+                 else check_hidden_states(inputs_embeds, self.config.hidden_size))
         else:  # a later pipeline stage: the input is the previous stage's hidden states
-            h = inputs_embeds if inputs_embeds is not None else input_ids
+            h = check_hidden_states(inputs_embeds if inputs_embeds is not None else input_ids, self.config.hidden_size,
+                                    "hidden states from the previous pipeline stage")
         position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)
         ropes = {kind: rotary(position_ids) for kind, rotary in self.rotary.items()}
         for key, layer in self.layers.items():

@@ -37,6 +37,7 @@ from plait.models.native import (
     PipelineStageHooks,
     TrunkOutput,
     check_forward_kwargs,
+    check_hidden_states,
     check_labels,
     check_layer_lists,
     check_positive_sizes,
@@ -338,8 +339,10 @@ class MiniMaxM3TextModel(nn.Module):
             if input_ids is None:
                 raise ValueError("MiniMaxM3TextModel: pass input_ids or inputs_embeds")
             h = embed_token_ids(self.embed_tokens, input_ids)
-        else:
-            h = inputs_embeds if inputs_embeds is not None else input_ids
+        elif inputs_embeds is not None:
+            h = check_hidden_states(inputs_embeds, self.config.hidden_size)
+        else:  # a later pipeline stage: the previous stage's hidden states
+            h = check_hidden_states(input_ids, self.config.hidden_size, "hidden states from the previous pipeline stage")
         position_ids, mask = positions_and_mask(h, position_ids, attention_mask, cu_seqlens, past_key_values)
         rope = self.rotary(position_ids)
         for key, layer in self.layers.items():

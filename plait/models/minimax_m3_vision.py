@@ -72,6 +72,9 @@ class VisionTower(nn.Module):
         if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, self.patch_dim):
             raise ValueError(f"pixel_values: expected shape [{n_patches}, {self.patch_dim}] for grid_thw "
                              f"{grid.tolist()}, got {list(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():  # raw 0-255 pixels would run, as garbage
+            raise ValueError(f"pixel_values: expected normalised floating-point patches (plait.data.m3_processing "
+                             f"makes them), got {pixel_values.dtype}")
         h = self.pre_layrnorm(self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)))
         device = h.device
         positions = vision_patch_positions(grid, self.config.spatial_merge_size).to(device)

@@ -138,6 +138,15 @@ def embed_token_ids(embed: nn.Embedding, input_ids) -> torch.Tensor:
     return embed(input_ids)
 
 
+def check_hidden_states(h, hidden_size: int, what: str = "inputs_embeds") -> torch.Tensor:
+    """h itself, once it is a (batch, sequence, hidden_size) floating-point tensor: embeddings passed in, or a
+    previous pipeline stage's hidden states (a norm or a projection would otherwise fail deep inside)."""
+    if not isinstance(h, torch.Tensor) or h.ndim != 3 or h.shape[-1] != hidden_size or not h.is_floating_point():
+        got = f"{h.dtype} of shape {list(h.shape)}" if isinstance(h, torch.Tensor) else type(h).__name__
+        raise ValueError(f"{what}: expected a floating-point (batch, sequence, {hidden_size}) tensor, got {got}")
+    return h
+
+
 def positions_and_mask(h: torch.Tensor, position_ids, attention_mask, cu_seqlens,
                        past_key_values: KVCache | None) -> tuple[torch.Tensor, AttentionMask]:
     """(B, S) position ids (counting on from the cache when not given) and the forward's attention mask."""

@@ -2,6 +2,8 @@
 
 import json
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -289,6 +291,11 @@ def test_bad_token_ids_positions_and_empty_rows_are_clear_errors():
         model(input_ids=ids, position_ids=torch.arange(5.0).expand(2, 5))
     with pytest.raises(ValueError, match=r"integer positions of shape \(2, 5\)"):
         model(input_ids=ids, position_ids=torch.arange(5).expand(3, 5))
+    width = model.config.hidden_size
+    for bad in (torch.randn(2, 5, width + 1), torch.randn(5, width), torch.ones(2, 5, width, dtype=torch.long)):
+        with pytest.raises(ValueError, match=rf"inputs_embeds: expected a floating-point \(batch, sequence, {width}\) "
+                                             rf"tensor, got torch\.\w+ of shape {re.escape(str(list(bad.shape)))}"):
+            model(inputs_embeds=bad)
 
 
 def test_attention_dropout_is_refused_in_training_not_ignored():

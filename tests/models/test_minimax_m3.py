@@ -190,6 +190,10 @@ def test_placeholder_count_mismatch_names_the_samples(pair):
             ours._splice_multimodal(embeds, ids, *args)
     with pytest.raises(ValueError, match="pixel_values: expected shape"):
         ours(input_ids=_batch()[0], pixel_values=inputs["pixel_values"][:-1], image_grid_thw=inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match="pixel_values: expected normalised floating-point patches .* got torch.uint8"):
+        ours(input_ids=_batch()[0], pixel_values=inputs["pixel_values"].to(torch.uint8), image_grid_thw=inputs["image_grid_thw"])
+    with pytest.raises(ValueError, match=r"inputs_embeds: expected a floating-point \(batch, sequence, \d+\) tensor"):
+        ours(inputs_embeds=torch.randn(2, 5, 3))
     with pytest.raises(ValueError, match=r"images: placeholder tokens per sample \[9, 9\] but no pixel values"):
         ours(input_ids=_batch()[0])
     with pytest.raises(ValueError, match="grid_thw came without its pixel values"):
