@@ -297,7 +297,7 @@ class MiMoV2FlashForCausalLM(PipelineStageHooks, nn.Module):
         # the MTP depth count is not in the config: it is the checkpoint's model.mtp.layers.N
         return load_checkpoint_into(lambda hf_state: cls(config, mtp_layers_in_checkpoint(hf_state, "model."), backend,
                                                          experts_impl),
-                                    StateDictAdapter(config), path)
+                                    StateDictAdapter(config), path, config)
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
         """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""

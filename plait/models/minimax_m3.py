@@ -486,7 +486,7 @@ class _M3Base(PipelineStageHooks, nn.Module):
         return load_checkpoint_into(
             lambda hf_state: target(config, None, backend, experts_impl=experts_impl,
                                     num_mtp_layers=mtp_layers_in_checkpoint(hf_state, target.text_prefix_on_disk)),
-            StateDictAdapter(config), path)
+            StateDictAdapter(config), path, config)
 
     @property
     def tied_embeddings(self) -> bool:

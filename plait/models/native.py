@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 import re
 
 from plait.checkpoint import read_model_weights, write_model_weights
+from plait.fp8 import dequantize_checkpoint, take_quantization_config
 from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache, document_starts
@@ -299,12 +300,15 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise ValueError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
 
 
-def load_checkpoint_into(build: Callable[[dict], nn.Module], adapter, path: Path) -> nn.Module:
+def load_checkpoint_into(build: Callable[[dict], nn.Module], adapter, path: Path, config: PretrainedConfig) -> nn.Module:
     """Build the model (from the checkpoint's tensors, which may decide its shape: MTP depths) on the meta
     device (no init cost), map the checkpoint's on-disk names through
-    `adapter.from_hf`, check every name and shape, then load by assignment. Tied embeddings are re-tied;
-    rotary buffers are recomputed on the move to CPU; expert counts start at zero."""
-    hf_state = read_model_weights(path)
+    `adapter.from_hf`, check every name and shape, then load by assignment. FP8 block-quantized weights (the
+    releases' format, `config.quantization_config`) are dequantized first, and the quantization config leaves
+    `config` (`plait.fp8`). Tied embeddings are re-tied; rotary buffers are recomputed on the move to CPU; expert
+    counts start at zero."""
+    quantization = take_quantization_config(config)
+    hf_state = dequantize_checkpoint(read_model_weights(path), quantization, str(path))
     with torch.device("meta"):
         model = build(hf_state)
     state = adapter.from_hf(hf_state)

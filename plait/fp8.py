@@ -1,0 +1,102 @@
+"""Block-quantized FP8 checkpoints, dequantized as they load.
+
+MiMo-V2-Flash and MiniMax ship their weights the way DeepSeek-V3 does: each large linear weight `X.weight` is
+float8 (e4m3), with `X.weight_scale_inv` beside it, one float scale per block of `weight_block_size` (128 x 128)
+elements, and `config.json` says so in `quantization_config` (`quant_method: fp8`). A weight is then
+
+    w[i, j] = float(q[i, j]) * scale_inv[i // block_rows, j // block_cols]
+
+(the name is DeepSeek's: the scale the quantizer divided by, so dequantizing multiplies). Edge blocks may be
+partial. Norms, embeddings, routers and anything listed in `modules_to_not_convert` stay unquantized.
+
+plait trains in bf16 / float32, so it dequantizes every such weight on load, into the checkpoint's own precision
+(the dtype most of its unquantized tensors have: bf16 for the releases), and drops `quantization_config` from the
+loaded config: the model holds plain weights, and what it saves is a plain checkpoint that transformers loads as
+one. transformers does the same on a machine without a recent GPU (`dequantize=True`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+SCALE_SUFFIX = "_scale_inv"
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, name))
+
+
+def take_quantization_config(config) -> dict | None:
+    """The config's `quantization_config` as a dict, removed from the config (and from its text config): the
+    loaded model holds dequantized weights. None when the checkpoint is not quantized."""
+    found = None
+    for cfg in (config, getattr(config, "text_config", None)):
+        q = getattr(cfg, "quantization_config", None) if cfg is not None else None
+        if q is not None:
+            found = found or (q if isinstance(q, dict) else q.to_dict())
+            delattr(cfg, "quantization_config")
+    return found
+
+
+def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict | None, where: str) -> dict[str, torch.Tensor]:
+    """`state` (names as on disk) with each float8 `X.weight` and its `X.weight_scale_inv` replaced by `X.weight`
+    dequantized; every other tensor as it was. A ValueError, naming the tensor, for a float8 weight without its
+    scale, a scale without its weight, a scale grid that does not fit the weight, or a quantization this does not
+    read."""
+    scales = [k for k in state if k.endswith(SCALE_SUFFIX)]
+    float8 = [k for k, t in state.items() if t.dtype in FLOAT8_DTYPES]
+    if quantization is None:
+        if scales or float8:
+            raise ValueError(f"{where}: {len(float8)} float8 tensors and {len(scales)} scales (e.g. "
+                             f"{(float8 or scales)[0]!r}), but config.json has no quantization_config")
+        return state
+    method = quantization.get("quant_method")
+    if method != "fp8":
+        raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; plait reads "
+                         f"block-quantized fp8 checkpoints (dequantized on load) and unquantized ones")
+    block = quantization.get("weight_block_size")
+    if block is not None and (len(block) != 2 or any(not isinstance(b, int) or b <= 0 for b in block)):
+        raise ValueError(f"{where}: quantization_config.weight_block_size: expected two positive ints, got {block!r}")
+    for name in float8:
+        if name + SCALE_SUFFIX not in state:
+            raise ValueError(f"{where}: float8 tensor {name!r} has no {name + SCALE_SUFFIX!r} beside it")
+    out_dtype = _unquantized_dtype(state, scales)
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            weight = name[: -len(SCALE_SUFFIX)]
+            if weight not in state:
+                raise ValueError(f"{where}: scale {name!r} has no weight {weight!r} beside it")
+            continue
+        scale = state.get(name + SCALE_SUFFIX)
+        out[name] = tensor if scale is None else dequantize(tensor, scale, block, out_dtype, f"{where}: {name!r}")
+    return out
+
+
+def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: list[int] | None, dtype: torch.dtype,
+               what: str = "weight") -> torch.Tensor:
+    """q (..., rows, cols) times its per-block scale (..., ceil(rows / br), ceil(cols / bc)), in `dtype`. `block`
+    None: a single scale for the whole tensor."""
+    scale = scale_inv.to(torch.float32)
+    values = q.to(torch.float32)
+    if scale.numel() == 1:
+        return (values * scale.reshape(())).to(dtype)
+    if q.ndim < 2 or block is None:
+        raise ValueError(f"{what}: a grid of {list(scale.shape)} scales needs a 2-D (or stacked) weight and "
+                         f"quantization_config.weight_block_size; got a weight of shape {list(q.shape)} and block "
+                         f"{block!r}")
+    rows, cols = q.shape[-2:]
+    grid = (*q.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+    if tuple(scale.shape) != grid:
+        raise ValueError(f"{what}: expected a scale grid of {list(grid)} for a weight of shape {list(q.shape)} in "
+                         f"blocks of {list(block)}, got {list(scale.shape)}")
+    per_element = scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)
+    return (values * per_element[..., :cols]).to(dtype)
+
+
+def _unquantized_dtype(state: dict[str, torch.Tensor], scales: list[str]) -> torch.dtype:
+    """The dtype most of the checkpoint's other floating tensors have (bf16 in the releases), float32 if none."""
+    skip = set(scales)
+    counts = Counter(t.dtype for k, t in state.items()
+                     if k not in skip and t.is_floating_point() and t.dtype not in FLOAT8_DTYPES)
+    return counts.most_common(1)[0][0] if counts else torch.float32
