@@ -1,6 +1,6 @@
 """Block-quantized FP8 checkpoints, dequantized as they load.
 
-MiMo-V2-Flash and MiniMax ship their weights the way DeepSeek-V3 does: each large linear weight `X.weight` is
+MiMo-V2-Flash is released the way DeepSeek-V3 and MiniMax-M2 are: each large linear weight `X.weight` is
 float8 (e4m3), with `X.weight_scale_inv` beside it, one float scale per block of `weight_block_size` (128 x 128)
 elements, and `config.json` says so in `quantization_config` (`quant_method: fp8`). A weight is then
 
