@@ -40,9 +40,10 @@ def take_quantization_config(config) -> dict | None:
 
 def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict | None, where: str) -> dict[str, torch.Tensor]:
     """`state` (names as on disk) with each float8 `X.weight` and its `X.weight_scale_inv` replaced by `X.weight`
-    dequantized; every other tensor as it was. A ValueError, naming the tensor, for a float8 weight without its
-    scale, a scale without its weight, a scale grid that does not fit the weight, or a quantization this does not
-    read."""
+    dequantized; every other tensor as it was. A quantized `state` is consumed (each tensor leaves it as its
+    replacement is made, so a large checkpoint is not held twice). A ValueError, naming the tensor, for a float8
+    weight without its scale, a scale without its weight, a scale grid that does not fit the weight, or a
+    quantization this does not read."""
     scales = [k for k in state if k.endswith(SCALE_SUFFIX)]
     float8 = [k for k, t in state.items() if t.dtype in FLOAT8_DTYPES]
     if quantization is None:
@@ -60,15 +61,13 @@ def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict | N
     for name in float8:
         if name + SCALE_SUFFIX not in state:
             raise ValueError(f"{where}: float8 tensor {name!r} has no {name + SCALE_SUFFIX!r} beside it")
+    for name in scales:
+        if name[: -len(SCALE_SUFFIX)] not in state:
+            raise ValueError(f"{where}: scale {name!r} has no weight {name[: -len(SCALE_SUFFIX)]!r} beside it")
     out_dtype = _unquantized_dtype(state, scales)
     out = {}
-    for name, tensor in state.items():
-        if name.endswith(SCALE_SUFFIX):
-            weight = name[: -len(SCALE_SUFFIX)]
-            if weight not in state:
-                raise ValueError(f"{where}: scale {name!r} has no weight {weight!r} beside it")
-            continue
-        scale = state.get(name + SCALE_SUFFIX)
+    for name in [k for k in state if not k.endswith(SCALE_SUFFIX)]:
+        tensor, scale = state.pop(name), state.pop(name + SCALE_SUFFIX, None)  # freed as it goes: a large model
         out[name] = tensor if scale is None else dequantize(tensor, scale, block, out_dtype, f"{where}: {name!r}")
     return out
 

@@ -74,8 +74,9 @@ def test_bad_fp8_checkpoints_are_clear_errors():
     q, scale = quantize(torch.randn(16, 16), (8, 8))
     good = {"a.weight": q, "a.weight_scale_inv": scale, "norm.weight": torch.ones(16)}
     config = {"quant_method": "fp8", "weight_block_size": [8, 8]}
-    out = dequantize_checkpoint(good, config, "dir")
+    out = dequantize_checkpoint(dict(good), config, "dir")
     assert set(out) == {"a.weight", "norm.weight"} and out["a.weight"].dtype == torch.float32
+    assert torch.equal(out["a.weight"], dequantize(q, scale, [8, 8], torch.float32))
     cases = [
         ({"a.weight": q, "norm.weight": torch.ones(16)}, config, r"float8 tensor 'a.weight' has no 'a.weight_scale_inv'"),
         ({**good, "b.weight_scale_inv": scale}, config, r"scale 'b.weight_scale_inv' has no weight 'b.weight'"),
@@ -88,7 +89,7 @@ def test_bad_fp8_checkpoints_are_clear_errors():
     ]
     for state, quant, message in cases:
         with pytest.raises(ValueError, match=message):
-            dequantize_checkpoint(state, quant, "dir")
+            dequantize_checkpoint(dict(state), quant, "dir")
 
 
 def _check_against_transformers(reference_class, unquantized, tmp_path, inputs):
