@@ -66,6 +66,10 @@ def test_dequantize_is_each_block_times_its_scale():
         assert torch.equal(dequantize(q, scale, list(block), torch.float32), expected)
         assert (dequantize(q, scale, list(block), torch.float32) - w).abs().max() <= w.abs().max() / 8  # e4m3: 3 bits
     assert dequantize(q, scale, list(block), torch.bfloat16).dtype == torch.bfloat16
+    # power-of-two scales stored as float8_e8m0fnu (DeepSeek-V3.1's ue8m0) read as the same numbers
+    pow2 = torch.exp2(torch.randint(-8, 4, scale.shape, generator=g).float())
+    assert torch.equal(dequantize(q, pow2.to(torch.float8_e8m0fnu), list(block), torch.float32),
+                       dequantize(q, pow2, list(block), torch.float32))
     single = torch.tensor(0.5)
     assert torch.equal(dequantize(q, single, None, torch.float32), q.float() * 0.5)
 
