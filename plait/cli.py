@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from inspect import signature
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -219,6 +220,9 @@ def _native_resolution_inputs(model, checkpoint: Path, paths: list[Path], images
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="a checkpoint dir (checkpoints/step_N) of a plait run")],
     output: Annotated[Path, typer.Argument(help="where to write the HF model dir")],
+    fp8: Annotated[bool, typer.Option("--fp8", help="write the linear weights block-quantized to float8 e4m3, "
+                                      "the MiMo-V2-Flash / DeepSeek-V3 release format (native models)")] = False,
+    fp8_block: Annotated[int, typer.Option(help="with --fp8: the side of the square blocks that share one scale")] = 128,
 ) -> None:
     """Write the HF model of a training checkpoint (weights, config, tokenizer; no optimizer state)."""
     try:
@@ -229,11 +233,18 @@ def convert(
 
         if output.exists() or output.is_symlink():  # checked first: the write replaces whatever is there
             raise ValueError(f"output: expected a path that does not exist yet, got the existing {output}")
+        if fp8 and fp8_block <= 0:
+            raise ValueError(f"--fp8-block: expected a positive block side, got {fp8_block}")
         model = plait.from_pretrained(checkpoint)
+        if fp8 and "fp8_block_size" not in signature(model.save_pretrained).parameters:
+            raise ValueError(f"--fp8: plait writes FP8 checkpoints of its native models (mimo_v2_flash, "
+                             f"minimax_m3_vl); {checkpoint} holds a {type(model).__name__}")
         tokenizer = load_tokenizer(checkpoint)
         run_config = checkpoint / RUN_CONFIG_FILE
         run_config_yaml = run_config.read_text() if run_config.is_file() else None
-        write_dir_atomically(output, lambda tmp: write_model_dir(tmp, model, tokenizer, run_config_yaml))
+        block = (fp8_block, fp8_block) if fp8 else None
+        write_dir_atomically(output, lambda tmp: write_model_dir(tmp, model, tokenizer, run_config_yaml,
+                                                                 fp8_block_size=block))
         console.print(f"wrote {output}")
     except USER_ERRORS as e:
         _fail(e)

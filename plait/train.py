@@ -217,16 +217,18 @@ def _mimo_datasets(model: MimoForCausalLM, splits_per_modality: dict, tokenizer,
     return {name: MixedCaptionDataset(p) for name, p in parts.items()}
 
 
-def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None, state_dict: dict | None = None) -> None:
+def write_model_dir(tmp: Path, model, tokenizer, run_config_yaml: str | None, state_dict: dict | None = None,
+                    fp8_block_size: tuple[int, int] | None = None) -> None:
     """The HF files of a plait model dir: config + safetensors, tokenizer.json, and the run config.
-    `state_dict`: the full state of a sharded (FSDP) model, gathered on this rank."""
+    `state_dict`: the full state of a sharded (FSDP) model, gathered on this rank. `fp8_block_size`: a native
+    model's linear weights block-quantized to float8 (plait.fp8)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-shard bar for a one-file save is noise in the run's log
-    if state_dict is None:
-        model.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict)
+    options = {} if state_dict is None else {"state_dict": state_dict}
+    if fp8_block_size is not None:
+        options["fp8_block_size"] = fp8_block_size
+    model.save_pretrained(tmp, **options)
     tokenizer.save_pretrained(tmp)
     if run_config_yaml is not None:
         (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)

@@ -133,6 +133,31 @@ def test_convert_writes_a_model_dir_that_transformers_loads(trained_checkpoint, 
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-4
 
 
+def test_convert_fp8_writes_the_release_format(trained_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    import plait
+
+    out = tmp_path / "fp8"
+    res = plait_cmd("convert", trained_checkpoint, out, "--fp8", "--fp8-block", 32)
+    assert res.returncode == 0, res.stderr
+    quantization = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quantization["weight_block_size"] == [32, 32] and "language_model.lm_head" in quantization["modules_to_not_convert"]
+    on_disk = load_file(out / "model.safetensors")
+    assert any(t.dtype == torch.float8_e4m3fn for t in on_disk.values())
+    assert all(t.dtype != torch.float8_e4m3fn for k, t in on_disk.items() if k.startswith("vision_tower."))
+    ours, theirs = plait.from_pretrained(out).eval(), AutoModelForImageTextToText.from_pretrained(out).eval()
+    placeholders = {ours.config.image_token_index, ours.config.video_token_index}  # text only: no placeholders
+    ids = torch.tensor([[i for i in range(1, 20) if i not in placeholders][:5]])
+    with torch.no_grad():
+        assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-4
+    res = plait_cmd("convert", trained_checkpoint, tmp_path / "nothing", "--fp8", "--fp8-block", 1000)
+    assert res.returncode == 2 and "no weight divides by the block [1000, 1000]" in res.stderr
+    assert not (tmp_path / "nothing").exists() and "Traceback" not in res.stderr
+
+
 def test_convert_refuses_an_existing_output_and_leaves_it_alone(trained_checkpoint, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()

@@ -1,8 +1,9 @@
 """FP8 block-quantized checkpoints (the MiMo-V2-Flash / MiniMax release format): dequantized on load as
-transformers dequantizes them, saved back as plain checkpoints."""
+transformers dequantizes them, saved back as plain checkpoints, and written in that format on request."""
 
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from transformers import MiMoV2FlashForCausalLM as MiMoReference
 from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3SparseForConditionalGeneration as M3Reference
 
 import plait
-from plait.fp8 import dequantize, dequantize_checkpoint
+from plait.fp8 import dequantize, dequantize_checkpoint, quantize_checkpoint
+from plait.fp8 import quantize as fp8_quantize
 from plait.models.vlm import _m3_inputs
 from tests.models.test_minimax_m3 import _batch, randomize, vl_config
 from tests.nn.reference import assert_close, mimo_config, randomize_
@@ -136,3 +138,115 @@ def test_an_m3_vl_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
     assert any(".experts." in n for n in names) and any("vision_tower" in n for n in names)
     ids, _, images = _batch()
     _check_against_transformers(M3Reference, ref, tmp_path, {"input_ids": ids, **_m3_inputs(ref.config, images)})
+
+
+def test_quantize_is_transformers_fp8_quantizer():
+    """plait's block quantizer gives transformers' own (the one its FP8 load of an unquantized model runs) bit for
+    bit: the float8 values and the float32 scale_inv, an all-zero block (scale 1) and stacked experts included."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    theirs = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=(8, 16))))
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 32), (3, 24, 48)):
+        w = torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[-1])  # columns of very different sizes
+        w[..., :8, :16] = 0.0
+        q, scale = fp8_quantize(w, (8, 16))
+        expected = theirs._quantize_one("x.weight", w)
+        assert torch.equal(q.view(torch.uint8), expected["x.weight"].view(torch.uint8))
+        assert torch.equal(scale, expected["x.weight_scale_inv"]) and bool((scale[..., 0, 0] == 1).all())
+        assert torch.equal(dequantize(q, scale, [8, 16], torch.float32)[..., :8, :16], w[..., :8, :16])
+    with pytest.raises(ValueError, match=r"blocks of \[8, 16\] tile, got shape \[12, 32\]"):
+        fp8_quantize(torch.randn(12, 32), (8, 16))
+
+
+def _gpu_layout_load(cls, path):
+    """transformers' load of an FP8 checkpoint as on a GPU (FP8Linear / FP8Experts modules holding float8 weights
+    and their scales), on this CPU: its environment check, which turns the load into a dequantizing one without a
+    GPU, is skipped. Only loading runs, no FP8 matmul."""
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    with mock.patch.object(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *args, **kwargs: None):
+        return cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+
+
+def _check_fp8_export(ours, reference_class, tmp_path, inputs, float_modules):
+    """ours saved as FP8 (blocks of 8): transformers loads it both ways: dequantized, with the logits plait gives
+    on loading it back, and in its GPU layout, where every linear layer but `float_modules(name)` is an FP8 one
+    whose weights dequantize to the same numbers, with no key missing or left over. The model saving it is
+    unchanged."""
+    from transformers.integrations.finegrained_fp8 import FP8Experts, FP8Linear
+
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.save_pretrained(tmp_path / "fp8", fp8_block_size=(8, 8))
+    assert not hasattr(ours.config, "quantization_config") and not hasattr(ours.config.get_text_config(), "quantization_config")
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    quantization = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert quantization["quant_method"] == "fp8" and quantization["weight_block_size"] == [8, 8]
+    on_disk = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert sum(t.dtype == torch.float8_e4m3fn for t in on_disk.values()) == sum(k.endswith("_scale_inv") for k in on_disk) > 0
+
+    back = plait.from_pretrained(tmp_path / "fp8").eval()
+    dequantized = reference_class.from_pretrained(tmp_path / "fp8", dtype=torch.float32).eval()
+    with torch.no_grad():
+        mine, original = back(**inputs).logits, ours(**inputs).logits
+        assert_close(mine, dequantized(**inputs).logits, tol=1e-5, name="fp8 export logits")
+        # e4m3 rounding (3 mantissa bits; an indexer pick it flips moves some logits more), not garbage, which is
+        # as far off as the logits are large
+        assert (mine - original).abs().max() > 1e-4 and (mine - original).norm() < 0.3 * original.norm()
+
+    gpu, info = _gpu_layout_load(reference_class, tmp_path / "fp8")
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    weights = dict(dequantized.named_parameters())
+    fp8_modules = 0
+    for name, module in gpu.named_modules():
+        if isinstance(module, (FP8Linear, FP8Experts)):
+            assert not float_modules(name), name
+            fp8_modules += 1
+            params = dict(module.named_parameters())
+            for p in [p for p in params if not p.endswith("_scale_inv") and p + "_scale_inv" in params]:
+                assert params[p].dtype == torch.float8_e4m3fn
+                assert torch.equal(dequantize(params[p], params[p + "_scale_inv"], [8, 8], torch.float32),
+                                   weights[f"{name}.{p.removesuffix('_scale_inv')}"]), f"{name}.{p}"
+        elif type(module) is torch.nn.Linear:
+            assert float_modules(name), f"{name} was left unquantized but is not listed in modules_to_not_convert"
+            assert torch.equal(module.weight, weights[f"{name}.weight"])
+    assert fp8_modules > 0
+
+
+def test_mimo_fp8_export_loads_in_transformers_as_the_release_does(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize_(MiMoReference(mimo_config()), std=0.2).eval()
+    ref.save_pretrained(tmp_path / "plain")
+    ours = plait.from_pretrained(tmp_path / "plain").eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    _check_fp8_export(ours, AutoModelForCausalLM, tmp_path, {"input_ids": ids}, lambda name: name == "lm_head")
+    quantization = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
+    assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate"} <= set(quantization["modules_to_not_convert"])
+
+
+def test_m3_vl_fp8_export_keeps_the_vision_side_unquantized(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize(M3Reference(plait.models.to_hf_config(vl_config("sparse")))).eval()  # indexer layers too
+    ref.save_pretrained(tmp_path / "plain")
+    ours = plait.from_pretrained(tmp_path / "plain").eval()
+    ids, _, images = _batch()
+    inputs = {"input_ids": ids, **_m3_inputs(ref.config, images)}
+    _check_fp8_export(ours, M3Reference, tmp_path, inputs,
+                      lambda name: name == "lm_head" or name.startswith(("model.vision_tower.", "model.multi_modal_projector.")))
+
+
+def test_fp8_export_refuses_a_block_that_does_not_fit_before_writing(tmp_path):
+    torch.manual_seed(0)
+    ours = plait.from_config(MiMoReference(mimo_config()).config)
+    for block, message in (((1000, 1000), r"no weight divides by the block \[1000, 1000\]"),
+                           ((8, 16), r"the experts of 'model.layers.1.mlp.experts' are partly quantized"),
+                           ((8, 0), r"fp8 block size: expected two positive ints, got \(8, 0\)")):
+        with pytest.raises(ValueError, match=message):
+            ours.save_pretrained(tmp_path / "out", fp8_block_size=block)
+        assert not (tmp_path / "out").exists() and not hasattr(ours.config, "quantization_config")
+    state = {"a.weight": torch.randn(16, 16), "b.weight": torch.randn(16, 12), "norm.weight": torch.ones(16)}
+    out, config = quantize_checkpoint(dict(state), (8, 8))
+    assert out["a.weight"].dtype == torch.float8_e4m3fn and "a.weight_scale_inv" in out
+    assert torch.equal(out["b.weight"], state["b.weight"]) and config["modules_to_not_convert"] == ["b"]

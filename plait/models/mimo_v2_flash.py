@@ -299,9 +299,12 @@ class MiMoV2FlashForCausalLM(PipelineStageHooks, nn.Module):
                                                          experts_impl),
                                     StateDictAdapter(config), path, config)
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`)."""
-        save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM", state_dict)
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None,
+                        fp8_block_size: tuple[int, int] | None = None) -> None:
+        """HF layout with the on-disk key names; transformers loads it (and ignores `model.mtp.*`).
+        `fp8_block_size` (the release's is (128, 128)): the linear weights block-quantized to float8 (plait.fp8)."""
+        save_checkpoint(self, StateDictAdapter(self.config), path, "MiMoV2FlashForCausalLM", state_dict,
+                        fp8_block_size)
 
     @property
     def mtp_backbone(self) -> MiMoV2FlashModel:

@@ -492,8 +492,11 @@ class _M3Base(PipelineStageHooks, nn.Module):
     def tied_embeddings(self) -> bool:
         return self.lm_head is not None and self.lm_head.weight is self.get_input_embeddings().weight
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None) -> None:
-        save_checkpoint(self, StateDictAdapter(self.config), path, self.hf_architecture, state_dict)
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None,
+                        fp8_block_size: tuple[int, int] | None = None) -> None:
+        """HF layout with the on-disk key names. `fp8_block_size`: the text model's linear weights block-quantized
+        to float8 (plait.fp8); the vision tower and projector stay as they are."""
+        save_checkpoint(self, StateDictAdapter(self.config), path, self.hf_architecture, state_dict, fp8_block_size)
 
 
 @dataclass
@@ -666,6 +669,10 @@ class StateDictAdapter:
     Text-only checkpoints (transformers' MiniMaxM3VLForCausalLM) keep the in-memory names instead: plait's,
     with the dense and shared MLPs' gate and up fused into one `gate_up_proj`. Loading accepts either.
     """
+
+    # on-disk prefixes an FP8 export leaves unquantized: the vision side, small beside the text model and run at
+    # bf16 by serving stacks
+    fp8_unquantized = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
 
     def __init__(self, config: PretrainedConfig):
         self.vl = config.model_type == VL_MODEL_TYPE

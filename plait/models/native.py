@@ -18,7 +18,7 @@ from transformers import PretrainedConfig
 import re
 
 from plait.checkpoint import read_model_weights, write_model_weights
-from plait.fp8 import dequantize_checkpoint, take_quantization_config
+from plait.fp8 import dequantize_checkpoint, quantize_checkpoint, take_quantization_config
 from plait.mtp import MTPConfig, mtp_labels
 from plait.nn.loss import IGNORE_INDEX, causal_lm_chunked_loss_sum, shift_labels
 from plait.nn.attention import Attention, AttentionMask, KVCache, document_starts
@@ -328,18 +328,31 @@ def load_checkpoint_into(build: Callable[[dict], nn.Module], adapter, path: Path
 
 
 def save_checkpoint(model: nn.Module, adapter, path: str | Path, architecture: str,
-                    state_dict: dict | None = None) -> None:
+                    state_dict: dict | None = None, fp8_block_size: tuple[int, int] | None = None) -> None:
     """config.json + safetensors under the on-disk names (`adapter.to_hf`); a tied LM head is not written.
-    `state_dict`: the model's full state where the model itself holds only shards (FSDP), else its own."""
+    `state_dict`: the model's full state where the model itself holds only shards (FSDP), else its own.
+    `fp8_block_size`: write the large linear weights block-quantized to float8 (`plait.fp8.quantize_checkpoint`;
+    `adapter.fp8_unquantized` names on-disk prefixes that stay as they are)."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    config: PretrainedConfig = model.config
-    config.architectures = [architecture]
-    config.save_pretrained(path)
     state = dict(model.state_dict() if state_dict is None else state_dict)
     if model.tied_embeddings:
         state.pop("lm_head.weight", None)
-    write_model_weights(path, adapter.to_hf(state))
+    hf_state, quantization = adapter.to_hf(state), None
+    if fp8_block_size is not None:  # before anything is written: a block that does not fit is a clean error
+        hf_state, quantization = quantize_checkpoint(hf_state, tuple(fp8_block_size),
+                                                     getattr(adapter, "fp8_unquantized", ()))
+    path.mkdir(parents=True, exist_ok=True)
+    config: PretrainedConfig = model.config
+    config.architectures = [architecture]
+    if quantization is None:
+        config.save_pretrained(path)
+    else:  # the model itself stays unquantized: its config carries the quantization only in the file
+        config.quantization_config = quantization
+        try:
+            config.save_pretrained(path)
+        finally:
+            del config.quantization_config
+    write_model_weights(path, hf_state)
 
 
 # sizes a native model's config must give as positive integers, where it has them
