@@ -153,9 +153,6 @@ def test_convert_fp8_writes_the_release_format(trained_checkpoint, tmp_path):
     ids = torch.tensor([[i for i in range(1, 20) if i not in placeholders][:5]])
     with torch.no_grad():
         assert (ours(input_ids=ids).logits - theirs(input_ids=ids).logits).abs().max() < 1e-4
-    res = plait_cmd("convert", trained_checkpoint, tmp_path / "nothing", "--fp8", "--fp8-block", 1000)
-    assert res.returncode == 2 and "no weight divides by the block [1000, 1000]" in res.stderr
-    assert not (tmp_path / "nothing").exists() and "Traceback" not in res.stderr
 
 
 def test_convert_refuses_an_existing_output_and_leaves_it_alone(trained_checkpoint, tmp_path):
