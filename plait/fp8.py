@@ -120,10 +120,10 @@ def _unquantized_dtype(state: dict[str, torch.Tensor], scales: list[str]) -> tor
 def quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., rows, cols), both multiples of `block` -> (float8 e4m3 values, float32 scale_inv per block), such
     that `dequantize` gives w back to e4m3's precision. The same arithmetic as transformers' FP8 quantizer."""
-    rows, cols = w.shape[-2:]
-    if w.ndim < 2 or rows % block[0] or cols % block[1]:
+    if w.ndim < 2 or w.shape[-2] % block[0] or w.shape[-1] % block[1]:
         raise ValueError(f"quantize: expected a (..., rows, cols) weight that blocks of {list(block)} tile, got "
                          f"shape {list(w.shape)}")
+    rows, cols = w.shape[-2:]
     tiles = w.to(torch.float32).reshape(*w.shape[:-2], rows // block[0], block[0], cols // block[1], block[1])
     amax = tiles.abs().amax(dim=(-3, -1))
     scale = torch.where(amax > 0, FP8_MAX / amax.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))

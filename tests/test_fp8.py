@@ -159,6 +159,8 @@ def test_quantize_is_transformers_fp8_quantizer():
         assert torch.equal(dequantize(q, scale, [8, 16], torch.float32)[..., :8, :16], w[..., :8, :16])
     with pytest.raises(ValueError, match=r"blocks of \[8, 16\] tile, got shape \[12, 32\]"):
         fp8_quantize(torch.randn(12, 32), (8, 16))
+    with pytest.raises(ValueError, match=r"got shape \[32\]"):
+        fp8_quantize(torch.randn(32), (8, 16))
 
 
 def _gpu_layout_load(cls, path):
