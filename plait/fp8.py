@@ -7,7 +7,7 @@ elements, and `config.json` says so in `quantization_config` (`quant_method: fp8
     w[i, j] = float(q[i, j]) * scale_inv[i // block_rows, j // block_cols]
 
 (the name is DeepSeek's: the scale the quantizer divided by, so dequantizing multiplies). Edge blocks may be
-partial. Norms, embeddings, routers and anything listed in `modules_to_not_convert` stay unquantized.
+partial. Norms, embeddings, routers and anything listed in `ignored_layers` (or `modules_to_not_convert`) stay unquantized.
 
 plait trains in bf16 / float32, so it dequantizes every such weight on load, into the checkpoint's own precision
 (the dtype most of its unquantized tensors have: bf16 for the releases), and drops `quantization_config` from the
@@ -20,9 +20,9 @@ own FP8 quantizer does, each block is scaled so its largest magnitude is e4m3's 
 keeps scale 1, and only weights whose two dims are multiples of the block are quantized. Left in the model's
 precision: embeddings, the LM head, MoE routers (`.gate`), whatever the model names as unquantized (MiniMax-M3-VL:
 its vision tower and projector) and the weights the block does not tile. Every such 2-D weight is listed, by its
-module's name on disk, in `quantization_config.modules_to_not_convert`, so that a loader which swaps linear
-layers for FP8 ones (transformers, vLLM) leaves exactly those alone; an MoE layer's experts are listed as one
-module (`...experts`), as loaders fuse them.
+module's name on disk, in `quantization_config.ignored_layers` (the releases' key; transformers reads it as its
+`modules_to_not_convert`), so that a loader which swaps linear layers for FP8 ones (transformers, vLLM, SGLang)
+leaves exactly those alone; an MoE layer's experts are listed as one module (`...experts`), as loaders fuse them.
 """
 
 from __future__ import annotations
@@ -161,5 +161,5 @@ def quantize_checkpoint(state: dict[str, torch.Tensor], block: tuple[int, int], 
     if not quantized:
         raise ValueError(f"fp8 export: no weight divides by the block {list(block)}; nothing would be quantized")
     config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(block),
-              "modules_to_not_convert": sorted(kept)}
+              "ignored_layers": sorted(kept)}
     return out, config

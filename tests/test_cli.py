@@ -144,7 +144,7 @@ def test_convert_fp8_writes_the_release_format(trained_checkpoint, tmp_path):
     res = plait_cmd("convert", trained_checkpoint, out, "--fp8", "--fp8-block", 32)
     assert res.returncode == 0, res.stderr
     quantization = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert quantization["weight_block_size"] == [32, 32] and "language_model.lm_head" in quantization["modules_to_not_convert"]
+    assert quantization["weight_block_size"] == [32, 32] and "language_model.lm_head" in quantization["ignored_layers"]
     on_disk = load_file(out / "model.safetensors")
     assert any(t.dtype == torch.float8_e4m3fn for t in on_disk.values())
     assert all(t.dtype != torch.float8_e4m3fn for k, t in on_disk.items() if k.startswith("vision_tower."))

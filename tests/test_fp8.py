@@ -212,7 +212,7 @@ def _check_fp8_export(ours, reference_class, tmp_path, inputs, float_modules):
                 assert torch.equal(dequantize(params[p], params[p + "_scale_inv"], [8, 8], torch.float32),
                                    weights[f"{name}.{p.removesuffix('_scale_inv')}"]), f"{name}.{p}"
         elif type(module) is torch.nn.Linear:
-            assert float_modules(name), f"{name} was left unquantized but is not listed in modules_to_not_convert"
+            assert float_modules(name), f"{name} was left unquantized but is not listed in ignored_layers"
             assert torch.equal(module.weight, weights[f"{name}.weight"])
     assert fp8_modules > 0
 
@@ -225,7 +225,7 @@ def test_mimo_fp8_export_loads_in_transformers_as_the_release_does(tmp_path):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     _check_fp8_export(ours, AutoModelForCausalLM, tmp_path, {"input_ids": ids}, lambda name: name == "lm_head")
     quantization = json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]
-    assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate"} <= set(quantization["modules_to_not_convert"])
+    assert {"lm_head", "model.embed_tokens", "model.layers.1.mlp.gate"} <= set(quantization["ignored_layers"])
 
 
 def test_m3_vl_fp8_export_keeps_the_vision_side_unquantized(tmp_path):
@@ -251,4 +251,4 @@ def test_fp8_export_refuses_a_block_that_does_not_fit_before_writing(tmp_path):
     state = {"a.weight": torch.randn(16, 16), "b.weight": torch.randn(16, 12), "norm.weight": torch.ones(16)}
     out, config = quantize_checkpoint(dict(state), (8, 8))
     assert out["a.weight"].dtype == torch.float8_e4m3fn and "a.weight_scale_inv" in out
-    assert torch.equal(out["b.weight"], state["b.weight"]) and config["modules_to_not_convert"] == ["b"]
+    assert torch.equal(out["b.weight"], state["b.weight"]) and config["ignored_layers"] == ["b"]
