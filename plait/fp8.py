@@ -72,8 +72,8 @@ def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict | N
         raise ValueError(f"{where}: quantization_config.quant_method {method!r} is not supported; plait reads "
                          f"block-quantized fp8 checkpoints (dequantized on load) and unquantized ones")
     block = quantization.get("weight_block_size")
-    if block is not None and (len(block) != 2 or any(not isinstance(b, int) or b <= 0 for b in block)):
-        raise ValueError(f"{where}: quantization_config.weight_block_size: expected two positive ints, got {block!r}")
+    if block is not None:
+        check_block_size(block, f"{where}: quantization_config.weight_block_size")
     for name in float8:
         if name + SCALE_SUFFIX not in state:
             raise ValueError(f"{where}: float8 tensor {name!r} has no {name + SCALE_SUFFIX!r} beside it")
@@ -86,6 +86,13 @@ def dequantize_checkpoint(state: dict[str, torch.Tensor], quantization: dict | N
         tensor, scale = state.pop(name), state.pop(name + SCALE_SUFFIX, None)  # freed as it goes: a large model
         out[name] = tensor if scale is None else dequantize(tensor, scale, block, out_dtype, f"{where}: {name!r}")
     return out
+
+
+def check_block_size(block, what: str) -> None:
+    """A block size is two positive ints (rows, cols): as config.json's `weight_block_size` and as an export's."""
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block)):
+        raise ValueError(f"{what}: expected two positive ints, got {block!r}")
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: list[int] | None, dtype: torch.dtype,
@@ -136,8 +143,7 @@ def quantize_checkpoint(state: dict[str, torch.Tensor], block: tuple[int, int], 
     """`state` (names as on disk, consumed) with each weight the module doc names quantized to float8 and its
     `weight_scale_inv` beside it, and the `quantization_config` that says so. `unquantized`: prefixes of on-disk
     names that stay as they are (a model's vision side)."""
-    if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b <= 0 for b in block):
-        raise ValueError(f"fp8 block size: expected two positive ints, got {block!r}")
+    check_block_size(block, "fp8 block size")
     out, kept = {}, set()
     for name in list(state):
         tensor = state.pop(name)  # freed as it goes: a large model is not held twice
@@ -152,7 +158,7 @@ def quantize_checkpoint(state: dict[str, torch.Tensor], block: tuple[int, int], 
             expert = _EXPERT.match(name)
             kept.add(expert.group(1) if expert else module)
             continue
-        out[name], out[module + ".weight" + SCALE_SUFFIX] = quantize(tensor, block)
+        out[name], out[name + SCALE_SUFFIX] = quantize(tensor, block)
     quantized = [k for k in out if k.endswith(SCALE_SUFFIX)]
     experts = {m.group(1) for k in quantized if (m := _EXPERT.match(k))}
     if mixed := sorted(experts & kept):  # a loader fuses a layer's experts into one module: all or none
